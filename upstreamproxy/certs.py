@@ -1,0 +1,187 @@
+"""X.509 helpers: the egress CA, per-name leaf certificates, CA validation.
+
+Keys are ECDSA P-256 (small, fast to generate, accepted by every TLS stack we serve).
+Leaf certificates are backdated a little so a sandbox whose clock lags still accepts them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import ConfigError
+
+DEFAULT_CA_DAYS: Final = 3650
+DEFAULT_LEAF_TTL: Final = dt.timedelta(hours=24)
+LEAF_BACKDATE: Final = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class CertificateAuthority:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+@dataclass(frozen=True)
+class Leaf:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    ca_cert: x509.Certificate
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def chain_pem(self) -> bytes:
+        return self.cert_pem() + self.ca_cert.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def create_ca(common_name: str = "upstreamproxy egress CA",
+              valid_days: int = DEFAULT_CA_DAYS) -> CertificateAuthority:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - LEAF_BACKDATE)
+        .not_valid_after(now + dt.timedelta(days=valid_days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAuthority(cert, key)
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name.strip("[]")))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def issue_leaf(ca: CertificateAuthority, names: list[str],
+               ttl: dt.timedelta = DEFAULT_LEAF_TTL,
+               backdate: dt.timedelta = LEAF_BACKDATE) -> Leaf:
+    """Issue a server certificate for ``names`` (DNS names or IP literals)."""
+    if not names:
+        raise ValueError("a leaf certificate needs at least one name")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    not_after = min(now + ttl, ca.cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - backdate)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return Leaf(cert, key, ca.cert)
+
+
+def parse_ca_certificate(pem: bytes, source: str = "ca certificate") -> x509.Certificate:
+    """Parse ``pem`` and require a CA certificate (basicConstraints CA:TRUE), else ConfigError."""
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ConfigError(source, "not a PEM certificate") from None
+    if len(certs) != 1:
+        raise ConfigError(source, f"expected exactly one certificate, found {len(certs)}")
+    cert = certs[0]
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise ConfigError(source, "certificate has no basicConstraints; not a CA") from None
+    if not constraints.ca:
+        raise ConfigError(source, "certificate is not a CA (basicConstraints CA:FALSE)")
+    return cert
+
+
+def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Atomically write ``data`` to ``path`` with ``mode``, never exposing it wider."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_ca(ca: CertificateAuthority, cert_path: Path, key_path: Path) -> None:
+    write_private_file(key_path, ca.key_pem(), 0o600)
+    write_private_file(cert_path, ca.cert_pem(), 0o644)
+
+
+def load_ca(cert_path: Path, key_path: Path) -> CertificateAuthority:
+    cert = parse_ca_certificate(cert_path.read_bytes(), str(cert_path))
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(str(key_path), "not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(str(key_path), "CA key must be an ECDSA key")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        raise ConfigError(str(key_path), "CA key does not match the CA certificate")
+    return CertificateAuthority(cert, key)

@@ -1,0 +1,71 @@
+"""The ``upstreamproxy`` console script: ``main(argv) -> int``, one module per subcommand.
+
+Each subcommand lives in ``upstreamproxy/commands/<name>.py`` and defines ``HELP`` (one line),
+``configure(parser)`` and ``run(args) -> int``. Modules are imported only when listed here,
+so a subcommand's heavy imports never slow the others down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from . import __version__
+from .errors import ConfigError
+
+COMMANDS: Final = ("egress", "relay", "start", "exec", "env", "token", "ca", "doctor", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upstreamproxy",
+        description="Egress relay for sandboxes: local CONNECT relay -> WebSocket -> egress.",
+    )
+    parser.add_argument("--version", action="version", version=f"upstreamproxy {__version__}")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING or ERROR (env UPSTREAMPROXY_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"upstreamproxy.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"upstreamproxy.commands.{name}":
+                raise
+            continue
+        child = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.configure(child)
+        child.set_defaults(_run=module.run)
+    return parser
+
+
+def configure_logging(level: str | None) -> None:
+    import os
+
+    chosen = (level or os.environ.get("UPSTREAMPROXY_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, chosen, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        result: int = args._run(args)
+    except ConfigError as exc:
+        print(f"upstreamproxy: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

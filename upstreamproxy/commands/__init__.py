@@ -1,0 +1,1 @@
+"""One module per ``upstreamproxy`` subcommand (see :mod:`upstreamproxy.cli`)."""
