@@ -1,0 +1,148 @@
+"""Shared fixtures: a throwaway CA, a real HTTPS origin, and the real egress and relay on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from upstreamproxy.certs import CertificateAuthority, create_ca, issue_leaf
+from upstreamproxy.egress.allowlist import AllowList
+from upstreamproxy.egress.auth import Session, StaticTokens
+from upstreamproxy.egress.server import EgressConfig, EgressServer
+from upstreamproxy.relay import Relay, RelayConfig
+from upstreamproxy.secret import Secret
+
+TOKEN = "tok-0123456789abcdef-SECRET"
+SESSION = "sess-test"
+
+
+def pattern_bytes(size: int) -> bytes:
+    """Deterministic, non-repeating-looking data of ``size`` bytes."""
+    block = hashlib.sha256(b"upstreamproxy").digest() * 2048  # 64 KiB
+    whole, part = divmod(size, len(block))
+    return block * whole + block[:part]
+
+
+@dataclass
+class TLSFiles:
+    ca: CertificateAuthority
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    base = tmp_path_factory.mktemp("tls")
+    ca = create_ca("upstreamproxy test CA")
+    leaf = issue_leaf(ca, ["localhost", "127.0.0.1", "::1"])
+    (base / "ca.pem").write_bytes(ca.cert_pem())
+    (base / "leaf.pem").write_bytes(leaf.chain_pem())
+    (base / "leaf.key").write_bytes(leaf.key_pem())
+    return TLSFiles(ca, base / "ca.pem", base / "leaf.pem", base / "leaf.key")
+
+
+def origin_app() -> web.Application:
+    """An origin with the endpoints the tests need."""
+
+    async def data(request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["size"])
+        body = pattern_bytes(size)
+        return web.Response(body=body, headers={"X-Sha256": hashlib.sha256(body).hexdigest()})
+
+    async def upload(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        total = 0
+        async for piece in request.content.iter_chunked(64 * 1024):
+            digest.update(piece)
+            total += len(piece)
+        return web.json_response({"sha256": digest.hexdigest(), "size": total})
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hello from origin\n")
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_get("/", hello)
+    app.router.add_get("/bytes/{size:\\d+}", data)
+    app.router.add_post("/upload", upload)
+    return app
+
+
+@dataclass
+class Origin:
+    port: int
+    url: str
+
+
+async def _serve(app: web.Application, ssl_context: ssl.SSLContext | None,
+                 host: str = "127.0.0.1") -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port
+
+
+@pytest.fixture
+async def https_origin(tls: TLSFiles) -> AsyncIterator[Origin]:
+    runner, port = await _serve(origin_app(), tls.server_context())
+    yield Origin(port, f"https://localhost:{port}")
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def egress(tls: TLSFiles) -> AsyncIterator[EgressServer]:
+    config = EgressConfig(ca_cert_pem=tls.ca.cert_pem())
+    server = EgressServer(config, StaticTokens({TOKEN: Session(SESSION)}),
+                          AllowList(["localhost:*", "127.0.0.1:*", "::1:*"]))
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def relay(egress: EgressServer) -> AsyncIterator[Relay]:
+    r = Relay(RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret(TOKEN)))
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@dataclass
+class Completed:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60,
+              stdin: bytes | None = None) -> Completed:
+    """Run a real program without blocking the event loop that serves the relay/egress."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Completed(proc.returncode, out, err)

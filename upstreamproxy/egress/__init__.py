@@ -1,0 +1,1 @@
+"""The egress server: authenticates sessions, decides policy, dials safely, audits tunnels."""

@@ -1,0 +1,87 @@
+"""Who is calling: the upgrade's bearer token becomes a :class:`Session`.
+
+The egress checks the token twice: at the WebSocket upgrade (``Authorization: Bearer``) and
+inside the tunnel (``Proxy-Authorization: Basic session:token``), which must name the same
+session and carry the same token.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..connect_head import parse_basic_credentials
+from ..errors import AuthError, ConfigError, HeadError
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    policy: str = "default"
+
+
+class Authenticator(Protocol):
+    def authenticate(self, token: str) -> Session:
+        """Return the token's session or raise :class:`AuthError`."""
+
+
+class StaticTokens:
+    """A fixed token -> session table (development and tests; production uses signed tokens)."""
+
+    def __init__(self, tokens: Mapping[str, Session]) -> None:
+        self._tokens = dict(tokens)
+
+    def authenticate(self, token: str) -> Session:
+        for known, session in self._tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return session
+        raise AuthError("unknown-token")
+
+    @classmethod
+    def from_file(cls, path: Path) -> StaticTokens:
+        """Lines of ``SESSION_ID TOKEN [POLICY]``; ``#`` comments and blank lines ignored."""
+        tokens: dict[str, Session] = {}
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError("static_tokens", f"cannot read {path}: {exc.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if len(fields) not in (2, 3):
+                raise ConfigError("static_tokens",
+                                  f"{path}:{number}: expected SESSION_ID TOKEN [POLICY]")
+            policy = fields[2] if len(fields) == 3 else "default"
+            tokens[fields[1]] = Session(fields[0], policy)
+        if not tokens:
+            raise ConfigError("static_tokens", f"{path} holds no tokens")
+        return cls(tokens)
+
+
+def bearer_token(header: str | None) -> str:
+    """The token of an ``Authorization: Bearer`` header, or AuthError."""
+    if not header:
+        raise AuthError("missing-authorization")
+    scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthError("malformed-authorization")
+    if len(token) > 8192:
+        raise AuthError("token-too-large")
+    return token
+
+
+def check_tunnel_credentials(proxy_authorization: str | None, session: Session,
+                             token: str) -> None:
+    """The in-tunnel Proxy-Authorization must carry the upgrade's session and token (407)."""
+    if proxy_authorization is None:
+        raise HeadError(407, "missing Proxy-Authorization inside the tunnel")
+    user, password = parse_basic_credentials(proxy_authorization)
+    same_session = hmac.compare_digest(user.encode(), session.session_id.encode())
+    same_token = hmac.compare_digest(password.encode(), token.encode())
+    if not (same_session and same_token):
+        raise HeadError(407, "Proxy-Authorization does not match the session's token")

@@ -1,0 +1,364 @@
+"""The relay: a loopback HTTP CONNECT listener that carries each tunnel over a WebSocket.
+
+Per client connection: read the CONNECT head (bounded, with a deadline), open one WebSocket
+to the egress with the session's bearer token, send the first chunk (request line and
+``Proxy-Authorization`` only), relay the egress's in-tunnel status head, then pump bytes both
+ways. Backpressure comes from never reading a side faster than the other side drains:
+
+* client -> egress: the next ``read()`` waits for ``ws.send()``, which waits for the socket's
+  write buffer to drain below ``write_limit``;
+* egress -> client: the next ``recv()`` waits for ``writer.drain()``; meanwhile websockets
+  stops reading the socket once ``max_queue`` messages are buffered.
+
+So a tunnel holds at most a few chunks in memory however fast either sender is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from . import __version__
+from .codec import KEEPALIVE, MAX_MESSAGE_BYTES, decode_chunk, encode_chunk
+from .connect_head import (
+    MAX_HEAD_BYTES,
+    Target,
+    build_status_head,
+    build_tunnel_request,
+    parse_connect_head,
+    parse_status_head,
+    split_head,
+)
+from .errors import ConfigError, HeadError, ProtocolError
+from .secret import Secret
+
+log = logging.getLogger("upstreamproxy.relay")
+
+DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
+#: Bytes read from the client per chunk; well under the 512 KiB payload cap.
+READ_SIZE: Final = 64 * 1024
+#: Messages websockets buffers before it stops reading the socket (backpressure).
+WS_MAX_QUEUE: Final = 4
+WS_WRITE_LIMIT: Final = 256 * 1024
+REASON_HEADER: Final = "X-Upstreamproxy-Reason"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    egress_url: str
+    session_id: str
+    token: Secret = field(repr=False)
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    allow_non_loopback: bool = False
+    #: CA file to verify a ``wss://`` egress (None: system trust store).
+    egress_ca_file: str | None = None
+    #: Outbound proxy the relay itself uses to reach the egress (``http://`` or ``socks5://``).
+    egress_proxy: str | None = None
+    head_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    establish_timeout: float = 30.0
+    keepalive_interval: float = 30.0
+
+    def validate(self) -> None:
+        if not self.egress_url.startswith(("ws://", "wss://")):
+            raise ConfigError("egress_url", "must start with ws:// or wss://")
+        if not self.session_id:
+            raise ConfigError("session_id", "must not be empty")
+        if not self.token:
+            raise ConfigError("token", "must not be empty")
+        if not self.allow_non_loopback and not is_loopback_host(self.listen_host):
+            raise ConfigError(
+                "listen_host",
+                f"{self.listen_host} is not a loopback address; pass --allow-non-loopback "
+                "to expose the relay beyond this machine",
+            )
+        for name in ("head_timeout", "handshake_timeout", "establish_timeout",
+                     "keepalive_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be positive")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _PumpFinished(Exception):
+    """Raised by a pump that ended normally, to stop its sibling pumps."""
+
+
+class _TunnelFailed(Exception):
+    """The tunnel could not be established; ``status`` is what the client is told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class TunnelStats:
+    target: str = "-"
+    sent: int = 0
+    received: int = 0
+    outcome: str = "open"
+
+
+class Relay:
+    """The CONNECT listener. ``start()`` binds, ``stop()`` closes the listener and every tunnel."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        config.validate()
+        self.config = config
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._ssl: ssl.SSLContext | None = None
+        if config.egress_url.startswith("wss://"):
+            self._ssl = ssl.create_default_context(cafile=config.egress_ca_file)
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("relay is not listening")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def proxy_url(self) -> str:
+        host = self.config.listen_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def active_tunnels(self) -> int:
+        return len(self._handlers)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self.config.listen_host, self.config.listen_port,
+            limit=MAX_HEAD_BYTES,
+        )
+        log.info("relay listening on %s -> %s", self.proxy_url, self.config.egress_url)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        handlers = list(self._handlers)
+        for task in handlers:
+            task.cancel()
+        if handlers:
+            await asyncio.wait(handlers, timeout=timeout)
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout)
+            self._server = None
+        log.info("relay stopped")
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- per connection -----------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        stats = TunnelStats()
+        started = time.monotonic()
+        try:
+            await self._serve_client(reader, writer, stats)
+        except asyncio.CancelledError:
+            stats.outcome = "cancelled"
+            raise
+        except Exception:  # a bug must not take the listener down; it closes this tunnel
+            stats.outcome = "internal-error"
+            log.exception("tunnel %s failed unexpectedly", stats.target)
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(asyncio.wait_for(writer.wait_closed(), 1.0))
+            log.info("tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs", stats.target,
+                     stats.outcome, stats.sent, stats.received, time.monotonic() - started)
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            stats: TunnelStats) -> None:
+        try:
+            head, early = await self._read_head(reader)
+            request = parse_connect_head(head)
+        except HeadError as exc:
+            stats.outcome = f"refused-{exc.status}"
+            await _answer(writer, exc.status, exc.reason)
+            return
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            stats.outcome = "client-gone-before-head"
+            return
+        stats.target = request.target.authority
+        try:
+            ws, status_head, rest = await self._open_tunnel(request.target)
+        except _TunnelFailed as exc:
+            stats.outcome = f"failed-{exc.status}"
+            log.warning("tunnel %s not established: %s", stats.target, exc.reason)
+            await _answer(writer, exc.status, exc.reason)
+            return
+        try:
+            writer.write(status_head + rest)
+            await writer.drain()
+            if parse_status_head(status_head).status != 200:
+                stats.outcome = "refused-by-egress"
+                return
+            stats.outcome = "established"
+            stats.received += len(rest)
+            for chunk_start in range(0, len(early), READ_SIZE):
+                piece = early[chunk_start:chunk_start + READ_SIZE]
+                await ws.send(encode_chunk(piece))
+                stats.sent += len(piece)
+            await self._pump(reader, writer, ws, stats)
+        finally:
+            await ws.close()
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+        buffer = bytearray()
+        async with asyncio.timeout(self.config.head_timeout):
+            while True:
+                parts = split_head(buffer)
+                if parts is not None:
+                    return parts
+                # Never read past the head limit: early tunnel bytes stay bounded by it.
+                data = await reader.read(MAX_HEAD_BYTES - len(buffer))
+                if not data:
+                    raise asyncio.IncompleteReadError(bytes(buffer), None)
+                buffer += data
+
+    async def _open_tunnel(self, target: Target) -> tuple[ClientConnection, bytes, bytes]:
+        cfg = self.config
+        try:
+            ws = await connect(
+                cfg.egress_url,
+                additional_headers={
+                    "Authorization": f"Bearer {cfg.token.reveal()}",
+                    "Content-Type": "application/proto",
+                },
+                user_agent_header=f"upstreamproxy-relay/{__version__}",
+                open_timeout=cfg.handshake_timeout,
+                proxy=cfg.egress_proxy,
+                ssl=self._ssl,
+                compression=None,
+                ping_interval=None,
+                max_size=MAX_MESSAGE_BYTES,
+                max_queue=WS_MAX_QUEUE,
+                write_limit=WS_WRITE_LIMIT,
+            )
+        except TimeoutError:
+            raise _TunnelFailed(504, "timed out opening the WebSocket to the egress") from None
+        except InvalidStatus as exc:
+            raise _TunnelFailed(
+                502, f"egress refused the WebSocket upgrade (HTTP {exc.response.status_code})"
+            ) from None
+        except (InvalidHandshake, InvalidURI, OSError) as exc:
+            raise _TunnelFailed(502, f"cannot reach the egress: {type(exc).__name__}") from None
+        try:
+            await ws.send(encode_chunk(build_tunnel_request(target, cfg.session_id,
+                                                            cfg.token.reveal())))
+            head, rest = await self._read_status(ws)
+            parse_status_head(head)
+            return ws, head, rest
+        except _TunnelFailed:
+            await ws.close()
+            raise
+        except HeadError as exc:
+            await ws.close()
+            raise _TunnelFailed(502, exc.reason) from None
+        except BaseException:
+            await ws.close()
+            raise
+
+    async def _read_status(self, ws: ClientConnection) -> tuple[bytes, bytes]:
+        buffer = bytearray()
+        try:
+            async with asyncio.timeout(self.config.establish_timeout):
+                while True:
+                    message = await ws.recv()
+                    if isinstance(message, str):
+                        raise _TunnelFailed(502, "egress sent a text frame")
+                    buffer += decode_chunk(message)
+                    parts = split_head(buffer)
+                    if parts is not None:
+                        return parts
+        except TimeoutError:
+            raise _TunnelFailed(504, "egress did not answer the CONNECT in time") from None
+        except ConnectionClosed:
+            raise _TunnelFailed(502, "egress closed the tunnel before establishing it") from None
+        except ProtocolError as exc:
+            raise _TunnelFailed(502, f"protocol error from egress: {exc}") from None
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    ws: ClientConnection, stats: TunnelStats) -> None:
+        async def client_to_egress() -> None:
+            while data := await reader.read(READ_SIZE):
+                await ws.send(encode_chunk(data))
+                stats.sent += len(data)
+            raise _PumpFinished("client closed")
+
+        async def egress_to_client() -> None:
+            async for message in ws:
+                if isinstance(message, str):
+                    raise ProtocolError("egress sent a text frame")
+                payload = decode_chunk(message)
+                if payload:
+                    writer.write(payload)
+                    await writer.drain()
+                    stats.received += len(payload)
+            raise _PumpFinished("egress closed")
+
+        async def keepalive() -> None:
+            while True:
+                await asyncio.sleep(self.config.keepalive_interval)
+                await ws.send(KEEPALIVE)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(client_to_egress())
+                group.create_task(egress_to_client())
+                group.create_task(keepalive())
+        except* _PumpFinished as finished:
+            stats.outcome = str(finished.exceptions[0])
+        except* ProtocolError as errors:
+            stats.outcome = "protocol-error"
+            log.error("tunnel %s: protocol error: %s", stats.target, errors.exceptions[0])
+        except* (ConnectionClosed, ConnectionError, OSError) as errors:
+            stats.outcome = f"connection-lost ({type(errors.exceptions[0]).__name__})"
+
+
+async def _answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+    """Answer the client ourselves (only before a tunnel is established)."""
+    body = (reason + "\n").encode("utf-8", "replace")
+    safe_reason = reason.encode("ascii", "replace").decode("ascii").replace("\r", " ").replace(
+        "\n", " ")
+    with contextlib.suppress(ConnectionError):
+        writer.write(build_status_head(status, ((REASON_HEADER, safe_reason),), body))
+        await writer.drain()
