@@ -146,3 +146,31 @@ async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60
         raise
     assert proc.returncode is not None
     return Completed(proc.returncode, out, err)
+
+
+async def connect_via(proxy_port: int, target: str, *, extra: bytes = b"",
+                      headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Open a raw CONNECT through the relay; return the stream and the status head it got."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode() + extra)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    return reader, writer, head
+
+
+async def raw_request(proxy_port: int, data: bytes, read_timeout: float = 10) -> bytes:
+    """Send ``data`` to the relay as a client would and return everything it answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(65536), read_timeout)
+    finally:
+        writer.close()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")

@@ -39,9 +39,11 @@ from .connect_head import (
     split_head,
 )
 from .errors import ConfigError, HeadError, ProtocolError
+from .logredact import redacting_logger
 from .secret import Secret
 
 log = logging.getLogger("upstreamproxy.relay")
+_ws_log = redacting_logger("upstreamproxy.relay.websocket")
 
 DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
 #: Bytes read from the client per chunk; well under the 512 KiB payload cap.
@@ -49,6 +51,9 @@ READ_SIZE: Final = 64 * 1024
 #: Messages websockets buffers before it stops reading the socket (backpressure).
 WS_MAX_QUEUE: Final = 4
 WS_WRITE_LIMIT: Final = 256 * 1024
+#: How long a closing tunnel waits for the egress's close frame before aborting the socket.
+#: The frame may sit behind data we no longer read, so waiting longer only holds resources.
+WS_CLOSE_GRACE: Final = 1.0
 REASON_HEADER: Final = "X-Upstreamproxy-Reason"
 
 
@@ -239,7 +244,7 @@ class Relay:
                 stats.sent += len(piece)
             await self._pump(reader, writer, ws, stats)
         finally:
-            await ws.close()
+            await _close_ws(ws)
 
     async def _read_head(self, reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         buffer = bytearray()
@@ -269,6 +274,8 @@ class Relay:
                 ssl=self._ssl,
                 compression=None,
                 ping_interval=None,
+                close_timeout=WS_CLOSE_GRACE,
+                logger=_ws_log,
                 max_size=MAX_MESSAGE_BYTES,
                 max_queue=WS_MAX_QUEUE,
                 write_limit=WS_WRITE_LIMIT,
@@ -287,14 +294,11 @@ class Relay:
             head, rest = await self._read_status(ws)
             parse_status_head(head)
             return ws, head, rest
-        except _TunnelFailed:
-            await ws.close()
-            raise
         except HeadError as exc:
-            await ws.close()
+            await _close_ws(ws)
             raise _TunnelFailed(502, exc.reason) from None
         except BaseException:
-            await ws.close()
+            await _close_ws(ws)
             raise
 
     async def _read_status(self, ws: ClientConnection) -> tuple[bytes, bytes]:
@@ -352,6 +356,23 @@ class Relay:
             log.error("tunnel %s: protocol error: %s", stats.target, errors.exceptions[0])
         except* (ConnectionClosed, ConnectionError, OSError) as errors:
             stats.outcome = f"connection-lost ({type(errors.exceptions[0]).__name__})"
+
+
+async def _close_ws(ws: ClientConnection) -> None:
+    """Close the WebSocket, aborting the socket if the close handshake does not finish soon.
+
+    Shielded so a cancelled tunnel (relay stopping) still releases its socket.
+    """
+    async def close() -> None:
+        try:
+            async with asyncio.timeout(WS_CLOSE_GRACE):
+                await ws.close()
+        except (TimeoutError, ConnectionClosed, OSError):
+            pass
+        finally:
+            ws.transport.abort()
+
+    await asyncio.shield(close())
 
 
 async def _answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
