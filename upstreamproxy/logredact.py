@@ -10,22 +10,32 @@ import logging
 import re
 from typing import Final
 
-_CREDENTIAL_RE: Final = re.compile(
-    r"(?i)((?:proxy-)?authorization\s*[:=]\s*)(?:(basic|bearer)\s+)?\S+"
-)
+_HEADER_RE: Final = re.compile(r"(?i)((?:proxy-)?authorization\s*[:=]\s*)(?!bearer|basic)\S+")
+_SCHEME_RE: Final = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"]+")
 
 
 def redact(text: str) -> str:
-    return _CREDENTIAL_RE.sub(lambda m: f"{m.group(1)}{m.group(2) + ' ' if m.group(2) else ''}***",
-                              text)
+    """Replace credentials after ``Bearer``/``Basic`` and ``Authorization:`` with ``***``."""
+    text = _SCHEME_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    return _HEADER_RE.sub(lambda m: f"{m.group(1)}***", text)
+
+
+_formatter = logging.Formatter()
 
 
 class RedactingFilter(logging.Filter):
+    """Redacts the message and any traceback (a library may quote a header in an exception)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        if record.exc_info:
+            record.exc_text = redact(_formatter.formatException(record.exc_info))
+            record.exc_info = None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
         return True
 
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from ..codec import MAX_MESSAGE_BYTES
 from ..connect_head import Target
 from ..errors import AuthError
+from ..logredact import redacting_logger
 from .allowlist import AllowList, Decision
 from .auth import Authenticator, Session, bearer_token
 from .dialer import Upstream, dial
@@ -24,6 +25,9 @@ from .tunnel import Tunnel, TunnelRecord, TunnelTimeouts
 
 log = logging.getLogger("upstreamproxy.egress")
 audit_log = logging.getLogger("upstreamproxy.audit")
+# aiohttp quotes offending header lines in its errors; they may hold a token.
+for _name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.websocket"):
+    redacting_logger(_name)
 
 DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
 CA_CERT_PATH: Final = "/v1/code/upstreamproxy/ca-cert"

@@ -212,7 +212,6 @@ class Tunnel:
         except* (ConnectionError, OSError) as errors:
             self.record.close_cause = f"connection-lost ({type(errors.exceptions[0]).__name__})"
         except* ProtocolError as errors:
-            raise errors.exceptions[0] from None
-        finally:
-            if not self.ws.closed:
-                await self.ws.close()
+            raise errors.exceptions[0] from None  # run() closes with 1002
+        if not self.ws.closed:
+            await self.ws.close()
