@@ -38,8 +38,14 @@ LENGTH_EXCEEDS_BUFFER: Final = "length-exceeds-buffer"
 TRAILING_BYTES: Final = "trailing-bytes"
 PAYLOAD_TOO_LARGE: Final = "payload-too-large"
 ERROR_CODES: Final = frozenset(
-    {WRONG_TAG, TRUNCATED_VARINT, OVERLONG_VARINT, LENGTH_EXCEEDS_BUFFER, TRAILING_BYTES,
-     PAYLOAD_TOO_LARGE}
+    {
+        WRONG_TAG,
+        TRUNCATED_VARINT,
+        OVERLONG_VARINT,
+        LENGTH_EXCEEDS_BUFFER,
+        TRAILING_BYTES,
+        PAYLOAD_TOO_LARGE,
+    }
 )
 
 
@@ -60,16 +66,25 @@ def encode_varint(value: int) -> bytes:
 
 def encode_chunk(data: bytes | bytearray | memoryview) -> bytes:
     """Encode one chunk. Payloads over :data:`MAX_CHUNK_PAYLOAD` are refused: split first."""
-    size = len(data)
+    # nbytes, not len(): a memoryview over a multi-byte format counts items, not bytes.
+    with memoryview(data) as view:
+        size = view.nbytes
     if size > MAX_CHUNK_PAYLOAD:
         raise ValueError(f"chunk payload of {size} bytes exceeds {MAX_CHUNK_PAYLOAD}")
     return bytes((TAG,)) + encode_varint(size) + bytes(data)
 
 
-def decode_chunk(message: bytes | bytearray | memoryview, *,
-                 max_payload: int = MAX_CHUNK_PAYLOAD) -> bytes:
+def decode_chunk(
+    message: bytes | bytearray | memoryview, *, max_payload: int = MAX_CHUNK_PAYLOAD
+) -> bytes:
     """Decode one message into its payload, or raise :class:`ChunkError`."""
-    view = memoryview(message)
+    # Released on every exit: a view still alive in a ChunkError's traceback would pin a
+    # caller's bytearray ("BufferError: Existing exports") while it handles the error.
+    with memoryview(message) as raw, raw.cast("B") as view:
+        return _decode(view, max_payload)
+
+
+def _decode(view: memoryview, max_payload: int) -> bytes:
     total = len(view)
     if total == 0:
         return b""
@@ -91,18 +106,20 @@ def decode_chunk(message: bytes | bytearray | memoryview, *,
         raise ChunkError(PAYLOAD_TOO_LARGE, f"payload of {length} bytes exceeds {max_payload}")
     end = pos + length
     if end > total:
-        raise ChunkError(LENGTH_EXCEEDS_BUFFER,
-                         f"length {length} but only {total - pos} bytes follow")
+        raise ChunkError(
+            LENGTH_EXCEEDS_BUFFER, f"length {length} but only {total - pos} bytes follow"
+        )
     if end < total:
         raise ChunkError(TRAILING_BYTES, f"{total - end} bytes after the payload")
     return bytes(view[pos:end])
 
 
-def split_payload(data: bytes | bytearray | memoryview,
-                  limit: int = MAX_CHUNK_PAYLOAD) -> Iterator[bytes]:
+def split_payload(
+    data: bytes | bytearray | memoryview, limit: int = MAX_CHUNK_PAYLOAD
+) -> Iterator[bytes]:
     """Yield encoded chunks carrying ``data`` in order, each payload at most ``limit`` bytes."""
     if limit <= 0 or limit > MAX_CHUNK_PAYLOAD:
         raise ValueError(f"limit must be in 1..{MAX_CHUNK_PAYLOAD}")
-    view = memoryview(data)
-    for start in range(0, len(view), limit):
-        yield encode_chunk(view[start:start + limit])
+    with memoryview(data) as raw, raw.cast("B") as view:
+        for start in range(0, len(view), limit):
+            yield encode_chunk(view[start : start + limit])

@@ -13,6 +13,7 @@ import base64
 import binascii
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,12 +24,20 @@ MAX_HEAD_BYTES: Final = 8 * 1024
 MAX_HEADERS: Final = 100
 MAX_HOSTNAME_LENGTH: Final = 253
 
-_TERMINATORS: Final = (b"\r\n\r\n", b"\n\n")
-_TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A head ends at the first empty line. Lines may end in CRLF or a bare LF (RFC 9112 §2.2),
+# so "\n\r\n" (LF-terminated line, then CRLF empty line) ends a head too; it also covers
+# the usual "\r\n\r\n".
+_TERMINATORS: Final = (b"\n\r\n", b"\n\n")
+# \Z, not $: "$" also matches before a trailing newline.
+_TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Bytes allowed in a hostname as it appears in a CONNECT target. Non-ASCII (UTF-8) is let
 # through for IDNA names; percent-encoding, userinfo, paths and whitespace are not.
 _HOST_FORBIDDEN_RE: Final = re.compile(r"[\x00-\x20\x7f%@/\\?#\[\]<>\"'`{}|^,;:=!$&()*+~]")
-_PORT_RE: Final = re.compile(r"^[0-9]{1,5}$")
+_PORT_RE: Final = re.compile(r"^[0-9]{1,5}\Z")
+# Unicode categories never valid in a host name: controls (incl. C1 such as U+0085), format
+# characters (zero-width, BOM), surrogates, private use, unassigned, and all separators
+# (NBSP, U+2028/U+2029, ideographic space).
+_HOST_FORBIDDEN_CATEGORIES: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +101,9 @@ def find_head_end(buffer: bytes | bytearray) -> int | None:
     return best
 
 
-def split_head(buffer: bytes | bytearray, limit: int = MAX_HEAD_BYTES) -> tuple[bytes, bytes] | None:
+def split_head(
+    buffer: bytes | bytearray, limit: int = MAX_HEAD_BYTES
+) -> tuple[bytes, bytes] | None:
     """Split ``buffer`` into (head, rest) once the head is complete.
 
     Returns None while more bytes are needed; raises 400 once ``limit`` bytes hold no head.
@@ -128,7 +139,7 @@ def _parse_headers(lines: list[bytes]) -> tuple[tuple[str, str], ...]:
         if not sep or not _TOKEN_RE.match(name):
             raise HeadError(400, "malformed header field")
         value = value.strip(b" \t")
-        if any(b < 0x20 and b != 0x09 or b == 0x7F for b in value):
+        if any((b < 0x20 and b != 0x09) or b == 0x7F for b in value):
             raise HeadError(400, "control character in header value")
         headers.append((name.decode("ascii"), value.decode("latin-1")))
     return tuple(headers)
@@ -140,9 +151,9 @@ def parse_target(raw: str) -> Target:
         raise HeadError(400, "empty CONNECT target")
     if raw.startswith("["):
         close = raw.find("]")
-        if close < 0 or raw[close + 1:close + 2] != ":":
+        if close < 0 or raw[close + 1 : close + 2] != ":":
             raise HeadError(400, "malformed bracketed IPv6 target")
-        host, port_text = raw[1:close], raw[close + 2:]
+        host, port_text = raw[1:close], raw[close + 2 :]
         if "%" in host:
             raise HeadError(400, "IPv6 zone identifiers are not allowed")
         try:
@@ -153,15 +164,21 @@ def parse_target(raw: str) -> Target:
         host, sep, port_text = raw.rpartition(":")
         if not sep:
             raise HeadError(400, "CONNECT target needs an explicit port")
-        if ":" in host:
-            raise HeadError(400, "IPv6 targets must be bracketed")
-        if not host:
-            raise HeadError(400, "empty host in CONNECT target")
+        # userinfo and URLs before the colon check, whose reason would mislead for them
         if "@" in host:
             raise HeadError(400, "userinfo is not allowed in a CONNECT target")
+        if "/" in host:
+            raise HeadError(400, "CONNECT target must be host:port, not a URL")
+        if ":" in host:
+            raise HeadError(400, "IPv6 targets must be bracketed")
+        if not host.rstrip("."):
+            raise HeadError(400, "empty host in CONNECT target")
         if "%" in host:
             raise HeadError(400, "percent-encoding is not allowed in a CONNECT target")
-        if _HOST_FORBIDDEN_RE.search(host):
+        if _HOST_FORBIDDEN_RE.search(host) or any(
+            not ch.isascii() and unicodedata.category(ch) in _HOST_FORBIDDEN_CATEGORIES
+            for ch in host
+        ):
             raise HeadError(400, "forbidden character in target host")
         if len(host.rstrip(".")) > MAX_HOSTNAME_LENGTH:
             raise HeadError(400, "target host name too long")
@@ -212,7 +229,9 @@ def parse_basic_credentials(value: str) -> tuple[str, str]:
         raise HeadError(407, "Proxy-Authorization must use the Basic scheme")
     try:
         decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    # ValueError too: b64decode refuses a non-ASCII str with a plain ValueError, and header
+    # values are decoded as latin-1, so "Basic \xe9" must be a 407, not a crash.
+    except (binascii.Error, ValueError, UnicodeDecodeError):
         raise HeadError(407, "malformed Basic credentials") from None
     user, sep, password = decoded.partition(":")
     if not sep:
@@ -249,15 +268,32 @@ def reason_phrase(status: int) -> str:
     return _REASONS.get(status, "Error")
 
 
-def build_status_head(status: int, headers: tuple[tuple[str, str], ...] = (),
-                      body: bytes = b"") -> bytes:
+_UNSAFE_VALUE_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _safe_header_value(value: str) -> str:
+    value = _UNSAFE_VALUE_RE.sub(" ", value).strip(" \t")
+    return value.encode("latin-1", "replace").decode("latin-1")
+
+
+def build_status_head(
+    status: int, headers: tuple[tuple[str, str], ...] = (), body: bytes = b""
+) -> bytes:
     """A complete HTTP/1.1 response head (and short body) as the tunnel's first answer.
 
     Non-200 answers carry a Content-Length and ``Connection: close`` so a client reads the
     body and stops; 200 carries nothing after the empty line.
+
+    Header values often quote untrusted text (a host name in a deny reason), and this runs on
+    error paths, so values are made safe rather than refused: control characters become a
+    space (no CRLF injection) and characters outside latin-1 become ``?``. A header *name*
+    that is not a token is a programming error and raises ValueError.
     """
     lines = [f"HTTP/1.1 {status} {reason_phrase(status)}"]
-    lines.extend(f"{name}: {value}" for name, value in headers)
+    for name, value in headers:
+        if not _TOKEN_RE.match(name.encode("ascii", "replace")):
+            raise ValueError(f"invalid header name {name!r}")
+        lines.append(f"{name}: {_safe_header_value(value)}")
     if status != 200:
         lines.append(f"Content-Length: {len(body)}")
         lines.append("Connection: close")
@@ -266,7 +302,10 @@ def build_status_head(status: int, headers: tuple[tuple[str, str], ...] = (),
 
 def parse_status_head(head: bytes) -> StatusHead:
     """Parse the egress's in-tunnel status head (``HTTP/1.x NNN reason``)."""
-    lines = _lines(head)
+    try:
+        lines = _lines(head)
+    except HeadError:  # bare CR: the egress misbehaved, so this is a 502, not the client's 400
+        raise HeadError(502, "malformed status head from egress") from None
     if not lines:
         raise HeadError(502, "empty status head from egress")
     match = re.match(rb"^HTTP/1\.[01] ([1-5][0-9]{2})(?: (.*))?$", lines[0])
