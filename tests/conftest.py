@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 
 from upstreamproxy.certs import CertificateAuthority, create_ca, issue_leaf
-from upstreamproxy.egress.allowlist import AllowList
 from upstreamproxy.egress.auth import Session, StaticTokens
+from upstreamproxy.egress.policy import PolicyStore, policy_from_allow_list
 from upstreamproxy.egress.server import EgressConfig, EgressServer
 from upstreamproxy.relay import Relay, RelayConfig
 from upstreamproxy.secret import Secret
@@ -106,11 +106,16 @@ async def https_origin(tls: TLSFiles) -> AsyncIterator[Origin]:
     await runner.cleanup()
 
 
+def loopback_policy(*extra: str) -> PolicyStore:
+    """Loopback explicitly allowed: it is where the tests' origins live."""
+    return PolicyStore(policy_from_allow_list(
+        ["localhost:*", "127.0.0.1:*", "[::1]:*", *extra], ["127.0.0.0/8", "::1/128"]))
+
+
 @pytest.fixture
 async def egress(tls: TLSFiles) -> AsyncIterator[EgressServer]:
     config = EgressConfig(ca_cert_pem=tls.ca.cert_pem())
-    server = EgressServer(config, StaticTokens({TOKEN: Session(SESSION)}),
-                          AllowList(["localhost:*", "127.0.0.1:*", "::1:*"]))
+    server = EgressServer(config, StaticTokens({TOKEN: Session(SESSION)}), loopback_policy())
     await server.start()
     yield server
     await server.stop()

@@ -44,7 +44,7 @@ async def processes(tmp_path: Path, tls: TLSFiles) -> AsyncIterator[dict[str, ob
     token_file.write_text(TOKEN + "\n")
     egress, egress_url = await start_process(
         "egress", "--port", "0", "--static-tokens", str(tokens), "--ca-cert", str(tls.ca_file),
-        "--allow", "localhost:*", "--allow", "127.0.0.1:*", ready=b"egress listening on")
+        "--allow", "localhost:*", "--allow", "127.0.0.1:*", "--allow-cidr", "127.0.0.0/8", ready=b"egress listening on")
     relay, proxy_url = await start_process(
         "--log-level", "DEBUG", "relay", "--egress-url", egress_url, "--session-id", SESSION,
         "--token-file", str(token_file), "--port", "0", ready=b"relay listening on")
@@ -70,7 +70,7 @@ async def test_processes_stop_on_sigterm_without_leaking_token(tmp_path: Path, t
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     egress, url = await start_process("--log-level", "DEBUG", "egress", "--port", "0",
-                                      "--static-tokens", str(tokens), "--allow", "localhost:*",
+                                      "--static-tokens", str(tokens), "--allow", "localhost:*", "--allow-cidr", "127.0.0.0/8",
                                       ready=b"egress listening on")
     relay, proxy = await start_process("--log-level", "DEBUG", "relay", "--egress-url", url,
                                        "--session-id", SESSION, "--token-file", str(token_file),

@@ -7,44 +7,115 @@ import asyncio
 import sys
 from pathlib import Path
 
-from ..egress.allowlist import AllowList
-from ..egress.auth import StaticTokens
+from ..egress import audit
+from ..egress.auth import Authenticator, SignedTokens, StaticTokens
+from ..egress.limits import LimitConfig
+from ..egress.policy import PolicyStore, policy_from_allow_list
+from ..egress.resolver import Resolver, StaticResolver, SystemResolver
 from ..egress.server import DEFAULT_WS_PATH, EgressConfig, EgressServer
 from ..egress.tunnel import TunnelTimeouts
 from ..errors import ConfigError
 from ..options import add_option, env_default
+from ..tokens import TokenVerifier, load_public_keys
 from ._serving import serve
 
 HELP = "run the egress server that terminates relay tunnels and dials upstreams"
 
 
+def _list_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str,
+                 metavar: str) -> None:
+    default = env_default(env)
+    parser.add_argument(flag, action="append", metavar=metavar,
+                        default=[v for v in default.split(",") if v] if default else None,
+                        help=f"{help}; repeatable (env UPSTREAMPROXY_{env}, comma-separated)")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--host", "EGRESS_HOST", "address to listen on", default="127.0.0.1")
-    add_option(parser, "--port", "EGRESS_PORT", "port to listen on (0: any free port)",
+    net = parser.add_argument_group("listening")
+    add_option(net, "--host", "EGRESS_HOST", "address to listen on", default="127.0.0.1")
+    add_option(net, "--port", "EGRESS_PORT", "port to listen on (0: any free port)",
                default=8080, type=int)
-    add_option(parser, "--ws-path", "WS_PATH", "tunnel WebSocket path", default=DEFAULT_WS_PATH)
-    add_option(parser, "--ca-cert", "CA_CERT", "CA certificate PEM served at the ca-cert endpoint")
-    add_option(parser, "--tls-cert", "TLS_CERT", "certificate chain for serving wss://")
-    add_option(parser, "--tls-key", "TLS_KEY", "private key for serving wss://")
-    add_option(parser, "--static-tokens", "STATIC_TOKENS",
-               "file of 'SESSION_ID TOKEN [POLICY]' lines (development auth)")
-    default_allow = env_default("ALLOW")
-    parser.add_argument("--allow", action="append",
-                        default=default_allow.split(",") if default_allow else None,
-                        metavar="HOST:PORT",
-                        help="allow a target (host exact or *.suffix; port or *); repeatable "
-                             "(env UPSTREAMPROXY_ALLOW, comma-separated)")
-    add_option(parser, "--head-timeout", "HEAD_TIMEOUT", "seconds to wait for the CONNECT head",
+    add_option(net, "--ws-path", "WS_PATH", "tunnel WebSocket path", default=DEFAULT_WS_PATH)
+    add_option(net, "--tls-cert", "TLS_CERT", "certificate chain for serving wss://")
+    add_option(net, "--tls-key", "TLS_KEY", "private key for serving wss://")
+    add_option(net, "--metrics-host", "METRICS_HOST", "address of the metrics listener",
+               default="127.0.0.1")
+    add_option(net, "--metrics-port", "METRICS_PORT",
+               "port of the Prometheus /metrics listener (omit to disable)", type=int)
+    auth = parser.add_argument_group("authentication")
+    _list_option(auth, "--public-keys", "PUBLIC_KEYS",
+                 "Ed25519 public key file or directory for verifying session tokens", "PATH")
+    add_option(auth, "--audience", "AUDIENCE", "audience session tokens must carry",
+               default="upstreamproxy")
+    add_option(auth, "--static-tokens", "STATIC_TOKENS",
+               "file of 'SESSION_ID TOKEN [POLICY]' lines (development only)")
+    pol = parser.add_argument_group("policy")
+    add_option(pol, "--policy", "POLICY", "policy file (YAML); reloaded on SIGHUP")
+    _list_option(pol, "--allow", "ALLOW",
+                 "shorthand policy without a file: allow HOST:PORT (PORT may be *)", "HOST:PORT")
+    _list_option(pol, "--allow-cidr", "ALLOW_CIDR",
+                 "with --allow: special-purpose range to allow (e.g. 127.0.0.0/8)", "CIDR")
+    _list_option(pol, "--resolve", "RESOLVE",
+                 "pin a name to addresses instead of DNS: HOST=IP[+IP...]", "HOST=IP")
+    add_option(pol, "--ca-cert", "CA_CERT", "CA certificate PEM served at the ca-cert endpoint")
+    add_option(pol, "--audit-log", "AUDIT_LOG", "write audit JSON lines to this file "
+               "(default: the log on stderr)")
+    lim = parser.add_argument_group("limits and timeouts")
+    defaults = LimitConfig()
+    add_option(lim, "--max-tunnels", "MAX_TUNNELS", "concurrent tunnels in total",
+               default=defaults.max_tunnels, type=int)
+    add_option(lim, "--max-session-tunnels", "MAX_SESSION_TUNNELS",
+               "concurrent tunnels per session", default=defaults.max_session_tunnels, type=int)
+    add_option(lim, "--session-rate", "SESSION_RATE", "new tunnels per second per session",
+               default=defaults.session_rate, type=float)
+    add_option(lim, "--session-burst", "SESSION_BURST", "burst of new tunnels per session",
+               default=defaults.session_burst, type=int)
+    add_option(lim, "--head-timeout", "HEAD_TIMEOUT", "seconds to wait for the CONNECT head",
                default=10.0, type=float)
-    add_option(parser, "--dial-timeout", "DIAL_TIMEOUT", "seconds allowed to dial an upstream",
+    add_option(lim, "--dial-timeout", "DIAL_TIMEOUT", "seconds allowed to resolve and dial",
                default=10.0, type=float)
-    add_option(parser, "--idle-timeout", "IDLE_TIMEOUT",
+    add_option(lim, "--idle-timeout", "IDLE_TIMEOUT",
                "seconds a tunnel may be idle before it is closed", default=300.0, type=float)
+    add_option(lim, "--drain-grace", "DRAIN_GRACE",
+               "seconds open tunnels get to finish after SIGTERM", default=30.0, type=float)
+
+
+def build_authenticator(args: argparse.Namespace) -> Authenticator:
+    if args.public_keys:
+        verifier = TokenVerifier(load_public_keys(args.public_keys), args.audience)
+        return SignedTokens(verifier)
+    if args.static_tokens:
+        return StaticTokens.from_file(Path(args.static_tokens))
+    raise ConfigError("public_keys", "required: --public-keys (or --static-tokens for development)")
+
+
+def build_policies(args: argparse.Namespace) -> PolicyStore:
+    if args.policy and args.allow:
+        raise ConfigError("policy", "use --policy or --allow, not both")
+    if args.policy:
+        return PolicyStore.from_file(Path(args.policy))
+    if args.allow:
+        return PolicyStore(policy_from_allow_list(args.allow, args.allow_cidr or []))
+    raise ConfigError("policy", "required: --policy FILE (or --allow HOST:PORT for development)")
+
+
+def build_resolver(args: argparse.Namespace) -> Resolver:
+    system = SystemResolver(args.dial_timeout)
+    if not args.resolve:
+        return system
+    table: dict[str, list[str]] = {}
+    for entry in args.resolve:
+        host, sep, addresses = entry.partition("=")
+        if not sep or not host or not addresses:
+            raise ConfigError("resolve", f"{entry!r}: expected HOST=IP[+IP...]")
+        table[host.strip().lower().rstrip(".")] = addresses.split("+")
+    try:
+        return StaticResolver(table, system)
+    except ValueError as exc:
+        raise ConfigError("resolve", str(exc)) from None
 
 
 def build_server(args: argparse.Namespace) -> EgressServer:
-    if not args.static_tokens:
-        raise ConfigError("static_tokens", "required: a token file to authenticate sessions")
     ca_pem = None
     if args.ca_cert:
         try:
@@ -56,21 +127,31 @@ def build_server(args: argparse.Namespace) -> EgressServer:
     config = EgressConfig(
         host=args.host, port=args.port, ws_path=args.ws_path, ca_cert_pem=ca_pem,
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        drain_grace=args.drain_grace,
         timeouts=TunnelTimeouts(head=args.head_timeout, dial=args.dial_timeout,
                                 idle=args.idle_timeout),
+        limits=LimitConfig(args.max_tunnels, args.max_session_tunnels, args.session_rate,
+                           args.session_burst),
     )
-    return EgressServer(config, StaticTokens.from_file(Path(args.static_tokens)),
-                        AllowList(args.allow or []))
+    config.limits.validate()
+    return EgressServer(config, build_authenticator(args), build_policies(args),
+                        resolver=build_resolver(args))
 
 
 def run(args: argparse.Namespace) -> int:
     server = build_server(args)
+    if args.audit_log:
+        audit.log_to_file(Path(args.audit_log))
 
     def ready() -> None:
         print(f"egress listening on {server.url}", flush=True)
 
+    async def stop() -> None:
+        await server.stop(grace=server.config.drain_grace)
+
     try:
-        return asyncio.run(serve(server.start, server.stop, ready))
+        return asyncio.run(serve(server.start, stop, ready, on_reload=server.reload))
     except OSError as exc:
         print(f"upstreamproxy egress: cannot listen: {exc.strerror}", file=sys.stderr)
         return 1

@@ -8,13 +8,15 @@ session and carry the same token.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ..connect_head import parse_basic_credentials
 from ..errors import AuthError, ConfigError, HeadError
+from ..tokens import TokenVerifier
 
 
 @dataclass(frozen=True)
@@ -85,3 +87,16 @@ def check_tunnel_credentials(proxy_authorization: str | None, session: Session,
     same_token = hmac.compare_digest(password.encode(), token.encode())
     if not (same_session and same_token):
         raise HeadError(407, "Proxy-Authorization does not match the session's token")
+
+
+class SignedTokens:
+    """Verifies Ed25519-signed session tokens with public keys only (stateless replicas)."""
+
+    def __init__(self, verifier: TokenVerifier,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._verifier = verifier
+        self._clock = clock
+
+    def authenticate(self, token: str) -> Session:
+        claims = self._verifier.verify(token, self._clock())
+        return Session(claims.session_id, claims.policy)

@@ -1,36 +1,46 @@
-"""The egress HTTP server (aiohttp): the tunnel WebSocket, the CA endpoint and health."""
+"""The egress HTTP server (aiohttp): the tunnel WebSocket, the CA endpoint, health, metrics.
+
+Listeners: the main one (tunnels, ``ca-cert``, ``/healthz``, ``/readyz``) and, when
+configured, a separate metrics listener (``/metrics``) so scraping never shares a port with
+sandboxes. ``stop(grace)`` drains: readiness turns 503, listeners close, open tunnels get
+``grace`` seconds to finish, then the rest are closed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 from aiohttp import web
 
 from ..codec import MAX_MESSAGE_BYTES
-from ..connect_head import Target
 from ..errors import AuthError
 from ..logredact import redacting_logger
-from .allowlist import AllowList, Decision
-from .auth import Authenticator, Session, bearer_token
-from .dialer import Upstream, dial
-from .tunnel import Tunnel, TunnelRecord, TunnelTimeouts
+from . import audit
+from .admission import Admission, DialFn
+from .auth import Authenticator, bearer_token
+from .dialer import dial_addresses
+from .limits import LimitConfig, Limiter
+from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
+from .policy import PolicyStore
+from .resolver import Resolver, SystemResolver
+from .tunnel import InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
 
 log = logging.getLogger("upstreamproxy.egress")
-audit_log = logging.getLogger("upstreamproxy.audit")
 # aiohttp quotes offending header lines in its errors; they may hold a token.
 for _name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.websocket"):
     redacting_logger(_name)
 
 DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
 CA_CERT_PATH: Final = "/v1/code/upstreamproxy/ca-cert"
+
+ReadinessCheck = Callable[[], str | None]  # returns a reason when not ready
 
 
 @dataclass
@@ -41,19 +51,35 @@ class EgressConfig:
     ca_cert_pem: bytes | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    drain_grace: float = 30.0
     timeouts: TunnelTimeouts = field(default_factory=TunnelTimeouts)
+    limits: LimitConfig = field(default_factory=LimitConfig)
 
 
 class EgressServer:
-    def __init__(self, config: EgressConfig, authenticator: Authenticator, policy: AllowList,
-                 dialer: Callable[[Target, float], Awaitable[Upstream]] = dial) -> None:
+    def __init__(self, config: EgressConfig, authenticator: Authenticator,
+                 policies: PolicyStore, resolver: Resolver | None = None,
+                 dial: DialFn = dial_addresses, intercept: InterceptFn | None = None) -> None:
         self.config = config
         self.authenticator = authenticator
-        self.policy = policy
-        self._dial = dialer
+        self.policies = policies
+        self.metrics = EgressMetrics()
+        self.limiter = Limiter(config.limits)
+        self.readiness_checks: list[ReadinessCheck] = []
+        self.admission = Admission(lambda: self.policies.current,
+                                   resolver or SystemResolver(config.timeouts.dial),
+                                   config.timeouts.dial, dial, self._own_ports)
+        self.context = TunnelContext(self.admission, self.limiter, self.metrics, config.timeouts,
+                                     intercept)
+        self.active: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self.active: set[asyncio.Task[None]] = set()
+        self._metrics_runner: web.AppRunner | None = None
+        self._metrics_site: web.TCPSite | None = None
+        self._started = False
+        self._draining = False
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -61,14 +87,30 @@ class EgressServer:
         app.router.add_get(self.config.ws_path, self._tunnel)
         app.router.add_get(CA_CERT_PATH, self._ca_cert)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
         return app
+
+    @staticmethod
+    def _bound_port(site: web.TCPSite | None) -> int:
+        assert site is not None and site._server is not None
+        sockets = site._server.sockets  # type: ignore[union-attr]
+        port: int = sockets[0].getsockname()[1]
+        return port
 
     @property
     def port(self) -> int:
-        assert self._site is not None and self._site._server is not None
-        sockets = self._site._server.sockets  # type: ignore[union-attr]
-        port: int = sockets[0].getsockname()[1]
-        return port
+        return self._bound_port(self._site)
+
+    @property
+    def metrics_port(self) -> int:
+        return self._bound_port(self._metrics_site)
+
+    def _own_ports(self) -> set[int]:
+        ports = set()
+        for site in (self._site, self._metrics_site):
+            if site is not None and site._server is not None:
+                ports.add(self._bound_port(site))
+        return ports
 
     @property
     def url(self) -> str:
@@ -86,21 +128,48 @@ class EgressServer:
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port,
                                  ssl_context=ssl_context)
         await self._site.start()
+        if self.config.metrics_port is not None:
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", self._metrics)
+            self._metrics_runner = web.AppRunner(metrics_app, access_log=None,
+                                                 handle_signals=False)
+            await self._metrics_runner.setup()
+            self._metrics_site = web.TCPSite(self._metrics_runner, self.config.metrics_host,
+                                             self.config.metrics_port)
+            await self._metrics_site.start()
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host,
+                     self.metrics_port)
+        self._started = True
         log.info("egress listening on %s", self.url)
 
     async def stop(self, grace: float = 0.0) -> None:
-        """Stop accepting, give tunnels ``grace`` seconds to finish, then close them."""
+        """Drain: not ready, stop accepting, let tunnels finish for ``grace`` s, close the rest."""
+        self._draining = True
         if self._site is not None:
             await self._site.stop()
         if grace > 0 and self.active:
+            log.info("draining %d tunnels for up to %.0fs", len(self.active), grace)
             await asyncio.wait(list(self.active), timeout=grace)
         for task in list(self.active):
             task.cancel()
         if self.active:
             await asyncio.wait(list(self.active), timeout=5)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        for runner in (self._runner, self._metrics_runner):
+            if runner is not None:
+                await runner.cleanup()
+        self._runner = self._metrics_runner = None
+        self._started = False
+
+    def reload(self) -> bool:
+        """Reload the policy file (SIGHUP). Keeps the last good policy if the file is bad."""
+        error = self.policies.reload()
+        if error is not None:
+            self.metrics.policy_reloads.labels("failed").inc()
+            log.error("policy reload failed, keeping the last good policy: %s", error)
+            return False
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.info("policy reloaded from %s", self.policies.path)
+        return True
 
     async def __aenter__(self) -> EgressServer:
         await self.start()
@@ -114,16 +183,39 @@ class EgressServer:
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "active_tunnels": len(self.active)})
 
+    def not_ready_reasons(self) -> list[str]:
+        reasons = []
+        if not self._started:
+            reasons.append("starting")
+        if self._draining:
+            reasons.append("draining")
+        reasons.extend(r for r in (check() for check in self.readiness_checks) if r)
+        return reasons
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        reasons = self.not_ready_reasons()
+        if reasons:
+            return web.json_response({"status": "not-ready", "reasons": reasons}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self.metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
     async def _ca_cert(self, request: web.Request) -> web.Response:
         if self.config.ca_cert_pem is None:
             return web.Response(status=404, text="no CA certificate configured\n")
         return web.Response(body=self.config.ca_cert_pem, content_type="application/x-pem-file")
 
     async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+        if self._draining:
+            return web.json_response({"error": "draining"}, status=503)
         try:
             token = bearer_token(request.headers.get("Authorization"))
             session = self.authenticator.authenticate(token)
         except AuthError as exc:
+            self.metrics.auth_failures.labels(exc.reason).inc()
             log.warning("upgrade refused from %s: %s", request.remote, exc.reason)
             return web.json_response({"error": "unauthorized", "reason": exc.reason},
                                      status=401)
@@ -135,7 +227,8 @@ class EgressServer:
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)
-        tunnel = Tunnel(ws, session, token, self._decide, self._dial, self.config.timeouts)
+        self.metrics.active.inc()
+        tunnel = Tunnel(ws, session, token, self.context)
         try:
             await tunnel.run()
         except asyncio.CancelledError:
@@ -145,24 +238,29 @@ class EgressServer:
             raise
         finally:
             self.active.discard(task)
-            self._audit(tunnel.record)
+            self.metrics.active.dec()
+            self._audit(tunnel)
         return ws
 
-    def _decide(self, session: Session, target: Target) -> Decision:
-        return self.policy.decide(target)
-
-    def _audit(self, record: TunnelRecord) -> None:
-        audit_log.info(json.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    def _audit(self, tunnel: Tunnel) -> None:
+        record, admitted = tunnel.record, tunnel.admitted
+        decision = admitted.decision
+        self.metrics.tunnels.labels(decision).inc()
+        audit.emit({
+            "event": "tunnel",
             "session": record.session,
+            "policy": admitted.policy,
+            "host": admitted.host,
+            "port": admitted.port,
             "target": record.target,
-            "address": record.address,
-            "decision": record.decision,
-            "reason": record.reason,
-            "rule": record.rule,
+            "resolved": admitted.resolved,
+            "dialled": admitted.dialled,
+            "decision": decision,
+            "reason": admitted.reason,
+            "rule": admitted.rule,
             "status": record.status,
             "bytes_up": record.bytes_up,
             "bytes_down": record.bytes_down,
             "duration_ms": round((time.monotonic() - record.started) * 1000, 1),
             "close_cause": record.close_cause,
-        }, separators=(",", ":")))
+        })

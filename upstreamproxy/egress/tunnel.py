@@ -1,4 +1,4 @@
-"""One tunnel on the egress side: in-tunnel CONNECT, policy, dial, then bytes both ways.
+"""One tunnel on the egress side: in-tunnel CONNECT, limits, admission, then bytes both ways.
 
 The WebSocket has been upgraded and the bearer token verified before this runs. Answers go
 *inside* the tunnel as an HTTP/1.1 status head; after ``200`` the chunks are the raw stream.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,18 +18,13 @@ from dataclasses import dataclass, field
 from aiohttp import WSMsgType, web
 
 from ..codec import MAX_CHUNK_PAYLOAD, decode_chunk, encode_chunk
-from ..connect_head import (
-    MAX_HEAD_BYTES,
-    ConnectRequest,
-    Target,
-    build_status_head,
-    parse_connect_head,
-    split_head,
-)
+from ..connect_head import MAX_HEAD_BYTES, ConnectRequest, build_status_head, parse_connect_head, split_head
 from ..errors import ChunkError, HeadError, ProtocolError
-from .allowlist import Decision
+from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
-from .dialer import DialError, Upstream
+from .dialer import Upstream
+from .limits import LimitExceeded, Limiter
+from .metrics import EgressMetrics
 
 log = logging.getLogger("upstreamproxy.egress.tunnel")
 
@@ -35,8 +32,8 @@ UPSTREAM_READ_SIZE = 64 * 1024
 REASON_HEADER = "X-Upstreamproxy-Reason"
 RULE_HEADER = "X-Upstreamproxy-Rule"
 
-DecideFn = Callable[[Session, Target], Decision]
-DialFn = Callable[[Target, float], Awaitable[Upstream]]
+#: Serves an intercepted tunnel on the inner end of a socketpair (see egress/intercept).
+InterceptFn = Callable[[socket.socket, Route, AdmissionRecord], Awaitable[None]]
 
 
 @dataclass
@@ -48,14 +45,10 @@ class TunnelTimeouts:
 
 @dataclass
 class TunnelRecord:
-    """What happened to one tunnel: the audit record's raw material."""
+    """What happened to one tunnel beyond admission: the rest of the audit line."""
 
     session: str
     target: str = "-"
-    address: str = "-"
-    decision: str = "-"
-    reason: str = "-"
-    rule: str = "-"
     status: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -71,27 +64,37 @@ class _Idle(Exception):
     pass
 
 
+@dataclass
+class TunnelContext:
+    """Everything a tunnel needs from its server."""
+
+    admission: Admission
+    limiter: Limiter
+    metrics: EgressMetrics
+    timeouts: TunnelTimeouts
+    intercept: InterceptFn | None = None
+
+
 class Tunnel:
     def __init__(self, ws: web.WebSocketResponse, session: Session, token: str,
-                 decide: DecideFn, dial: DialFn, timeouts: TunnelTimeouts) -> None:
+                 context: TunnelContext) -> None:
         self.ws = ws
         self.session = session
         self._token = token
-        self._decide = decide
-        self._dial = dial
-        self.timeouts = timeouts
+        self.ctx = context
         self.record = TunnelRecord(session=session.session_id)
+        self.admitted = AdmissionRecord()
         self._last_activity = time.monotonic()
 
-    async def run(self) -> TunnelRecord:
+    async def run(self) -> None:
         try:
             await self._run()
         except ProtocolError as exc:
             self.record.close_cause = "protocol-error"
+            self.ctx.metrics.protocol_errors.inc()
             log.error("session %s tunnel %s: protocol error: %s", self.session.session_id,
                       self.record.target, exc)
             await self.ws.close(code=1002, message=b"protocol error")
-        return self.record
 
     async def _run(self) -> None:
         try:
@@ -105,49 +108,88 @@ class Tunnel:
         except TimeoutError:
             await self._refuse(400, "timed out waiting for the CONNECT head")
             return
-        target = request.target
-        self.record.target = target.authority
+        self.record.target = request.target.authority
         try:
             check_tunnel_credentials(request.header("Proxy-Authorization"), self.session,
                                      self._token)
         except HeadError as exc:
+            self.ctx.metrics.auth_failures.labels("tunnel-credentials").inc()
             await self._refuse(exc.status, exc.reason)
             return
-        decision = self._decide(self.session, target)
-        self.record.decision = "allow" if decision.allowed else "deny"
-        self.record.reason, self.record.rule = decision.reason, decision.rule
-        if not decision.allowed:
-            await self._refuse(403, decision.reason, decision.rule)
-            return
         try:
-            upstream = await self._dial(target, self.timeouts.dial)
-        except DialError as exc:
-            self.record.reason = exc.reason
+            self.ctx.limiter.acquire(self.session.session_id)
+        except LimitExceeded as exc:
+            self.ctx.metrics.limit_rejections.labels(exc.reason).inc()
             await self._refuse(exc.status, exc.reason)
             return
-        self.record.address = upstream.address
         try:
-            self.record.status = 200
-            await self.ws.send_bytes(encode_chunk(build_status_head(200)))
+            await self._admitted(request, early)
+        finally:
+            self.ctx.limiter.release(self.session.session_id)
+
+    async def _admitted(self, request: ConnectRequest, early: bytes) -> None:
+        try:
+            route = await self.ctx.admission.admit(self.session, request.target, self.admitted)
+        except Refusal as exc:
+            if exc.status == 403:
+                self.ctx.metrics.denies.labels(exc.reason, exc.rule).inc()
+            await self._refuse(exc.status, exc.reason, exc.rule)
+            return
+        finally:
+            if self.admitted.dial_seconds is not None:
+                self.ctx.metrics.dial_seconds.observe(self.admitted.dial_seconds)
+        if route.intercept is not None:
+            await self._serve_intercepted(route, early)
+            return
+        assert route.upstream is not None
+        await self._serve_opaque(route.upstream, early)
+
+    async def _serve_opaque(self, upstream: Upstream, early: bytes) -> None:
+        try:
+            await self._establish()
             if early:
                 upstream.writer.write(early)
-                self.record.bytes_up += len(early)
+                self._count_up(len(early))
             await self._pump(upstream)
         finally:
             upstream.writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.wait_for(upstream.writer.wait_closed(), 1.0))
 
+    async def _serve_intercepted(self, route: Route, early: bytes) -> None:
+        if self.ctx.intercept is None:
+            await self._refuse(502, "interception-not-configured", self.admitted.rule)
+            return
+        outer, inner = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=outer)
+        engine = asyncio.ensure_future(self.ctx.intercept(inner, route, self.admitted))
+        try:
+            await self._serve_opaque(Upstream(reader, writer, "intercept"), early)
+        finally:
+            if not engine.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(engine), 2.0)
+                except (TimeoutError, Exception):
+                    engine.cancel()
+            with contextlib.suppress(BaseException):
+                await engine
+            inner.close()
+
+    async def _establish(self) -> None:
+        self.record.status = 200
+        await self.ws.send_bytes(encode_chunk(build_status_head(200)))
+
     async def _refuse(self, status: int, reason: str, rule: str = "-") -> None:
         self.record.status = status
-        if self.record.decision == "-":
-            self.record.decision = "error"
-        self.record.reason = reason
+        if self.admitted.decision == "-":
+            self.admitted.decision = "error"
+        self.admitted.reason = reason
+        self.admitted.rule = rule if rule != "-" else self.admitted.rule
         self.record.close_cause = f"refused-{status}"
         headers = [(REASON_HEADER, reason)]
         if rule != "-":
             headers.append((RULE_HEADER, rule))
-        body = f"{status} {reason}\n".encode()
+        body = json.dumps({"status": status, "reason": reason, "rule": rule}).encode() + b"\n"
         with contextlib.suppress(ConnectionError):
             await self.ws.send_bytes(encode_chunk(build_status_head(status, tuple(headers),
                                                                     body)))
@@ -166,13 +208,17 @@ class Tunnel:
 
     async def _read_connect(self) -> tuple[ConnectRequest, bytes]:
         buffer = bytearray()
-        async with asyncio.timeout(self.timeouts.head):
+        async with asyncio.timeout(self.ctx.timeouts.head):
             while True:
                 buffer += await self._receive_payload()
                 parts = split_head(buffer, MAX_HEAD_BYTES)
                 if parts is not None:
                     head, early = parts
                     return parse_connect_head(head), early
+
+    def _count_up(self, size: int) -> None:
+        self.record.bytes_up += size
+        self.ctx.metrics.bytes.labels("up").inc(size)
 
     async def _pump(self, upstream: Upstream) -> None:
         async def relay_to_upstream() -> None:
@@ -181,20 +227,22 @@ class Tunnel:
                 if payload:
                     upstream.writer.write(payload)
                     await upstream.writer.drain()
-                    self.record.bytes_up += len(payload)
+                    self._count_up(len(payload))
 
         async def upstream_to_relay() -> None:
+            down = self.ctx.metrics.bytes.labels("down")
             while data := await upstream.reader.read(UPSTREAM_READ_SIZE):
                 # send_bytes waits while the socket's write buffer is over its limit.
                 for start in range(0, len(data), MAX_CHUNK_PAYLOAD):
                     await self.ws.send_bytes(encode_chunk(data[start:start + MAX_CHUNK_PAYLOAD]))
                 self.record.bytes_down += len(data)
+                down.inc(len(data))
                 self._last_activity = time.monotonic()
             raise _ClosedByPeer("upstream")
 
         async def idle_watch() -> None:
             while True:
-                remaining = self._last_activity + self.timeouts.idle - time.monotonic()
+                remaining = self._last_activity + self.ctx.timeouts.idle - time.monotonic()
                 if remaining <= 0:
                     raise _Idle()
                 await asyncio.sleep(remaining)

@@ -1,0 +1,52 @@
+"""Prometheus metrics of one egress server (its own registry, served on a separate port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "EgressMetrics"]
+
+
+class EgressMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tunnels = Counter("upstreamproxy_tunnels_total",
+                               "Tunnels by final decision (allow, deny, monitor-allow, error)",
+                               ["decision"], registry=r)
+        self.active = Gauge("upstreamproxy_active_tunnels", "Tunnels open now", registry=r)
+        self.bytes = Counter("upstreamproxy_bytes_total",
+                             "Bytes relayed; direction is up (to upstream) or down",
+                             ["direction"], registry=r)
+        self.dial_seconds = Histogram("upstreamproxy_dial_seconds",
+                                      "Time to connect to an upstream", registry=r,
+                                      buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5,
+                                               5, 10))
+        self.auth_failures = Counter("upstreamproxy_auth_failures_total",
+                                     "Refused credentials by reason", ["reason"], registry=r)
+        self.protocol_errors = Counter("upstreamproxy_protocol_errors_total",
+                                       "Tunnels closed for a protocol violation", registry=r)
+        self.limit_rejections = Counter("upstreamproxy_limit_rejections_total",
+                                        "Tunnels refused by a limit", ["limit"], registry=r)
+        self.denies = Counter("upstreamproxy_denies_total", "Denied tunnels by reason and rule",
+                              ["reason", "rule"], registry=r)
+        self.policy_reloads = Counter("upstreamproxy_policy_reloads_total",
+                                      "Policy reloads by result", ["result"], registry=r)
+        # Interception (TLS termination with credential injection).
+        self.certs_issued = Counter("upstreamproxy_intercept_certs_issued_total",
+                                    "Leaf certificates issued", registry=r)
+        self.cert_cache_hits = Counter("upstreamproxy_intercept_cert_cache_hits_total",
+                                       "Leaf certificate cache hits", registry=r)
+        self.sni_mismatches = Counter("upstreamproxy_intercept_sni_mismatches_total",
+                                      "Handshakes or requests refused for a host/SNI mismatch",
+                                      ["kind"], registry=r)
+        self.rewrites = Counter("upstreamproxy_intercept_rewrites_total",
+                                "Header rewrites applied, by rule (never by value)",
+                                ["rule"], registry=r)
+        self.intercepted_requests = Counter("upstreamproxy_intercept_requests_total",
+                                            "Requests relayed on intercepted tunnels",
+                                            ["rule"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
