@@ -1,0 +1,127 @@
+"""Reading and deleting the session token file.
+
+Public API::
+
+    read_token(path: str | os.PathLike[str]) -> TokenFile     # raises ConfigError if malformed
+    delete_token_file(path: str | os.PathLike[str]) -> bool   # True if deleted, False if gone
+    class TokenFile: token: Secret | None, reason: str | None, warnings: tuple[str, ...]
+    MAX_TOKEN_FILE_SIZE = 64 KiB
+
+Outcomes of :func:`read_token`, matching the bootstrap's policy:
+
+* no file, an empty file, or only whitespace: ``token`` is None and ``reason`` says which.
+  That is the normal "proxy disabled" state, not an error.
+* a usable token: ``token`` is a :class:`~upstreamproxy.secret.Secret` with surrounding
+  whitespace (the trailing newline of ``echo tok > file``, a CRLF) stripped.
+* anything malformed raises ConfigError naming the file: larger than 64 KiB (checked before
+  reading it all), not a regular file (a FIFO would block start-up), not ASCII, or a
+  character inside the token that is whitespace, a control character or non-ASCII. Tokens
+  travel in ``Authorization: Bearer`` and Basic credentials, so anything else could only
+  break the handshake, or split a header.
+
+``warnings`` notes a file readable by group or others (the token should be 0600/0400).
+No message ever contains the token or any part of it.
+
+Symlinks are followed: Kubernetes secret volumes present files as ``..data/`` symlinks.
+Delete the file only once the relay listens (DESIGN.md, bootstrap step 5), so that a
+supervisor can retry a failed start.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Final
+
+from ..errors import ConfigError
+from ..secret import Secret
+
+MAX_TOKEN_FILE_SIZE: Final = 64 * 1024
+_SURROUNDING_WHITESPACE: Final = b" \t\r\n\v\f"
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """Result of :func:`read_token`. ``token`` None means "no token": see ``reason``."""
+
+    token: Secret | None
+    reason: str | None = None
+    warnings: tuple[str, ...] = field(default=())
+
+
+def _field(path: str | os.PathLike[str]) -> str:
+    return f"token file {os.fspath(path)}"
+
+
+def read_token(path: str | os.PathLike[str]) -> TokenFile:
+    """Read the session token from ``path``; see the module docstring for the outcomes."""
+    name = _field(path)
+    try:
+        # O_NONBLOCK so that opening a FIFO cannot hang start-up; it does not affect files.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        return TokenFile(None, f"{name} does not exist")
+    except NotADirectoryError:
+        return TokenFile(None, f"{name} does not exist (a parent is not a directory)")
+    except OSError as exc:
+        raise ConfigError(name, f"cannot open: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(name, "not a regular file")
+        if info.st_size > MAX_TOKEN_FILE_SIZE:
+            raise ConfigError(name, f"larger than {MAX_TOKEN_FILE_SIZE} bytes")
+        data = _read_at_most(fd, MAX_TOKEN_FILE_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TOKEN_FILE_SIZE:  # the file grew after fstat
+        raise ConfigError(name, f"larger than {MAX_TOKEN_FILE_SIZE} bytes")
+
+    warnings: list[str] = []
+    if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        warnings.append(
+            f"{name} is readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}); "
+            "it should be 0600 or 0400"
+        )
+
+    token = data.strip(_SURROUNDING_WHITESPACE)
+    if not token:
+        reason = "is empty" if not data else "contains only whitespace"
+        return TokenFile(None, f"{name} {reason}", tuple(warnings))
+    # Printable ASCII only, checked without ever echoing the offending character or position.
+    if any(byte < 0x21 or byte > 0x7E for byte in token):
+        raise ConfigError(name, "token contains whitespace, a control character or non-ASCII data")
+    return TokenFile(Secret(token.decode("ascii")), None, tuple(warnings))
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 16 * 1024))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def delete_token_file(path: str | os.PathLike[str]) -> bool:
+    """Unlink the token file. True if it was deleted, False if it was already gone.
+
+    Other failures (a read-only secret mount, EACCES) raise OSError; under the fail-open
+    policy the caller logs them and carries on. A symlink is removed, not its target.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.ENOTDIR:
+            return False
+        raise
+    return True
