@@ -12,7 +12,7 @@ def env_default(name: str, default: Any = None) -> Any:
     return os.environ.get(f"UPSTREAMPROXY_{name}", default)
 
 
-def add_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str,
+def add_option(parser: argparse._ActionsContainer, flag: str, env: str, help: str,
                default: Any = None, **kwargs: Any) -> None:
     """Add ``flag`` whose default is read from ``UPSTREAMPROXY_<env>``; help names the variable."""
     value = env_default(env, default)

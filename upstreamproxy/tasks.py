@@ -33,10 +33,3 @@ class TaskSet:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
-
-    async def wait(self, timeout: float | None = None) -> bool:
-        """Wait for every task to finish by itself; True if none is left."""
-        tasks = list(self._tasks)
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
-        return not self._tasks

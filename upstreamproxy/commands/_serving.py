@@ -7,7 +7,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 
-async def wait_for_signal(on_reload: Callable[[], None] | None = None) -> int:
+async def wait_for_signal(on_reload: Callable[[], object] | None = None) -> int:
     """Block until SIGTERM or SIGINT; return the signal number. SIGHUP calls ``on_reload``."""
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -30,7 +30,7 @@ async def wait_for_signal(on_reload: Callable[[], None] | None = None) -> int:
 
 async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
                 ready: Callable[[], None] | None = None,
-                on_reload: Callable[[], None] | None = None) -> int:
+                on_reload: Callable[[], object] | None = None) -> int:
     await start()
     try:
         if ready is not None:

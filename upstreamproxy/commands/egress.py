@@ -22,7 +22,7 @@ from ._serving import serve
 HELP = "run the egress server that terminates relay tunnels and dials upstreams"
 
 
-def _list_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str,
+def _list_option(parser: argparse._ActionsContainer, flag: str, env: str, help: str,
                  metavar: str) -> None:
     default = env_default(env)
     parser.add_argument(flag, action="append", metavar=metavar,

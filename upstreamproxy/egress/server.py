@@ -93,7 +93,7 @@ class EgressServer:
     @staticmethod
     def _bound_port(site: web.TCPSite | None) -> int:
         assert site is not None and site._server is not None
-        sockets = site._server.sockets  # type: ignore[union-attr]
+        sockets = site._server.sockets  # type: ignore[attr-defined]
         port: int = sockets[0].getsockname()[1]
         return port
 
