@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -395,21 +396,43 @@ def tool_env(proxy: str, bundle: Path, home: Path) -> dict[str, str]:
     [
         ["curl", "-sS", "--max-time", "5", "https://upstream.example/"],
         ["git", "ls-remote", "https://upstream.example/repo.git"],
+        ["npm", "view", "--registry", "https://upstream.example/", "left-pad", "version"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--retries",
+            "0",
+            "--index-url",
+            "https://upstream.example/simple",
+            "--dest",
+            "downloads",
+            "left-pad",
+        ],
     ],
+    ids=["curl", "git", "npm", "pip"],
 )
 def test_tools_send_connect_to_the_proxy(
     tmp_path: Path, connect_recorder: tuple[str, list[bytes]], command: list[str]
 ) -> None:
     if shutil.which(command[0]) is None:
         pytest.skip(f"{command[0]} not installed")
+    if command[0] == sys.executable and importlib.util.find_spec("pip") is None:
+        pytest.skip("pip not installed")
     proxy, heads = connect_recorder
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(create_ca().cert_pem())
     env = tool_env(proxy, bundle, tmp_path)
     env["GIT_TERMINAL_PROMPT"] = "0"
+    env["npm_config_fetch_retries"] = "0"
+    env["npm_config_cache"] = str(tmp_path / "npm-cache")
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_CACHE_DIR"] = str(tmp_path / "pip-cache")
     done = subprocess.run(command, env=env, capture_output=True, timeout=30, cwd=tmp_path)
     assert done.returncode != 0  # the fake proxy refuses
-    assert heads and heads[0].startswith(b"CONNECT upstream.example:443 HTTP/1.1\r\n")
+    assert heads and heads[0].startswith(b"CONNECT upstream.example:443 HTTP/1.")  # pip sends 1.0
 
 
 @pytest.mark.tools
