@@ -186,9 +186,8 @@ class Tunnel:
         self.admitted.reason = reason
         self.admitted.rule = rule if rule != "-" else self.admitted.rule
         self.record.close_cause = f"refused-{status}"
-        headers = [(REASON_HEADER, reason)]
-        if rule != "-":
-            headers.append((RULE_HEADER, rule))
+        # The rule header is always there ("-": no rule matched) so a client can rely on it.
+        headers = [(REASON_HEADER, reason), (RULE_HEADER, rule)]
         body = json.dumps({"status": status, "reason": reason, "rule": rule}).encode() + b"\n"
         with contextlib.suppress(ConnectionError):
             await self.ws.send_bytes(encode_chunk(build_status_head(status, tuple(headers),
