@@ -120,7 +120,8 @@ def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) ->
 def _check_keys(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(map(str, raw)) - allowed)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", f"unknown field (allowed: {sorted(allowed)})")
+        field = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(field, f"unknown field (allowed: {sorted(allowed)})")
 
 
 def _parse_ports(raw: Any, where: str) -> frozenset[int] | None:
