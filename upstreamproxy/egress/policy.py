@@ -111,6 +111,36 @@ class PolicySet:
 # -- loading -------------------------------------------------------------------------------
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated in one mapping.
+
+    Plain YAML keeps the last of two equal keys, so a policy defined twice would silently
+    lose the first definition's rules.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor" may legitimately be overridden
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable key: the base class reports it
+            if duplicate:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise ConfigError(where, f"must be {what}")
@@ -224,7 +254,10 @@ def load_policy_file(path: Path) -> PolicySet:
     if len(data) > MAX_POLICY_FILE_BYTES:
         raise ConfigError("policy", f"{path} is larger than {MAX_POLICY_FILE_BYTES} bytes")
     try:
-        raw = yaml.safe_load(data)
+        raw = yaml.load(data, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as exc:
+        raise ConfigError("policy", f"{path}: duplicate key {exc.key!r} at line {exc.line}"
+                          ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
