@@ -39,7 +39,10 @@ def normalize_name(name: str) -> str:
     IPv6 compressed. Raises ValueError for anything that is neither."""
     text = name.strip().lower()
     if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
+        try:
+            return ipaddress.IPv6Address(text[1:-1]).compressed
+        except ValueError:
+            raise ValueError(f"{name!r} is not an IPv6 literal") from None
     try:
         return ipaddress.ip_address(text).compressed
     except ValueError:
@@ -73,14 +76,14 @@ def _load_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
     memfd_create = getattr(os, "memfd_create", None)
     if memfd_create is not None:
         try:
-            fd: int = memfd_create("upstreamproxy-leaf", os.MFD_CLOEXEC)  # type: ignore[attr-defined]
+            fd: int = memfd_create("upstreamproxy-leaf", os.MFD_CLOEXEC)
         except OSError:
             pass
         else:
             try:
                 view = memoryview(pem)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 ctx.load_cert_chain(f"/proc/self/fd/{fd}")
                 return
             except (FileNotFoundError, NotADirectoryError):
@@ -113,11 +116,17 @@ def _utcnow() -> dt.datetime:
 class LeafCache:
     """Issue-on-miss, LRU-capped cache of per-name leaf certificates and server contexts."""
 
-    def __init__(self, ca: CertificateAuthority, ttl: dt.timedelta = DEFAULT_LEAF_TTL,
-                 cap: int = DEFAULT_CACHE_CAP, backdate: dt.timedelta = LEAF_BACKDATE, *,
-                 refresh_before: dt.timedelta | None = None,
-                 metrics: InterceptMetrics = NOOP_METRICS,
-                 clock: Callable[[], dt.datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        ttl: dt.timedelta = DEFAULT_LEAF_TTL,
+        cap: int = DEFAULT_CACHE_CAP,
+        backdate: dt.timedelta = LEAF_BACKDATE,
+        *,
+        refresh_before: dt.timedelta | None = None,
+        metrics: InterceptMetrics = NOOP_METRICS,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
         if ttl <= dt.timedelta(0):
             raise ConfigError("leaf ttl", "must be positive")
         if cap < 1:
@@ -128,8 +137,9 @@ class LeafCache:
         self.ttl = ttl
         self.cap = cap
         self.backdate = backdate
-        self.refresh_before = (refresh_before if refresh_before is not None
-                               else min(ttl / 10, MAX_REFRESH_BEFORE))
+        self.refresh_before = (
+            refresh_before if refresh_before is not None else min(ttl / 10, MAX_REFRESH_BEFORE)
+        )
         self.metrics = metrics
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()

@@ -45,27 +45,57 @@ NOOP_METRICS: Final = InterceptMetrics()
 class PrometheusInterceptMetrics(InterceptMetrics):
     """Prometheus counters, registered in ``registry`` (a private registry when None)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None,
-                 namespace: str = "upstreamproxy") -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, namespace: str = "upstreamproxy"
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         ns, sub, reg = namespace, "intercept", self.registry
-        self.certs_issued = Counter("certs_issued_total",
-                                    "Leaf certificates issued from the egress CA",
-                                    namespace=ns, subsystem=sub, registry=reg)
-        self.cert_cache_hits = Counter("cert_cache_hits_total",
-                                       "Leaf certificates served from the cache",
-                                       namespace=ns, subsystem=sub, registry=reg)
-        self.sni_refusals = Counter("sni_mismatches_total",
-                                    "TLS handshakes whose SNI was missing or not the CONNECT host",
-                                    ["reason"], namespace=ns, subsystem=sub, registry=reg)
-        self.host_mismatches = Counter("host_mismatches_total",
-                                       "Requests whose Host header did not match the SNI",
-                                       ["rule"], namespace=ns, subsystem=sub, registry=reg)
-        self.rewrites = Counter("rewrites_total",
-                                "Header rewrites applied to requests sent upstream",
-                                ["rule", "header"], namespace=ns, subsystem=sub, registry=reg)
-        self.requests = Counter("requests_total", "Intercepted requests by final status",
-                                ["rule", "code"], namespace=ns, subsystem=sub, registry=reg)
+        self.certs_issued = Counter(
+            "certs_issued_total",
+            "Leaf certificates issued from the egress CA",
+            namespace=ns,
+            subsystem=sub,
+            registry=reg,
+        )
+        self.cert_cache_hits = Counter(
+            "cert_cache_hits_total",
+            "Leaf certificates served from the cache",
+            namespace=ns,
+            subsystem=sub,
+            registry=reg,
+        )
+        self.sni_refusals = Counter(
+            "sni_mismatches_total",
+            "TLS handshakes whose SNI was missing or not the CONNECT host",
+            ["reason"],
+            namespace=ns,
+            subsystem=sub,
+            registry=reg,
+        )
+        self.host_mismatches = Counter(
+            "host_mismatches_total",
+            "Requests whose Host header did not match the SNI",
+            ["rule"],
+            namespace=ns,
+            subsystem=sub,
+            registry=reg,
+        )
+        self.rewrites = Counter(
+            "rewrites_total",
+            "Header rewrites applied to requests sent upstream",
+            ["rule", "header"],
+            namespace=ns,
+            subsystem=sub,
+            registry=reg,
+        )
+        self.requests = Counter(
+            "requests_total",
+            "Intercepted requests by final status",
+            ["rule", "code"],
+            namespace=ns,
+            subsystem=sub,
+            registry=reg,
+        )
 
     def leaf_issued(self) -> None:
         self.certs_issued.inc()

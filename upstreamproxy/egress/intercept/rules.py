@@ -11,9 +11,9 @@ braces, and any other brace is an error. ``NAME`` is a key of the secrets direct
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
-import dataclasses
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,18 +23,20 @@ from ...secret import Secret
 # Header names we never let a rule set: framing, connection management and proxy headers.
 # Rewriting any of them would let a policy (or a secret's content) change how the message is
 # framed or routed, which is exactly what request smuggling needs.
-RESERVED_HEADERS: Final = frozenset({
-    "host",
-    "connection",
-    "content-length",
-    "transfer-encoding",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
-    "expect",
-    "http2-settings",
-})
+RESERVED_HEADERS: Final = frozenset(
+    {
+        "host",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "http2-settings",
+    }
+)
 RESERVED_PREFIXES: Final = ("proxy-",)
 
 MAX_TEMPLATE_LENGTH: Final = 8192
@@ -92,7 +94,7 @@ def parse_template(template: str) -> tuple[TemplatePart, ...]:
     literal: list[str] = []
     position = 0
     for match in _TEMPLATE_PIECE_RE.finditer(template):
-        literal.append(template[position:match.start()])
+        literal.append(template[position : match.start()])
         position = match.end()
         piece = match.group(0)
         if piece == "{{":
@@ -205,8 +207,10 @@ _INJECT_KEYS: Final = frozenset({"header", "value"})
 def _check_keys(raw: Mapping[object, object], allowed: frozenset[str], field_name: str) -> None:
     unknown = sorted(str(k) for k in raw if k not in allowed)
     if unknown:
-        raise ConfigError(field_name, f"unknown key(s) {', '.join(unknown)}; "
-                                      f"expected {', '.join(sorted(allowed))}")
+        raise ConfigError(
+            field_name,
+            f"unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}",
+        )
 
 
 def parse_intercept_rule(raw: object, rule_id: str, field: str) -> InterceptRule:
@@ -243,13 +247,16 @@ def parse_intercept_rule(raw: object, rule_id: str, field: str) -> InterceptRule
         if not is_header_token(header):
             raise ConfigError(f"{where}.header", f"{header!r} is not a valid HTTP header name")
         if is_reserved_header(header):
-            raise ConfigError(f"{where}.header",
-                              f"{header!r} is reserved (framing, connection or proxy header) "
-                              "and cannot be rewritten")
+            raise ConfigError(
+                f"{where}.header",
+                f"{header!r} is reserved (framing, connection or proxy header) "
+                "and cannot be rewritten",
+            )
         if header.lower() in seen:
-            raise ConfigError(f"{where}.header",
-                              f"{header!r} is already rewritten by "
-                              f"{field}.inject[{seen[header.lower()]}]")
+            raise ConfigError(
+                f"{where}.header",
+                f"{header!r} is already rewritten by {field}.inject[{seen[header.lower()]}]",
+            )
         seen[header.lower()] = index
         try:
             parse_template(value)

@@ -87,8 +87,10 @@ class SecretStore:
         return self.last_report.error
 
     def __repr__(self) -> str:
-        return (f"SecretStore({str(self._directory)!r}, {len(self._values)} secrets, "
-                f"generation {self.generation})")
+        return (
+            f"SecretStore({str(self._directory)!r}, {len(self._values)} secrets, "
+            f"generation {self.generation})"
+        )
 
     def names(self) -> frozenset[str]:
         return frozenset(self._values)
@@ -125,13 +127,16 @@ class SecretStore:
         self._values = MappingProxyType(values)  # the swap: one reference assignment
         self.generation += 1
         self.loaded_at = time.time()
-        report = ReloadReport(ok=True, names=frozenset(values),
-                              ignored=MappingProxyType(ignored))
+        report = ReloadReport(ok=True, names=frozenset(values), ignored=MappingProxyType(ignored))
         self.last_report = report
         for name, reason in sorted(ignored.items()):
             log.warning("secrets directory %s: ignoring %r: %s", self._directory, name, reason)
-        log.info("secrets directory %s: loaded %d secret(s): %s", self._directory, len(values),
-                 ", ".join(sorted(values)) or "-")
+        log.info(
+            "secrets directory %s: loaded %d secret(s): %s",
+            self._directory,
+            len(values),
+            ", ".join(sorted(values)) or "-",
+        )
         return report
 
     async def watch(self, interval: float = 30.0) -> None:
