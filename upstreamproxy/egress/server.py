@@ -54,6 +54,8 @@ class EgressConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     drain_grace: float = 30.0
+    #: Seconds between checks of the policy file for changes (0: only on SIGHUP).
+    reload_interval: float = 10.0
     timeouts: TunnelTimeouts = field(default_factory=TunnelTimeouts)
     limits: LimitConfig = field(default_factory=LimitConfig)
 
@@ -78,8 +80,12 @@ class EgressServer:
         self._site: web.TCPSite | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._metrics_site: web.TCPSite | None = None
+        # Remembered at start: a stopped (draining) site no longer reports its socket.
+        self._port: int | None = None
+        self._metrics_bound_port: int | None = None
         self._started = False
         self._draining = False
+        self._watcher: asyncio.Task[None] | None = None
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -99,18 +105,16 @@ class EgressServer:
 
     @property
     def port(self) -> int:
-        return self._bound_port(self._site)
+        assert self._port is not None, "the server has not been started"
+        return self._port
 
     @property
     def metrics_port(self) -> int:
-        return self._bound_port(self._metrics_site)
+        assert self._metrics_bound_port is not None, "no metrics listener has been started"
+        return self._metrics_bound_port
 
     def _own_ports(self) -> set[int]:
-        ports = set()
-        for site in (self._site, self._metrics_site):
-            if site is not None and site._server is not None:
-                ports.add(self._bound_port(site))
-        return ports
+        return {p for p in (self._port, self._metrics_bound_port) if p is not None}
 
     @property
     def url(self) -> str:
@@ -128,6 +132,7 @@ class EgressServer:
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port,
                                  ssl_context=ssl_context)
         await self._site.start()
+        self._port = self._bound_port(self._site)
         if self.config.metrics_port is not None:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics)
@@ -137,6 +142,7 @@ class EgressServer:
             self._metrics_site = web.TCPSite(self._metrics_runner, self.config.metrics_host,
                                              self.config.metrics_port)
             await self._metrics_site.start()
+            self._metrics_bound_port = self._bound_port(self._metrics_site)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host,
                      self.metrics_port)
         self._started = True
@@ -144,6 +150,8 @@ class EgressServer:
 
     async def stop(self, grace: float = 0.0) -> None:
         """Drain: not ready, stop accepting, let tunnels finish for ``grace`` s, close the rest."""
+        if self._runner is None:
+            return  # never started, or already stopped
         self._draining = True
         if self._site is not None:
             await self._site.stop()
@@ -161,15 +169,21 @@ class EgressServer:
         self._started = False
 
     def reload(self) -> bool:
-        """Reload the policy file (SIGHUP). Keeps the last good policy if the file is bad."""
+        """Reload the policy file and the token keys (SIGHUP). A bad file keeps the last good."""
+        ok = True
         error = self.policies.reload()
         if error is not None:
+            ok = False
             self.metrics.policy_reloads.labels("failed").inc()
             log.error("policy reload failed, keeping the last good policy: %s", error)
-            return False
-        self.metrics.policy_reloads.labels("ok").inc()
-        log.info("policy reloaded from %s", self.policies.path)
-        return True
+        elif self.policies.path is not None:
+            self.metrics.policy_reloads.labels("ok").inc()
+            log.info("policy reloaded from %s", self.policies.path)
+        key_error = self.authenticator.reload()
+        if key_error is not None:
+            ok = False
+            log.error("key reload failed, keeping the previous keys: %s", key_error)
+        return ok
 
     async def __aenter__(self) -> EgressServer:
         await self.start()
