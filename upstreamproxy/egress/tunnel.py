@@ -91,6 +91,8 @@ class Tunnel:
             await self._run()
         except ProtocolError as exc:
             self.record.close_cause = "protocol-error"
+            if self.admitted.decision == "-":
+                self.admitted.decision = "error"  # counted, not left without a decision
             self.ctx.metrics.protocol_errors.inc()
             log.error("session %s tunnel %s: protocol error: %s", self.session.session_id,
                       self.record.target, exc)
