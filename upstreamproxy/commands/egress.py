@@ -7,6 +7,9 @@ import asyncio
 import sys
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
+from ..certs import parse_ca_certificate
 from ..egress import audit
 from ..egress.auth import Authenticator, SignedTokens, StaticTokens
 from ..egress.limits import LimitConfig
@@ -15,19 +18,11 @@ from ..egress.resolver import Resolver, StaticResolver, SystemResolver
 from ..egress.server import DEFAULT_WS_PATH, EgressConfig, EgressServer
 from ..egress.tunnel import TunnelTimeouts
 from ..errors import ConfigError
-from ..options import add_option, env_default
+from ..options import add_list_option, add_option
 from ..tokens import TokenVerifier, load_public_keys
 from ._serving import serve
 
 HELP = "run the egress server that terminates relay tunnels and dials upstreams"
-
-
-def _list_option(parser: argparse._ActionsContainer, flag: str, env: str, help: str,
-                 metavar: str) -> None:
-    default = env_default(env)
-    parser.add_argument(flag, action="append", metavar=metavar,
-                        default=[v for v in default.split(",") if v] if default else None,
-                        help=f"{help}; repeatable (env UPSTREAMPROXY_{env}, comma-separated)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(net, "--metrics-port", "METRICS_PORT",
                "port of the Prometheus /metrics listener (omit to disable)", type=int)
     auth = parser.add_argument_group("authentication")
-    _list_option(auth, "--public-keys", "PUBLIC_KEYS",
+    add_list_option(auth, "--public-keys", "PUBLIC_KEYS",
                  "Ed25519 public key file or directory for verifying session tokens", "PATH")
     add_option(auth, "--audience", "AUDIENCE", "audience session tokens must carry",
                default="upstreamproxy")
@@ -51,11 +46,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                "file of 'SESSION_ID TOKEN [POLICY]' lines (development only)")
     pol = parser.add_argument_group("policy")
     add_option(pol, "--policy", "POLICY", "policy file (YAML); reloaded on SIGHUP")
-    _list_option(pol, "--allow", "ALLOW",
+    add_list_option(pol, "--allow", "ALLOW",
                  "shorthand policy without a file: allow HOST:PORT (PORT may be *)", "HOST:PORT")
-    _list_option(pol, "--allow-cidr", "ALLOW_CIDR",
+    add_list_option(pol, "--allow-cidr", "ALLOW_CIDR",
                  "with --allow: special-purpose range to allow (e.g. 127.0.0.0/8)", "CIDR")
-    _list_option(pol, "--resolve", "RESOLVE",
+    add_list_option(pol, "--resolve", "RESOLVE",
                  "pin a name to addresses instead of DNS: HOST=IP[+IP...]", "HOST=IP")
     add_option(pol, "--ca-cert", "CA_CERT", "CA certificate PEM served at the ca-cert endpoint")
     add_option(pol, "--audit-log", "AUDIT_LOG", "write audit JSON lines to this file "
@@ -76,14 +71,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                default=10.0, type=float)
     add_option(lim, "--idle-timeout", "IDLE_TIMEOUT",
                "seconds a tunnel may be idle before it is closed", default=300.0, type=float)
+    add_option(pol, "--reload-interval", "RELOAD_INTERVAL",
+               "seconds between checks of the policy file for changes (0: SIGHUP only)",
+               default=10.0, type=float)
     add_option(lim, "--drain-grace", "DRAIN_GRACE",
                "seconds open tunnels get to finish after SIGTERM", default=30.0, type=float)
 
 
 def build_authenticator(args: argparse.Namespace) -> Authenticator:
     if args.public_keys:
-        verifier = TokenVerifier(load_public_keys(args.public_keys), args.audience)
-        return SignedTokens(verifier)
+        sources, audience = list(args.public_keys), args.audience
+        return SignedTokens(lambda: TokenVerifier(load_public_keys(sources), audience))
     if args.static_tokens:
         return StaticTokens.from_file(Path(args.static_tokens))
     raise ConfigError("public_keys", "required: --public-keys (or --static-tokens for development)")
@@ -119,16 +117,18 @@ def build_server(args: argparse.Namespace) -> EgressServer:
     ca_pem = None
     if args.ca_cert:
         try:
-            ca_pem = Path(args.ca_cert).read_bytes()
+            raw = Path(args.ca_cert).read_bytes()
         except OSError as exc:
             raise ConfigError("ca_cert", f"cannot read {args.ca_cert}: {exc.strerror}") from None
+        # Serve only the re-encoded certificate: a key pasted into the file never leaves.
+        ca_pem = parse_ca_certificate(raw, "ca_cert").public_bytes(serialization.Encoding.PEM)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("tls_cert", "--tls-cert and --tls-key go together")
     config = EgressConfig(
         host=args.host, port=args.port, ws_path=args.ws_path, ca_cert_pem=ca_pem,
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        drain_grace=args.drain_grace,
+        drain_grace=args.drain_grace, reload_interval=args.reload_interval,
         timeouts=TunnelTimeouts(head=args.head_timeout, dial=args.dial_timeout,
                                 idle=args.idle_timeout),
         limits=LimitConfig(args.max_tunnels, args.max_session_tunnels, args.session_rate,

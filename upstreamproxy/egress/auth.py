@@ -29,12 +29,25 @@ class Authenticator(Protocol):
     def authenticate(self, token: str) -> Session:
         """Return the token's session or raise :class:`AuthError`."""
 
+    def reload(self) -> ConfigError | None:
+        """Re-read keys/tokens from their source; on error keep the old ones, return the error."""
+
 
 class StaticTokens:
     """A fixed token -> session table (development and tests; production uses signed tokens)."""
 
-    def __init__(self, tokens: Mapping[str, Session]) -> None:
+    def __init__(self, tokens: Mapping[str, Session], path: Path | None = None) -> None:
         self._tokens = dict(tokens)
+        self._path = path
+
+    def reload(self) -> ConfigError | None:
+        if self._path is None:
+            return None
+        try:
+            self._tokens = StaticTokens.from_file(self._path)._tokens
+        except ConfigError as exc:
+            return exc
+        return None
 
     def authenticate(self, token: str) -> Session:
         for known, session in self._tokens.items():
@@ -61,7 +74,7 @@ class StaticTokens:
             tokens[fields[1]] = Session(fields[0], policy)
         if not tokens:
             raise ConfigError("static_tokens", f"{path} holds no tokens")
-        return cls(tokens)
+        return cls(tokens, path)
 
 
 def bearer_token(header: str | None) -> str:
@@ -90,12 +103,25 @@ def check_tunnel_credentials(proxy_authorization: str | None, session: Session,
 
 
 class SignedTokens:
-    """Verifies Ed25519-signed session tokens with public keys only (stateless replicas)."""
+    """Verifies Ed25519-signed session tokens with public keys only (stateless replicas).
 
-    def __init__(self, verifier: TokenVerifier,
+    Built from a factory so SIGHUP (and the change watcher) can re-read rotated keys.
+    """
+
+    def __init__(self, verifier: TokenVerifier | Callable[[], TokenVerifier],
                  clock: Callable[[], float] = time.time) -> None:
-        self._verifier = verifier
+        self._factory = verifier if callable(verifier) else None
+        self._verifier = verifier() if callable(verifier) else verifier
         self._clock = clock
+
+    def reload(self) -> ConfigError | None:
+        if self._factory is None:
+            return None
+        try:
+            self._verifier = self._factory()
+        except ConfigError as exc:
+            return exc
+        return None
 
     def authenticate(self, token: str) -> Session:
         claims = self._verifier.verify(token, self._clock())

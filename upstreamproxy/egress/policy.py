@@ -292,6 +292,7 @@ class PolicyStore:
     def __init__(self, policies: PolicySet, path: Path | None = None) -> None:
         self._current = policies
         self.path = path
+        self._seen = file_fingerprint(path) if path is not None else ""
 
     @classmethod
     def from_file(cls, path: Path) -> PolicyStore:
@@ -305,8 +306,23 @@ class PolicyStore:
         """Re-read the file; on error keep the last good policy and return the error."""
         if self.path is None:
             return None
+        self._seen = file_fingerprint(self.path)
         try:
             self._current = load_policy_file(self.path)
         except ConfigError as exc:
             return exc
         return None
+
+    def changed(self) -> bool:
+        """Whether the file's content differs from what was last loaded (or tried)."""
+        return self.path is not None and file_fingerprint(self.path) != self._seen
+
+
+def file_fingerprint(path: Path) -> str:
+    """A digest of the file's content ("" if unreadable); follows Kubernetes' symlink swaps."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
