@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -12,7 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from ..certs import parse_ca_certificate
 from ..egress import audit
 from ..egress.auth import Authenticator, SignedTokens, StaticTokens
+from ..egress.interception import Interception, InterceptionConfig
 from ..egress.limits import LimitConfig
+from ..egress.metrics import EgressMetrics
 from ..egress.policy import PolicyStore, policy_from_allow_list
 from ..egress.resolver import Resolver, StaticResolver, SystemResolver
 from ..egress.server import DEFAULT_WS_PATH, EgressConfig, EgressServer
@@ -55,6 +59,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(pol, "--ca-cert", "CA_CERT", "CA certificate PEM served at the ca-cert endpoint")
     add_option(pol, "--audit-log", "AUDIT_LOG", "write audit JSON lines to this file "
                "(default: the log on stderr)")
+    tls = parser.add_argument_group("TLS interception (credential injection)")
+    add_option(tls, "--ca-key", "CA_KEY",
+               "private key of --ca-cert; enables interception for rules that ask for it")
+    add_option(tls, "--secrets-dir", "SECRETS_DIR",
+               "directory of secrets for header injection (Kubernetes Secret volume layout)")
+    add_option(tls, "--leaf-ttl", "LEAF_TTL", "validity of issued leaf certificates, seconds",
+               default=86400.0, type=float)
+    add_option(tls, "--upstream-ca", "UPSTREAM_CA",
+               "CA file to verify intercepted upstreams (default: system trust store)")
+    add_option(tls, "--sni-mismatch", "SNI_MISMATCH",
+               "on an SNI that is not the CONNECT host: refuse the handshake, or answer 421",
+               default="refuse-handshake", choices=("refuse-handshake", "http-421"))
     lim = parser.add_argument_group("limits and timeouts")
     defaults = LimitConfig()
     add_option(lim, "--max-tunnels", "MAX_TUNNELS", "concurrent tunnels in total",
@@ -136,7 +152,24 @@ def build_server(args: argparse.Namespace) -> EgressServer:
     )
     config.limits.validate()
     return EgressServer(config, build_authenticator(args), build_policies(args),
-                        resolver=build_resolver(args))
+                        resolver=build_resolver(args), interception=build_interception(args))
+
+
+def build_interception(args: argparse.Namespace) -> Callable[[EgressMetrics], Interception] | None:
+    if not args.ca_key:
+        return None
+    if not args.ca_cert:
+        raise ConfigError("ca_cert", "--ca-key needs --ca-cert (the CA's certificate)")
+    if args.leaf_ttl < 60:
+        raise ConfigError("leaf_ttl", "must be at least 60 seconds")
+    config = InterceptionConfig(
+        ca_cert=Path(args.ca_cert), ca_key=Path(args.ca_key),
+        secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
+        leaf_ttl=dt.timedelta(seconds=args.leaf_ttl),
+        upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None,
+        refuse_unlisted_sni=args.sni_mismatch == "refuse-handshake",
+    )
+    return lambda metrics: Interception(config, metrics.registry)
 
 
 def run(args: argparse.Namespace) -> int:

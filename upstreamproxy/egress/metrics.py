@@ -33,20 +33,6 @@ class EgressMetrics:
                               ["reason", "rule"], registry=r)
         self.policy_reloads = Counter("upstreamproxy_policy_reloads_total",
                                       "Policy reloads by result", ["result"], registry=r)
-        # Interception (TLS termination with credential injection).
-        self.certs_issued = Counter("upstreamproxy_intercept_certs_issued_total",
-                                    "Leaf certificates issued", registry=r)
-        self.cert_cache_hits = Counter("upstreamproxy_intercept_cert_cache_hits_total",
-                                       "Leaf certificate cache hits", registry=r)
-        self.sni_mismatches = Counter("upstreamproxy_intercept_sni_mismatches_total",
-                                      "Handshakes or requests refused for a host/SNI mismatch",
-                                      ["kind"], registry=r)
-        self.rewrites = Counter("upstreamproxy_intercept_rewrites_total",
-                                "Header rewrites applied, by rule (never by value)",
-                                ["rule"], registry=r)
-        self.intercepted_requests = Counter("upstreamproxy_intercept_requests_total",
-                                            "Requests relayed on intercepted tunnels",
-                                            ["rule"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

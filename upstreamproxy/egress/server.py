@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from typing import Final
 from aiohttp import web
 
 from ..codec import MAX_MESSAGE_BYTES
-from ..errors import AuthError
+from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from . import audit
-from .admission import Admission, DialFn
-from .auth import Authenticator, bearer_token
+from .admission import Admission, AdmissionRecord, DialFn, Route
+from .auth import Authenticator, Session, bearer_token
 from .dialer import dial_addresses
+from .interception import Interception
 from .limits import LimitConfig, Limiter
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
 from .policy import PolicyStore
@@ -63,7 +65,8 @@ class EgressConfig:
 class EgressServer:
     def __init__(self, config: EgressConfig, authenticator: Authenticator,
                  policies: PolicyStore, resolver: Resolver | None = None,
-                 dial: DialFn = dial_addresses, intercept: InterceptFn | None = None) -> None:
+                 dial: DialFn = dial_addresses,
+                 interception: Callable[[EgressMetrics], Interception] | None = None) -> None:
         self.config = config
         self.authenticator = authenticator
         self.policies = policies
@@ -73,6 +76,18 @@ class EgressServer:
         self.admission = Admission(lambda: self.policies.current,
                                    resolver or SystemResolver(config.timeouts.dial),
                                    config.timeouts.dial, dial, self._own_ports)
+        self.interception = interception(self.metrics) if interception else None
+        intercept: InterceptFn | None = None
+        if self.interception is not None:
+            engine = self.interception
+
+            async def intercept(sock: socket.socket, route: Route, admitted: AdmissionRecord,
+                                session: Session) -> object:
+                return await engine.serve(sock, route, admitted, session, self.admission)
+
+            self.readiness_checks.append(self._secrets_ready)
+        elif self.policies.current.intercept_rules():
+            raise ConfigError("ca_key", "the policy intercepts hosts but no CA key is configured")
         self.context = TunnelContext(self.admission, self.limiter, self.metrics, config.timeouts,
                                      intercept)
         self.active: set[asyncio.Task[None]] = set()
@@ -179,6 +194,8 @@ class EgressServer:
         elif self.policies.path is not None:
             self.metrics.policy_reloads.labels("ok").inc()
             log.info("policy reloaded from %s", self.policies.path)
+        if self.interception is not None:
+            self.interception.reload_secrets()
         key_error = self.authenticator.reload()
         if key_error is not None:
             ok = False
@@ -205,6 +222,11 @@ class EgressServer:
             reasons.append("draining")
         reasons.extend(r for r in (check() for check in self.readiness_checks) if r)
         return reasons
+
+    def _secrets_ready(self) -> str | None:
+        assert self.interception is not None
+        missing = self.interception.missing_secrets(self.policies.current)
+        return f"missing-secrets:{','.join(sorted(missing))}" if missing else None
 
     async def _readyz(self, request: web.Request) -> web.Response:
         reasons = self.not_ready_reasons()

@@ -32,8 +32,8 @@ UPSTREAM_READ_SIZE = 64 * 1024
 REASON_HEADER = "X-Upstreamproxy-Reason"
 RULE_HEADER = "X-Upstreamproxy-Rule"
 
-#: Serves an intercepted tunnel on the inner end of a socketpair (see egress/intercept).
-InterceptFn = Callable[[socket.socket, Route, AdmissionRecord], Awaitable[None]]
+#: Serves an intercepted tunnel on the inner end of a socketpair (see egress/interception).
+InterceptFn = Callable[[socket.socket, Route, AdmissionRecord, Session], Awaitable[object]]
 
 
 @dataclass
@@ -164,7 +164,8 @@ class Tunnel:
             return
         outer, inner = socket.socketpair()
         reader, writer = await asyncio.open_connection(sock=outer)
-        engine = asyncio.ensure_future(self.ctx.intercept(inner, route, self.admitted))
+        engine = asyncio.ensure_future(self.ctx.intercept(inner, route, self.admitted,
+                                                         self.session))
         try:
             await self._serve_opaque(Upstream(reader, writer, "intercept"), early)
         finally:

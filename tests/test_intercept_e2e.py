@@ -1,0 +1,235 @@
+"""Interception through the whole chain: real curl/python -> relay -> egress -> HTTPS origin.
+
+The sandbox trusts only the egress CA (plus system roots); the origin has its own CA that only
+the egress trusts. The credential lives in the egress's secrets directory and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import certifi
+import pytest
+from aiohttp import web
+from conftest import SESSION, TOKEN, _serve, connect_via, run
+
+from upstreamproxy.certs import create_ca, issue_leaf, write_ca
+from upstreamproxy.egress.auth import Session, StaticTokens
+from upstreamproxy.egress.interception import Interception, InterceptionConfig
+from upstreamproxy.egress.metrics import EgressMetrics
+from upstreamproxy.egress.policy import PolicyStore, parse_policy_document
+from upstreamproxy.egress.resolver import StaticResolver
+from upstreamproxy.egress.server import EgressConfig, EgressServer
+from upstreamproxy.relay import Relay, RelayConfig
+from upstreamproxy.secret import Secret
+
+SECRET_VALUE = "s3cr3t-injected-credential-value"
+
+
+@dataclass
+class Chain:
+    relay: Relay
+    egress: EgressServer
+    origin_port: int
+    seen: list[dict[str, object]]
+    sandbox_bundle: Path
+    secrets_dir: Path
+    base: Path
+
+
+def echo_origin(seen: list[dict[str, object]]) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        record = {"path": request.path_qs, "method": request.method,
+                  "headers": [[k, v] for k, v in request.headers.items()], "size": len(body)}
+        seen.append(record)
+        return web.json_response(record)
+
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+@pytest.fixture
+async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
+    # The egress CA (sandboxes trust it) and an unrelated origin CA (only the egress trusts it).
+    egress_ca = create_ca("egress interception CA")
+    write_ca(egress_ca, tmp_path / "ca.pem", tmp_path / "ca-key.pem")
+    origin_ca = create_ca("origin CA")
+    (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem())
+    leaf = issue_leaf(origin_ca, ["api.test", "plain.test"])
+    (tmp_path / "origin.pem").write_bytes(leaf.chain_pem())
+    (tmp_path / "origin.key").write_bytes(leaf.key_pem())
+    origin_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    origin_ctx.load_cert_chain(tmp_path / "origin.pem", tmp_path / "origin.key")
+    seen: list[dict[str, object]] = []
+    runner, port = await _serve(echo_origin(seen), origin_ctx)
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "api-token").write_text(SECRET_VALUE + "\n")
+    policy = parse_policy_document({"policies": {"default": {
+        "rules": [
+            {"id": "api", "hosts": ["api.test"], "ports": [port], "intercept": {"inject": [
+                {"header": "Authorization", "value": "Bearer {secret:api-token}"}]}},
+            {"id": "needs-missing", "hosts": ["missing.test"], "ports": [port],
+             "intercept": {"inject": [{"header": "X-Key", "value": "{secret:absent}"}]}},
+            {"id": "plain", "hosts": ["plain.test"], "ports": [port]},
+        ],
+        "allow_cidrs": ["127.0.0.0/8"],
+    }}})
+    config = InterceptionConfig(tmp_path / "ca.pem", tmp_path / "ca-key.pem", secrets,
+                                upstream_ca=tmp_path / "origin-ca.pem")
+    egress = EgressServer(
+        EgressConfig(ca_cert_pem=egress_ca.cert_pem()),
+        StaticTokens({TOKEN: Session(SESSION)}), PolicyStore(policy),
+        resolver=StaticResolver({"api.test": ["127.0.0.1"], "plain.test": ["127.0.0.1"],
+                                 "missing.test": ["127.0.0.1"]}),
+        interception=lambda metrics: Interception(config, metrics.registry))
+    await egress.start()
+    relay = Relay(RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret(TOKEN)))
+    await relay.start()
+    bundle = tmp_path / "sandbox-bundle.pem"  # what `upstreamproxy start` builds: roots + CA
+    bundle.write_bytes(Path(certifi.where()).read_bytes() + egress_ca.cert_pem())
+    yield Chain(relay, egress, port, seen, bundle, secrets, tmp_path)
+    await relay.stop()
+    await egress.stop()
+    await runner.cleanup()
+
+
+def sandbox_env(chain: Chain, bundle: Path | None = None) -> dict[str, str]:
+    ca = str(bundle or chain.sandbox_bundle)
+    return {"PATH": os.environ["PATH"], "HOME": str(chain.base),
+            "HTTPS_PROXY": chain.relay.proxy_url, "https_proxy": chain.relay.proxy_url,
+            "SSL_CERT_FILE": ca, "CURL_CA_BUNDLE": ca}
+
+
+def header_values(record: dict[str, object], name: str) -> list[str]:
+    headers = record["headers"]
+    assert isinstance(headers, list)
+    return [v for k, v in headers if k.lower() == name.lower()]
+
+
+async def test_curl_gets_credential_injected(chain: Chain,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = f"https://api.test:{chain.origin_port}/v1/things?x=1"
+    result = await run("curl", "-sS", "-H", "Authorization: Bearer sandbox-own-value",
+                       "-H", "Connection: X-Drop-Me", "-H", "X-Drop-Me: 1", url,
+                       env=sandbox_env(chain))
+    assert result.returncode == 0, result.stderr
+    assert len(chain.seen) == 1
+    record = chain.seen[0]
+    assert header_values(record, "Authorization") == [f"Bearer {SECRET_VALUE}"]
+    assert header_values(record, "X-Drop-Me") == []
+    assert record["path"] == "/v1/things?x=1"
+    # The sandbox saw a certificate for the real name, from the egress CA, and verified it.
+    assert SECRET_VALUE not in caplog.text
+    assert f'"rule":"api"' in caplog.text and '"api-token"' in caplog.text  # request audit
+
+
+async def test_python_client_keepalive_and_large_bodies(chain: Chain) -> None:
+    script = f"""
+import http.client, json, os, ssl, urllib.parse
+proxy = urllib.parse.urlsplit(os.environ["HTTPS_PROXY"])
+ctx = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+conn = http.client.HTTPSConnection(proxy.hostname, proxy.port, context=ctx)
+conn.set_tunnel("api.test", {chain.origin_port})
+sizes = []
+for size in (0, 1000, 8 * 1024 * 1024):
+    conn.request("POST", "/upload", body=b"z" * size, headers={{"Authorization": "mine"}})
+    answer = json.loads(conn.getresponse().read())
+    sizes.append(answer["size"])
+def chunks():
+    for _ in range(64):
+        yield b"c" * 65536
+conn.request("PUT", "/chunked", body=chunks(), encode_chunked=True)
+sizes.append(json.loads(conn.getresponse().read())["size"])
+print(json.dumps(sizes))
+"""
+    result = await run(sys.executable, "-c", script, env=sandbox_env(chain), timeout=60)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert json.loads(result.stdout) == [0, 1000, 8 * 1024 * 1024, 64 * 65536]
+    assert all(header_values(r, "Authorization") == [f"Bearer {SECRET_VALUE}"]
+               for r in chain.seen)
+    assert len(chain.seen) == 4
+
+
+async def test_untrusted_bundle_fails_verification(chain: Chain) -> None:
+    only_roots = Path(certifi.where())
+    result = await run("curl", "-sS", f"https://api.test:{chain.origin_port}/",
+                       env=sandbox_env(chain, only_roots))
+    assert result.returncode == 60, result.stderr  # SSL certificate problem
+    assert chain.seen == []
+
+
+async def test_host_header_must_match_sni(chain: Chain) -> None:
+    result = await run("curl", "-sS", "-H", "Host: plain.test",
+                       f"https://api.test:{chain.origin_port}/", "-w", "%{http_code}",
+                       env=sandbox_env(chain))
+    assert result.stdout.endswith(b"400")
+    assert chain.seen == []
+
+
+async def test_sni_must_match_connect_host(chain: Chain) -> None:
+    reader, writer, head = await connect_via(chain.relay.port, f"api.test:{chain.origin_port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    ctx = ssl.create_default_context(cafile=str(chain.sandbox_bundle))
+    ctx.check_hostname = False
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await writer.start_tls(ctx, server_hostname="plain.test")
+    writer.close()
+    assert chain.seen == []
+
+
+async def test_missing_secret_fails_closed(chain: Chain) -> None:
+    result = await run("curl", "-sS", "-D", "-", f"https://missing.test:{chain.origin_port}/",
+                       env=sandbox_env(chain))
+    # -D shows the proxy's "200 Connection established", then the intercepted answer.
+    assert b"\r\nHTTP/1.1 502 " in result.stdout, result.stdout
+    assert chain.seen == []  # never sent without its credential
+    import aiohttp
+
+    async with aiohttp.ClientSession() as client, client.get(
+            f"http://127.0.0.1:{chain.egress.port}/readyz") as resp:
+        assert resp.status == 503
+        assert "missing-secrets:absent" in (await resp.json())["reasons"]
+    (chain.secrets_dir / "absent").write_text("now-here")
+    chain.egress.reload()
+    async with aiohttp.ClientSession() as client, client.get(
+            f"http://127.0.0.1:{chain.egress.port}/readyz") as resp:
+        assert resp.status == 200
+
+
+async def test_hosts_without_interception_stay_opaque(chain: Chain) -> None:
+    # The client must trust the origin's own CA: the egress does not terminate this TLS.
+    bundle = chain.base / "origin-only.pem"
+    bundle.write_bytes((chain.base / "origin-ca.pem").read_bytes())
+    ok = await run("curl", "-sS", "-H", "Authorization: mine",
+                   f"https://plain.test:{chain.origin_port}/", env=sandbox_env(chain, bundle))
+    assert ok.returncode == 0, ok.stderr
+    assert header_values(chain.seen[-1], "Authorization") == ["mine"]
+    refused = await run("curl", "-sS", f"https://plain.test:{chain.origin_port}/",
+                        env=sandbox_env(chain))  # egress CA alone does not vouch for it
+    assert refused.returncode == 60
+
+
+async def test_interception_metrics(chain: Chain) -> None:
+    for _ in range(2):
+        result = await run("curl", "-sS", f"https://api.test:{chain.origin_port}/",
+                           env=sandbox_env(chain))
+        assert result.returncode == 0
+    text = chain.egress.metrics.render().decode()
+    assert "upstreamproxy_intercept_certs_issued_total 1.0" in text
+    assert "upstreamproxy_intercept_cert_cache_hits_total 1.0" in text
+    assert 'upstreamproxy_intercept_rewrites_total{header="authorization",rule="api"} 2.0' in text
+    assert SECRET_VALUE not in text
+    await asyncio.sleep(0)
