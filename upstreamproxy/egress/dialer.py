@@ -15,6 +15,9 @@ from typing import Final
 
 IPAddress = IPv4Address | IPv6Address
 DEFAULT_STAGGER: Final = 0.25
+#: Stream buffer limit: above the tunnel's read size so reading never pauses the socket
+#: mid-chunk (the default 64 KiB caused a pause/resume per chunk).
+STREAM_LIMIT: Final = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def _format(address: IPAddress, port: int) -> str:
 
 
 async def _attempt(address: IPAddress, port: int) -> Upstream:
-    reader, writer = await asyncio.open_connection(str(address), port)
+    reader, writer = await asyncio.open_connection(str(address), port, limit=STREAM_LIMIT)
     return Upstream(reader, writer, _format(address, port))
 
 

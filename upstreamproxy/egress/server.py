@@ -41,6 +41,8 @@ for _name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.websoc
 
 DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
 CA_CERT_PATH: Final = "/v1/code/upstreamproxy/ca-cert"
+#: Many relays connecting at once overflowed aiohttp's default backlog of 128.
+LISTEN_BACKLOG: Final = 1024
 
 ReadinessCheck = Callable[[], str | None]  # returns a reason when not ready
 
@@ -145,7 +147,7 @@ class EgressServer:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port,
-                                 ssl_context=ssl_context)
+                                 ssl_context=ssl_context, backlog=LISTEN_BACKLOG)
         await self._site.start()
         self._port = self._bound_port(self._site)
         if self.config.metrics_port is not None:

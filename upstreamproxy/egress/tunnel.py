@@ -28,7 +28,7 @@ from .metrics import EgressMetrics
 
 log = logging.getLogger("upstreamproxy.egress.tunnel")
 
-UPSTREAM_READ_SIZE = 64 * 1024
+UPSTREAM_READ_SIZE = 128 * 1024
 REASON_HEADER = "X-Upstreamproxy-Reason"
 RULE_HEADER = "X-Upstreamproxy-Rule"
 
