@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv6Address
 from typing import TYPE_CHECKING
 
 from ..connect_head import Target
@@ -139,6 +140,16 @@ class Admission:
             if not verdict.allowed:
                 record.decision, record.reason = "deny", f"blocked-address:{verdict.reason}"
                 raise Refusal(403, record.reason, rule)
-            if port in own_ports and (address.is_loopback or address.is_unspecified):
+            if port in own_ports and _reaches_this_host(address):
                 record.decision, record.reason = "deny", "egress-self"
                 raise Refusal(403, "egress-self", rule)
+
+
+def _reaches_this_host(address: IPAddress) -> bool:
+    """Loopback or unspecified, also spelled IPv4-mapped (``::ffff:127.0.0.1`` dials 127.0.0.1).
+
+    ``IPv6Address.is_loopback`` is False for mapped addresses before Python 3.13.
+    """
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback or address.ipv4_mapped.is_unspecified
+    return address.is_loopback or address.is_unspecified
