@@ -84,6 +84,7 @@ class Admission:
         record.port = target.port
         record.host = target.host
         if policy is None:
+            record.decision = "deny"
             raise Refusal(403, "unknown-policy")
         try:
             host = normalise_target_host(target.host)
