@@ -535,7 +535,7 @@ async def test_ip_literal_skips_dns_but_is_checked(
 # -- policy selection and modes ---------------------------------------------------------------
 
 
-async def test_unknown_policy_is_refused(echo_origin: EchoOrigin) -> None:
+async def test_unknown_policy_is_refused(echo_origin: EchoOrigin, audit_lines: AuditLines) -> None:
     server = make_server(
         admission_document(echo_origin.port),
         admission_table(),
@@ -545,6 +545,8 @@ async def test_unknown_policy_is_refused(echo_origin: EchoOrigin) -> None:
         answer = await ask(server, f"allowed.test:{echo_origin.port}", "nope")
         assert_deny(answer, 403, "unknown-policy")
         assert calls(server) == []
+        line = await audit_lines.next()
+    assert (line["decision"], line["policy"], line["reason"]) == ("deny", "nope", "unknown-policy")
 
 
 async def test_port_not_listed_is_refused_with_the_rule(admission: EgressServer) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import TLSFiles, connect_via, raw_request, run
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 from test_egress_admission import (  # noqa: F401 (fixtures)
     AuditLines,
@@ -761,6 +762,7 @@ AUDIENCE = "egress-test"
 class Keys:
     directory: Path
     issue: Callable[..., str]
+    private: dict[str, Ed25519PrivateKey]
 
 
 @pytest.fixture
@@ -802,7 +804,7 @@ async def keys(tmp_path: Path) -> Keys:
             private[kid], kid, session, policy, audience, ttl, time.time() if now is None else now
         )
 
-    return Keys(directory, issue)
+    return Keys(directory, issue, private)
 
 
 def tamper(token: str) -> str:
@@ -908,8 +910,29 @@ async def test_signed_tokens_end_to_end(
     wrong_session = await ask(egress.url, f"allowed.test:{port}", token=good, session="sess-other")
     assert wrong_session.status == 407
 
+    # Rotation without a restart: a new public key appears, SIGHUP, and its tokens work.
+    newcomer = keys.issue("key-c")
+    (keys.directory / "key-c.public.pem").write_bytes(
+        public_key_pem(keys.private["key-c"].public_key())
+    )
+    assert (await upgrade_refusal(egress.url, newcomer))[1]["reason"] == "unknown-key"
+    egress.proc.send_signal(signal.SIGHUP)
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await (await open_ws(egress.url, newcomer)).close()
+                break
+            except InvalidStatus:
+                await asyncio.sleep(0.05)
+    assert (
+        await ask(egress.url, f"allowed.test:{port}", token=newcomer, session="sess-signed")
+    ).status == 200
+    assert (
+        await ask(egress.url, f"allowed.test:{port}", token=good, session="sess-signed")
+    ).status == 200  # the old key still works
+
     assert await egress.stop() == 0
-    for token in [good, rotated, other_valid, *refusals.values()]:
+    for token in [good, rotated, other_valid, newcomer, *refusals.values()]:
         assert token.encode() not in egress.stderr
         signature = token.split(".")[-1]
         assert len(signature) < 20 or signature.encode() not in egress.stderr
