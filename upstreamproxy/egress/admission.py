@@ -71,12 +71,14 @@ class Route:
 class Admission:
     def __init__(self, policies: Callable[[], PolicySet], resolver: Resolver,
                  dial_timeout: float, dial: DialFn = dial_addresses,
-                 own_ports: Callable[[], set[int]] = set) -> None:
+                 own_ports: Callable[[], set[int]] = set,
+                 own_addresses: Sequence[IPAddress] = ()) -> None:
         self._policies = policies
         self._resolver = resolver
         self._dial_timeout = dial_timeout
         self._dial = dial
         self._own_ports = own_ports
+        self._own_addresses = frozenset(own_addresses)
 
     async def admit(self, session: Session, target: Target, record: AdmissionRecord) -> Route:
         policy = self._policies().get(session.policy)
@@ -141,7 +143,8 @@ class Admission:
             if not verdict.allowed:
                 record.decision, record.reason = "deny", f"blocked-address:{verdict.reason}"
                 raise Refusal(403, record.reason, rule)
-            if port in own_ports and _reaches_this_host(address):
+            if port in own_ports and (_reaches_this_host(address)
+                                      or address in self._own_addresses):
                 record.decision, record.reason = "deny", "egress-self"
                 raise Refusal(403, "egress-self", rule)
 

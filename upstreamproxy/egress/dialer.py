@@ -8,12 +8,14 @@ and the first to connect wins; the rest are cancelled and closed.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
 
 IPAddress = IPv4Address | IPv6Address
+log = logging.getLogger("upstreamproxy.egress.dialer")
 DEFAULT_STAGGER: Final = 0.25
 #: Stream buffer limit: above the tunnel's read size so reading never pauses the socket
 #: mid-chunk (the default 64 KiB caused a pause/resume per chunk).
@@ -61,7 +63,7 @@ async def dial_addresses(addresses: Sequence[IPAddress], port: int, timeout: flo
                          stagger: float = DEFAULT_STAGGER) -> Upstream:
     """Connect to the first reachable address in ``addresses`` (already policy-checked)."""
     if not addresses:
-        raise DialError(502, "dial-failed: no address")
+        raise DialError(502, "dial-failed")
     queue = interleave(addresses)
     pending: set[asyncio.Task[Upstream]] = set()
     last_error = "no address"
@@ -94,5 +96,8 @@ async def dial_addresses(addresses: Sequence[IPAddress], port: int, timeout: flo
                 if isinstance(result, Upstream):
                     result.writer.close()
     if winner is None:
-        raise DialError(502, f"dial-failed: {last_error}")
+        # The reason stays machine-readable; the socket error goes to the log only.
+        log.info("dial to port %d failed on %d address(es): %s", port, len(addresses),
+                 last_error)
+        raise DialError(502, "dial-failed")
     return winner

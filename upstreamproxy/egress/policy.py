@@ -232,7 +232,8 @@ def parse_policy(name: str, raw: Any, where: str) -> Policy:
 def parse_policy_document(raw: Any, source: str = "<memory>") -> PolicySet:
     _expect(raw, dict, "policy file", "a YAML mapping")
     _check_keys(raw, {"version", "policies"}, "")
-    if raw.get("version", 1) != 1:
+    version = raw.get("version", 1)
+    if type(version) is not int or version != 1:
         raise ConfigError("version", "only version 1 is supported")
     policies_raw = _expect(raw.get("policies"), dict, "policies", "a mapping of named policies")
     if not policies_raw:

@@ -16,6 +16,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import ip_address
 from typing import Final
 
 from aiohttp import web
@@ -26,7 +27,7 @@ from ..logredact import redacting_logger
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
 from .auth import Authenticator, Session, bearer_token
-from .dialer import dial_addresses
+from .dialer import IPAddress, dial_addresses
 from .interception import Interception
 from .limits import LimitConfig, Limiter
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
@@ -77,7 +78,8 @@ class EgressServer:
         self.readiness_checks: list[ReadinessCheck] = []
         self.admission = Admission(lambda: self.policies.current,
                                    resolver or SystemResolver(config.timeouts.dial),
-                                   config.timeouts.dial, dial, self._own_ports)
+                                   config.timeouts.dial, dial, self._own_ports,
+                                   _listen_addresses(config.host))
         self.interception = interception(self.metrics) if interception else None
         intercept: InterceptFn | None = None
         if self.interception is not None:
@@ -302,3 +304,12 @@ class EgressServer:
             "duration_ms": round((time.monotonic() - record.started) * 1000, 1),
             "close_cause": record.close_cause,
         })
+
+
+def _listen_addresses(host: str) -> list[IPAddress]:
+    """The address the main listener binds, when it is a specific one (a pod IP, say)."""
+    try:
+        address = ip_address(host.strip("[]"))
+    except ValueError:
+        return []
+    return [] if address.is_unspecified else [address]

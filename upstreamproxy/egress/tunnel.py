@@ -202,7 +202,8 @@ class Tunnel:
         message = await self.ws.receive()
         if message.type == WSMsgType.BINARY:
             payload = decode_chunk(message.data)
-            self._last_activity = time.monotonic()
+            if payload:  # keepalives keep the WebSocket open, not an idle tunnel
+                self._last_activity = time.monotonic()
             return payload
         if message.type == WSMsgType.TEXT:
             raise ChunkError("text-frame", "text frames are not part of the protocol")
