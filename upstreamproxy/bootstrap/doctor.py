@@ -1,0 +1,636 @@
+"""``upstreamproxy doctor``: probe real tools through the running relay and say what is wrong.
+
+Public API::
+
+    TOOLS                                   # ("curl", "git", "pip", "npm", "node", "python")
+    class Verdict(StrEnum)                  # reached, tls-trust-failure, proxy-not-honoured,
+                                            # blocked-by-policy, not-installed, failed
+    class ProbeResult                       # tool, verdict, detail, fix, tunnels
+    async diagnose(loaded, url, tools, base_env, timeout) -> list[ProbeResult]
+    class ObservingProxy                    # the CONNECT pass-through each probe runs behind
+
+How a probe knows whether the tool used the proxy: each probe runs behind its own
+:class:`ObservingProxy`, a loopback pass-through in front of the relay. The probe's
+environment is exactly what ``upstreamproxy exec`` would give it, except that every variable
+holding the relay's URL holds the pass-through's URL instead. The pass-through records each
+CONNECT (target, the status the relay/egress answered, ``X-Upstreamproxy-Reason``) and
+forwards bytes unchanged, so TLS is end to end between the tool and the origin as usual.
+No CONNECT seen means the tool did not honour the proxy variables; a 403 with a reason means
+the egress policy refused the target; a 200 followed by a tool error that mentions
+certificates means the tool does not trust the CA super bundle.
+
+Probes run concurrently (each has its own pass-through, so nothing is misattributed) and are
+bounded by ``timeout``. Each verdict carries a concrete fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+from ..tasks import TaskSet
+from .state import LoadedSession, session_env
+
+TOOLS: Final = ("curl", "git", "pip", "npm", "node", "python")
+MAX_PROXY_HEAD: Final = 16 * 1024
+PROBE_PACKAGE: Final = "upstreamproxy-doctor-probe"
+REASON_HEADER: Final = b"x-upstreamproxy-reason"
+RULE_HEADER: Final = b"x-upstreamproxy-rule"
+
+# Messages by which curl/OpenSSL, git (OpenSSL or GnuTLS), pip/urllib3, Python and Node
+# report that the server's certificate chain is not trusted (or does not match).
+TLS_TRUST_PATTERNS: Final = re.compile(
+    r"certificate verify failed|CERTIFICATE_VERIFY_FAILED|SSL certificate problem"
+    r"|unable to get local issuer certificate|self[- ]signed certificate"
+    r"|UNABLE_TO_VERIFY_LEAF_SIGNATURE|SELF_SIGNED_CERT_IN_CHAIN|UNABLE_TO_GET_ISSUER_CERT"
+    r"|DEPTH_ZERO_SELF_SIGNED_CERT|unable to verify the first certificate"
+    r"|server certificate verification failed|CERT_HAS_EXPIRED|certificate has expired"
+    r"|ERR_TLS_CERT_ALTNAME_INVALID|does not match certificate's altnames"
+    r"|no alternative certificate subject name matches|SSLCertVerificationError"
+    r"|SSL: CERTIFICATE",
+    re.IGNORECASE,
+)
+
+
+class Verdict(StrEnum):
+    REACHED = "reached"
+    TLS_TRUST_FAILURE = "tls-trust-failure"
+    PROXY_NOT_HONOURED = "proxy-not-honoured"
+    BLOCKED_BY_POLICY = "blocked-by-policy"
+    NOT_INSTALLED = "not-installed"
+    FAILED = "failed"
+
+
+@dataclass
+class TunnelSeen:
+    """One CONNECT the pass-through forwarded, and what the relay answered."""
+
+    target: str
+    status: int | None = None
+    reason: str | None = None
+    rule: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    tool: str
+    verdict: Verdict
+    detail: str
+    fix: str = ""
+    version: str = ""
+    tunnels: tuple[TunnelSeen, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in (Verdict.REACHED, Verdict.NOT_INSTALLED)
+
+
+# -- the observing pass-through -----------------------------------------------------------------
+
+
+class ObservingProxy:
+    """A loopback CONNECT pass-through to the relay that records every tunnel request."""
+
+    def __init__(self, relay_host: str, relay_port: int) -> None:
+        self.relay_host = relay_host
+        self.relay_port = relay_port
+        self.tunnels: list[TunnelSeen] = []
+        self._server: asyncio.Server | None = None
+        self._tasks = TaskSet()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", 0, limit=MAX_PROXY_HEAD
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._tasks.cancel_all(timeout=2)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def __aenter__(self) -> ObservingProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.spawn(self._handle(reader, writer))
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            try:
+                async with asyncio.timeout(10):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except (
+                TimeoutError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                ConnectionError,
+            ):
+                return
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = request_line.split()
+            target = parts[1] if len(parts) >= 2 and parts[0] == "CONNECT" else request_line
+            seen = TunnelSeen(target)
+            self.tunnels.append(seen)
+            try:
+                up_reader, upstream = await asyncio.open_connection(
+                    self.relay_host, self.relay_port
+                )
+                upstream.write(head)
+                await upstream.drain()
+                async with asyncio.timeout(60):
+                    answer = await up_reader.readuntil(b"\r\n\r\n")
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                seen.reason = "the relay did not answer"
+                return
+            _parse_answer(answer, seen)
+            writer.write(answer)
+            await writer.drain()
+            if seen.status == 200:
+                await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for stream in (writer, upstream):
+                if stream is not None:
+                    stream.close()
+
+
+def _parse_answer(answer: bytes, seen: TunnelSeen) -> None:
+    lines = answer.split(b"\r\n")
+    fields = lines[0].split(None, 2)
+    if len(fields) >= 2 and fields[1].isdigit():
+        seen.status = int(fields[1])
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == REASON_HEADER:
+            seen.reason = value.strip().decode("latin-1")
+        elif name.strip().lower() == RULE_HEADER:
+            seen.rule = value.strip().decode("latin-1")
+
+
+async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(64 * 1024):
+            sink.write(data)
+            await sink.drain()
+        if sink.can_write_eof():
+            sink.write_eof()
+    except (ConnectionError, OSError):
+        pass
+
+
+# -- probes -------------------------------------------------------------------------------------
+
+NODE_PROBE: Final = """
+const https = require('https');
+const req = https.get(process.argv[1], (res) => {
+  console.log('HTTP ' + res.statusCode);
+  res.resume();
+  res.on('end', () => process.exit(0));
+});
+req.setTimeout(%d, () => req.destroy(new Error('timed out')));
+req.on('error', (e) => { console.error((e.code || 'error') + ': ' + e.message); process.exit(1); });
+"""
+
+PYTHON_PROBE: Final = """
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
+        print("HTTP", r.status)
+except urllib.error.HTTPError as e:
+    print("HTTP", e.code)
+except Exception as e:
+    print(type(e).__name__ + ":", getattr(e, "reason", e), file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@dataclass(frozen=True)
+class Probe:
+    tool: str
+    executable: str
+    argv: list[str]
+    extra_env: dict[str, str]
+    #: Given (returncode, stdout, stderr): a short "reached" detail, or None.
+    reached: Callable[[int, str, str], str | None]
+
+
+def _http_code(rc: int, out: str, err: str) -> str | None:
+    code = out.strip()[-3:]
+    return f"HTTP {code}" if rc == 0 and code.isdigit() and code != "000" else None
+
+
+def _git_reached(rc: int, out: str, err: str) -> str | None:
+    if rc == 0:
+        return "git ls-remote succeeded"
+    match = re.search(
+        r"returned error: (\d{3})|repository '[^']*' not found|not valid: is this a "
+        r"git repository|Authentication failed|could not read Username",
+        err,
+    )
+    if match:
+        return f"HTTPS answered ({match.group(0)}): TLS and proxy work"
+    return None
+
+
+def _pip_reached(rc: int, out: str, err: str) -> str | None:
+    if TLS_TRUST_PATTERNS.search(err) or "ProxyError" in err or "Could not fetch URL" in err:
+        return None
+    if rc == 0 or "No matching distribution found" in err or "Could not find a version" in err:
+        return "the index answered"
+    return None
+
+
+def _npm_reached(rc: int, out: str, err: str) -> str | None:
+    if rc == 0:
+        return "the registry answered"
+    match = re.search(r"E404|404 Not Found|EJSONPARSE|E40[0-9]|E5\d\d", err)
+    return f"the registry answered ({match.group(0)})" if match else None
+
+
+def _status_line(rc: int, out: str, err: str) -> str | None:
+    match = re.search(r"HTTP (\d{3})", out)
+    return f"HTTP {match.group(1)}" if rc == 0 and match else None
+
+
+def _which(name: str, env: Mapping[str, str]) -> str | None:
+    return shutil.which(name, path=env.get("PATH"))
+
+
+def build_probe(
+    tool: str, url: str, env: Mapping[str, str], workdir: Path, timeout: float
+) -> Probe | None:
+    """The probe for ``tool``, or None when it is not installed (on the session's PATH)."""
+    seconds = f"{max(1, int(timeout))}"
+    if tool == "curl":
+        exe = _which("curl", env)
+        argv = ["-sS", "-o", os.devnull, "-w", "%{http_code}", "--max-time", seconds, url]
+        return Probe(tool, exe, argv, {}, _http_code) if exe else None
+    if tool == "git":
+        exe = _which("git", env)
+        argv = ["-c", "http.sslVerify=true", "ls-remote", url]
+        return (
+            Probe(
+                tool, exe, argv, {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true"}, _git_reached
+            )
+            if exe
+            else None
+        )
+    if tool == "pip":
+        exe = _which("pip", env) or _which("pip3", env)
+        argv = [
+            "download",
+            "--no-deps",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--retries",
+            "0",
+            "--timeout",
+            seconds,
+            "--index-url",
+            url,
+            "--dest",
+            str(workdir / "pip"),
+            PROBE_PACKAGE,
+        ]
+        return Probe(tool, exe, argv, {}, _pip_reached) if exe else None
+    if tool == "npm":
+        exe = _which("npm", env)
+        argv = [
+            "view",
+            "--registry",
+            url,
+            "--fetch-retries=0",
+            f"--fetch-timeout={int(timeout * 1000)}",
+            "--cache",
+            str(workdir / "npm-cache"),
+            "--no-update-notifier",
+            PROBE_PACKAGE,
+            "version",
+        ]
+        return Probe(tool, exe, argv, {}, _npm_reached) if exe else None
+    if tool == "node":
+        exe = _which("node", env)
+        argv = ["-e", NODE_PROBE % int(timeout * 1000), url]
+        return Probe(tool, exe, argv, {}, _status_line) if exe else None
+    if tool == "python":
+        exe = _which("python3", env) or _which("python", env)
+        return (
+            Probe(tool, exe, ["-c", PYTHON_PROBE, url, seconds], {}, _status_line) if exe else None
+        )
+    raise ValueError(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
+
+
+async def _version(executable: str, env: Mapping[str, str]) -> str:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            executable,
+            "--version",
+            env=dict(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    except (OSError, TimeoutError):
+        return ""
+    first = out.decode(errors="replace").strip().splitlines()
+    match = re.search(r"v?\d+\.\d+(?:\.\d+)?", first[0]) if first else None
+    return match.group(0) if match else ""
+
+
+def parse_node_version(text: str) -> tuple[int, int, int] | None:
+    match = re.search(r"v?(\d+)\.(\d+)\.(\d+)", text)
+    if not match:
+        return None
+    major, minor, patch = (int(g) for g in match.groups())
+    return major, minor, patch
+
+
+def node_honours_env_proxy(version: tuple[int, int, int]) -> bool:
+    """Node's http/https modules use HTTPS_PROXY with NODE_USE_ENV_PROXY=1 from 22.21 / 24.5."""
+    major, minor, _ = version
+    return (major == 22 and minor >= 21) or (major == 24 and minor >= 5) or major >= 25
+
+
+# -- classification -----------------------------------------------------------------------------
+
+NOT_HONOURED_FIX: Final = {
+    "curl": "curl reads https_proxy/HTTPS_PROXY; look for `proxy`/`noproxy` lines in ~/.curlrc "
+    "and check that the URL's host is not in NO_PROXY",
+    "git": "a git http.proxy setting overrides the environment: check "
+    "`git config --show-origin --get-regexp 'http.*proxy'`",
+    "pip": "check `pip config list` for proxy= and that the URL's host is not in NO_PROXY",
+    "npm": "an .npmrc proxy/https-proxy/noproxy setting may override the environment: check "
+    "`npm config get https-proxy noproxy`",
+    "python": "urllib and requests honour HTTPS_PROXY by default; a client built with "
+    "trust_env=False (requests, httpx, aiohttp) ignores it",
+}
+TLS_FIX: Final = {
+    "curl": "curl must trust the super bundle {bundle}: keep CURL_CA_BUNDLE/SSL_CERT_FILE "
+    "as exported and remove `cacert`/`capath`/`insecure` from ~/.curlrc",
+    "git": "git must trust {bundle}: `git config --get http.sslCAInfo` overrides "
+    "GIT_SSL_CAINFO; unset it or point it at the bundle",
+    "pip": "pip must trust {bundle}: a `cert` in `pip config list` overrides PIP_CERT; unset "
+    "it or point it at the bundle",
+    "npm": "npm must trust {bundle}: a `cafile`/`ca` in .npmrc overrides npm_config_cafile; "
+    "check `npm config get cafile ca`",
+    "node": "Node reads NODE_EXTRA_CA_CERTS={bundle} only at start-up; a client passing its "
+    "own `ca` option replaces the default roots",
+    "python": "Python must trust {bundle}: keep SSL_CERT_FILE/REQUESTS_CA_BUNDLE as exported; "
+    "certifi-only clients (httpx, aiohttp) need ssl.create_default_context()",
+}
+NOT_INSTALLED_FIX: Final = {
+    "curl": "install curl (apt-get install curl) if you need it",
+    "git": "install git (apt-get install git) if you need it",
+    "pip": "install pip (python3 -m ensurepip, or apt-get install python3-pip) if you need it",
+    "npm": "install npm (apt-get install npm) if you need it",
+    "node": "install Node.js (apt-get install nodejs) if you need it",
+    "python": "install Python 3 if you need it",
+}
+
+
+def _tail(text: str, limit: int = 200) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
+def classify(
+    tool: str,
+    rc: int | None,
+    out: str,
+    err: str,
+    tunnels: Sequence[TunnelSeen],
+    *,
+    bundle: str,
+    version: str = "",
+    env: Mapping[str, str] | None = None,
+    timeout: float = 0.0,
+) -> tuple[Verdict, str, str]:
+    """(verdict, detail, fix) for a finished probe; ``rc`` None means it timed out."""
+    if not tunnels:
+        detail = "no CONNECT reached the relay: the tool did not use HTTPS_PROXY"
+        if rc is None:
+            detail += f" (and timed out after {timeout:g}s)"
+        elif rc != 0 and _tail(err):
+            detail += f" ({_tail(err)})"
+        if tool == "node":
+            return Verdict.PROXY_NOT_HONOURED, detail, _node_fix(version, env or {})
+        return Verdict.PROXY_NOT_HONOURED, detail, NOT_HONOURED_FIX[tool]
+    refused = next((t for t in tunnels if t.status != 200), None)
+    if refused is not None:
+        if refused.status == 403 and refused.reason:
+            rule = f", rule {refused.rule}" if refused.rule and refused.rule != "-" else ""
+            return (
+                Verdict.BLOCKED_BY_POLICY,
+                f"the egress refused {refused.target}: {refused.reason}{rule}",
+                f"ask the platform to allow {refused.target} in the session's policy, "
+                "or use a host it allows",
+            )
+        if refused.status == 407:
+            return (
+                Verdict.FAILED,
+                f"the egress refused the session's credentials for "
+                f"{refused.target} ({refused.reason or 'HTTP 407'})",
+                "the session token was refused (expired?): restart the session with a "
+                "fresh token file",
+            )
+        status = f"HTTP {refused.status}" if refused.status else "no answer"
+        return (
+            Verdict.FAILED,
+            f"the relay answered {status} for {refused.target}"
+            + (f": {refused.reason}" if refused.reason else ""),
+            "502/504 mean the relay could not reach the egress or the egress could not "
+            "dial the target: check the egress URL, `upstreamproxy start` logs and the "
+            "egress audit log",
+        )
+    if rc is not None:
+        reached = _reached(tool, rc, out, err)
+        if reached:
+            return Verdict.REACHED, reached, ""
+    if TLS_TRUST_PATTERNS.search(err) or TLS_TRUST_PATTERNS.search(out):
+        return (
+            Verdict.TLS_TRUST_FAILURE,
+            f"the tunnel opened but TLS verification failed: {_tail(_tls_line(err + out))}",
+            TLS_FIX[tool].format(bundle=bundle) + "; if the origin's certificate is "
+            "signed neither by a public root nor by the egress CA, no client trusts it",
+        )
+    if rc is None:
+        return (
+            Verdict.FAILED,
+            f"timed out after {timeout:g}s with the tunnel open",
+            "the origin did not answer in time: try a longer --timeout or another URL",
+        )
+    return (
+        Verdict.FAILED,
+        f"exit status {rc}: {_tail(err) or _tail(out) or 'no output'}",
+        "run the tool by hand with `upstreamproxy exec -- ...` to see its full output",
+    )
+
+
+def _tls_line(text: str) -> str:
+    for line in text.splitlines():
+        if TLS_TRUST_PATTERNS.search(line):
+            return line
+    return text
+
+
+def _reached(tool: str, rc: int, out: str, err: str) -> str | None:
+    check = {
+        "curl": _http_code,
+        "git": _git_reached,
+        "pip": _pip_reached,
+        "npm": _npm_reached,
+        "node": _status_line,
+        "python": _status_line,
+    }[tool]
+    return check(rc, out, err)
+
+
+def _node_fix(version: str, env: Mapping[str, str]) -> str:
+    parsed = parse_node_version(version)
+    if parsed is not None and not node_honours_env_proxy(parsed):
+        return (
+            f"Node {version} ignores HTTPS_PROXY in its http/https modules and fetch: use "
+            "Node >= 22.21 or >= 24.5 (NODE_USE_ENV_PROXY=1 is already exported), or a "
+            "proxy-aware agent (undici EnvHttpProxyAgent, https-proxy-agent)"
+        )
+    if env.get("NODE_USE_ENV_PROXY") != "1":
+        return "set NODE_USE_ENV_PROXY=1 (you set it to something else), or use a proxy agent"
+    return "a library that brings its own agent ignores HTTPS_PROXY: give it a proxy agent"
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+async def _run_probe(
+    probe: Probe,
+    env: dict[str, str],
+    relay_url: str,
+    relay_host: str,
+    relay_port: int,
+    workdir: Path,
+    seconds: float,
+    bundle: str,
+) -> ProbeResult:
+    version = await _version(probe.executable, env)
+    async with ObservingProxy(relay_host, relay_port) as observer:
+        probe_env = {k: (observer.url if v == relay_url else v) for k, v in env.items()}
+        probe_env.update(probe.extra_env)
+        rc: int | None
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                probe.executable,
+                *probe.argv,
+                env=probe_env,
+                cwd=workdir,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            return ProbeResult(
+                probe.tool,
+                Verdict.FAILED,
+                f"cannot run {probe.executable}: {exc.strerror}",
+                "check the installation",
+                version,
+            )
+        try:
+            out_b, err_b = await asyncio.wait_for(proc.communicate(), seconds)
+            rc = proc.returncode
+        except TimeoutError:
+            proc.kill()
+            out_b, err_b = await proc.communicate()
+            rc = None
+        tunnels = tuple(observer.tunnels)
+    out, err = out_b.decode(errors="replace"), err_b.decode(errors="replace")
+    verdict, detail, fix = classify(
+        probe.tool,
+        rc,
+        out,
+        err,
+        tunnels,
+        bundle=bundle,
+        version=version,
+        env=probe_env,
+        timeout=seconds,
+    )
+    return ProbeResult(probe.tool, verdict, detail, fix, version, tunnels)
+
+
+def no_proxy_match(url: str, env: Mapping[str, str]) -> bool:
+    """True when tools would go around the proxy for ``url`` because of NO_PROXY."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    return bool(urllib.request.proxy_bypass_environment(host, {"no": no_proxy}))  # type: ignore[attr-defined]
+
+
+async def diagnose(
+    loaded: LoadedSession,
+    url: str,
+    tools: Sequence[str],
+    base_env: Mapping[str, str],
+    per_tool_timeout: float = 20.0,
+) -> list[ProbeResult]:
+    """Probe each tool against ``url`` through the session's relay; results in ``tools`` order."""
+    _, env = session_env(loaded, base_env)
+    info = loaded.info
+    with tempfile.TemporaryDirectory(prefix="upstreamproxy-doctor-") as tmp:
+        workdir = Path(tmp)
+        probes: dict[str, Probe | None] = {
+            tool: build_probe(tool, url, env, workdir, per_tool_timeout) for tool in tools
+        }
+        results: dict[str, ProbeResult] = {}
+        async with asyncio.TaskGroup() as group:
+            tasks = {
+                tool: group.create_task(
+                    _run_probe(
+                        probe,
+                        env,
+                        info.proxy_url,
+                        info.proxy_host,
+                        info.proxy_port,
+                        workdir,
+                        per_tool_timeout,
+                        info.ca_bundle,
+                    )
+                )
+                for tool, probe in probes.items()
+                if probe is not None
+            }
+        for tool, probe in probes.items():
+            if probe is None:
+                results[tool] = ProbeResult(
+                    tool,
+                    Verdict.NOT_INSTALLED,
+                    "not found on the session's PATH",
+                    NOT_INSTALLED_FIX[tool],
+                )
+            else:
+                results[tool] = tasks[tool].result()
+    return [results[tool] for tool in tools]

@@ -1,0 +1,426 @@
+"""The session bootstrap (``upstreamproxy start``): the DESIGN.md steps, in order, with the policy.
+
+Public API::
+
+    class StartOptions                          # everything ``start`` needs; no token
+    derive_ca_url(egress_url: str) -> str       # ws(s)://h/.../upstreamproxy/ws -> http(s)://h/.../ca-cert
+    run_session(options, notify=None) -> int    # the whole thing; returns the exit status
+    class Readiness                             # what ``notify`` receives, once
+
+Order (each step's module documents the step itself):
+
+0. make the process non-dumpable, with core dumps off (:mod:`.hardening`). This is done
+   *before* the token is read, one step earlier than DESIGN.md's list, so the token is never
+   in the memory of a dumpable process; it cannot fail in a way that loses anything;
+1. the state directory and its lock (one ``start`` per state directory; a second one reports
+   the running session instead of starting another);
+2. read the token (:mod:`.token_file`); none means "proxy disabled";
+3. the CA super bundle (:mod:`.ca_bundle`), with the user's own CA files merged in;
+4. start the relay on loopback;
+5. write env.sh / env.json / start.pid atomically (:mod:`.state`);
+6. delete the token file, now that the relay listens and nothing else can fail;
+7. report readiness (``notify`` and one line on stdout), serve until SIGTERM/SIGINT/SIGHUP,
+   then stop the relay (closing every tunnel) and remove the env files.
+
+Steps 5 and 6 are in this order so that a failure to write the environment still leaves the
+token for a retry; a failure to delete the token (a read-only secret mount) is a warning,
+never fatal, since the relay already works.
+
+Failure policy: with ``fail_closed`` False (the default), any failure ends ``start`` with
+exit status 0 and exactly one WARNING line that says why and that the token file was left
+for a retry: the session continues without the proxy. With ``fail_closed`` True the same
+line is an ERROR and the exit status is 1. Incomplete hardening is a WARNING under the
+default policy (the relay still runs) and a failure under ``fail_closed``.
+
+The token is never logged, never put in the environment or argv, and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+from ..errors import ConfigError, UpstreamProxyError
+from ..relay import Relay, RelayConfig
+from ..secret import Secret
+from .ca_bundle import prepare_ca_bundle, redact_url
+from .hardening import make_non_dumpable
+from .proxy_env import proxy_environment, user_ca_files
+from .state import (
+    NoSession,
+    SessionInfo,
+    StatePaths,
+    load_session,
+    prepare_state_dir,
+    remove_session_files,
+    write_session,
+)
+from .token_file import delete_token_file, read_token
+
+log = logging.getLogger("upstreamproxy.start")
+
+CA_CERT_PATH: Final = "/v1/code/upstreamproxy/ca-cert"
+READY_PREFIX: Final = "upstreamproxy ready: source "
+
+Status = Literal["ready", "disabled", "failed"]
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    token_file: Path | None
+    session_id: str | None
+    egress_url: str | None
+    state_dir: Path
+    ca_url: str | None = None
+    ca_file: Path | None = None
+    ca_timeout: float = 5.0
+    no_proxy: tuple[str, ...] = ()
+    port: int = 0
+    egress_ca_file: str | None = None
+    fail_closed: bool = False
+    #: How long to wait for another ``start`` holding the state directory to become ready.
+    wait_for_other: float = 30.0
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The outcome of a start, as reported to ``notify`` (and over the --background pipe)."""
+
+    status: Status
+    exit_code: int
+    message: str
+    env_file: str | None = None
+    proxy_url: str | None = None
+    pid: int = field(default_factory=os.getpid)
+
+
+Notify = Callable[[Readiness], None]
+
+
+class _Failure(Exception):
+    """A bootstrap step failed; ``reason`` is safe to log (it never holds the token)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def derive_ca_url(egress_url: str) -> str:
+    """The egress's ca-cert endpoint: same host, ``ws`` -> ``http``, ``wss`` -> ``https``.
+
+    An egress URL ending in ``.../upstreamproxy/ws`` keeps its prefix (a fronting proxy may
+    mount the egress under one); any other path maps to the standard endpoint at the root.
+    """
+    parts = urllib.parse.urlsplit(egress_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
+    if scheme is None:
+        raise ConfigError("egress_url", "must start with ws:// or wss://")
+    netloc = parts.netloc.rpartition("@")[2]
+    path = parts.path
+    path = path[: -len("ws")] + "ca-cert" if path.endswith("/upstreamproxy/ws") else CA_CERT_PATH
+    return urllib.parse.urlunsplit((scheme, netloc, path, "", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_session(options: StartOptions, notify: Notify | None = None) -> int:
+    """Run ``start`` in this process; returns the exit status. See the module docstring."""
+    hardening = make_non_dumpable()
+    try:
+        paths = prepare_state_dir(options.state_dir)
+        lock = _lock_state_dir(paths)
+    except ConfigError as exc:
+        return _give_up(options, str(exc), notify)
+    if lock is None:
+        return _report_other(options, paths, notify)
+    try:
+        return _run_locked(options, paths, hardening.ok, hardening.describe(), notify)
+    finally:
+        os.close(lock)
+
+
+def _lock_state_dir(paths: StatePaths) -> int | None:
+    """An fd holding an exclusive flock on ``start.lock``, or None if another start holds it.
+
+    The lock lives as long as the serving process, so "held" means "a session is running or
+    starting here". It is released by the kernel however the process ends.
+    """
+    path = paths.directory / "start.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise ConfigError("state_dir", f"cannot open {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | None) -> int:
+    """Another ``start`` holds the state directory: report its session once it is ready."""
+    deadline = time.monotonic() + options.wait_for_other
+    reason = "another upstreamproxy start holds it"
+    while True:
+        try:
+            loaded = load_session(paths.directory)
+        except NoSession as exc:
+            reason = exc.reason
+        else:
+            message = (
+                f"a session is already running in {paths.directory} "
+                f"(pid {loaded.info.pid}, relay {loaded.info.proxy_url})"
+            )
+            log.info("%s", message)
+            _announce(
+                Readiness(
+                    "ready",
+                    0,
+                    message,
+                    loaded.info.env_file,
+                    loaded.info.proxy_url,
+                    loaded.info.pid,
+                ),
+                notify,
+            )
+            print(f"{READY_PREFIX}{loaded.info.env_file}", flush=True)
+            return 0
+        if time.monotonic() >= deadline:
+            return _give_up(
+                options,
+                f"state directory {paths.directory} is locked by another "
+                f"upstreamproxy start that did not become ready: {reason}",
+                notify,
+            )
+        time.sleep(0.1)
+
+
+def _run_locked(
+    options: StartOptions, paths: StatePaths, hardened: bool, hardening: str, notify: Notify | None
+) -> int:
+    if not options.token_file:
+        return _disabled(
+            options, "no token file configured (--token-file or UPSTREAMPROXY_TOKEN_FILE)", notify
+        )
+    try:
+        token_file = read_token(options.token_file)
+    except ConfigError as exc:
+        return _give_up(options, str(exc), notify)
+    for warning in token_file.warnings:
+        log.warning("%s", warning)
+    if token_file.token is None:
+        return _disabled(options, token_file.reason or "no token", notify)
+
+    if hardened:
+        log.info("process hardened: %s", hardening)
+    elif options.fail_closed:
+        return _give_up(options, f"process hardening incomplete: {hardening}", notify)
+    else:
+        log.warning(
+            "process hardening incomplete, continuing (--fail-closed would refuse): %s", hardening
+        )
+
+    try:
+        config = _relay_config(options, token_file.token)
+        bundle, merged = _prepare_bundle(options, paths)
+        return asyncio.run(_serve(options, paths, config, bundle, merged, notify))
+    except _Failure as exc:
+        return _give_up(options, exc.reason, notify)
+    except UpstreamProxyError as exc:  # ConfigError and friends from any step
+        return _give_up(options, str(exc), notify)
+    except Exception as exc:  # a bug must not break the session either (fail-open)
+        log.debug("unexpected error in start", exc_info=True)
+        return _give_up(options, f"unexpected {type(exc).__name__}: {exc}", notify)
+
+
+def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
+    if not options.egress_url:
+        raise ConfigError("egress_url", "required (--egress-url or UPSTREAMPROXY_EGRESS_URL)")
+    if not options.session_id:
+        raise ConfigError("session_id", "required (--session-id or UPSTREAMPROXY_SESSION_ID)")
+    config = RelayConfig(
+        egress_url=options.egress_url,
+        session_id=options.session_id,
+        token=token,
+        listen_host="127.0.0.1",
+        listen_port=options.port,
+        egress_ca_file=options.egress_ca_file,
+    )
+    config.validate()
+    return config
+
+
+def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tuple[str, ...]]:
+    """Build the super bundle; returns its path and the user CA files merged into it."""
+    assert options.egress_url is not None
+    ca_url = options.ca_url
+    if ca_url is None and options.ca_file is None:
+        ca_url = derive_ca_url(options.egress_url)
+    context = None
+    if ca_url is not None and ca_url.startswith("https://") and options.egress_ca_file:
+        try:
+            context = ssl.create_default_context(cafile=options.egress_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                "egress_ca_file", f"cannot load {options.egress_ca_file}: {exc}"
+            ) from None
+    report = prepare_ca_bundle(
+        paths.bundle,
+        ca_url=ca_url,
+        ca_file=options.ca_file,
+        timeout=options.ca_timeout,
+        extra_bundles=user_ca_files(os.environ, exclude=paths.bundle),
+        ssl_context=context,
+    )
+    for warning in report.warnings:
+        log.warning("CA bundle: %s", warning)
+    log.info("CA bundle: %s", report.describe())
+    return paths.bundle, report.extra_sources
+
+
+async def _serve(
+    options: StartOptions,
+    paths: StatePaths,
+    config: RelayConfig,
+    bundle: Path,
+    merged: tuple[str, ...],
+    notify: Notify | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+
+    def _stop(signum: int) -> None:
+        if not stop.done():
+            stop.set_result(signum)
+
+    # Installed before readiness is announced, so a supervisor's SIGTERM right after it
+    # still goes through the orderly shutdown below.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, _stop, signum)
+
+    try:
+        relay = Relay(config)
+    except (OSError, ssl.SSLError) as exc:  # the wss context loads --egress-ca-file
+        raise _Failure(f"egress_ca_file: cannot load {config.egress_ca_file}: {exc}") from None
+    try:
+        await relay.start()
+    except OSError as exc:
+        raise _Failure(
+            f"relay cannot listen on 127.0.0.1:{options.port}: {exc.strerror or exc}"
+        ) from None
+    pid = os.getpid()
+    try:
+        plan = proxy_environment(
+            relay.proxy_url, bundle, options.no_proxy, base_env=os.environ, merged_ca_files=merged
+        )
+        info = SessionInfo(
+            pid=pid,
+            proxy_url=relay.proxy_url,
+            ca_bundle=str(bundle),
+            state_dir=str(paths.directory),
+            env_file=str(paths.env_sh),
+            session_id=config.session_id,
+            egress_url=redact_url(config.egress_url),
+            no_proxy_extra=options.no_proxy,
+            merged_ca_files=merged,
+        )
+        for var in plan.variables:
+            if var.action.value != "set":
+                log.info("env: %s %s: %s", var.name, var.action.value, var.reason)
+        for note in plan.notes:
+            log.warning("env: %s", note)
+        try:
+            write_session(paths, info, plan)
+        except (OSError, ValueError) as exc:
+            raise _Failure(
+                f"cannot write the environment files in {paths.directory}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+    except BaseException:
+        remove_session_files(paths, pid)
+        await relay.stop()
+        raise
+
+    try:
+        _delete_token(options)
+        message = f"relay {relay.proxy_url} -> {info.egress_url}, environment in {paths.env_sh}"
+        _announce(Readiness("ready", 0, message, str(paths.env_sh), relay.proxy_url, pid), notify)
+        print(f"{READY_PREFIX}{paths.env_sh}", flush=True)
+        signum = await stop
+        log.info("received %s, stopping", signal.Signals(signum).name)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
+        remove_session_files(paths, pid)
+        await relay.stop()
+    return 0
+
+
+def _delete_token(options: StartOptions) -> None:
+    assert options.token_file is not None
+    try:
+        deleted = delete_token_file(options.token_file)
+    except OSError as exc:
+        log.warning(
+            "could not delete the token file %s (%s); the relay runs anyway, but the "
+            "token stays on disk",
+            options.token_file,
+            exc.strerror or exc,
+        )
+        return
+    if deleted:
+        log.info("token file %s deleted", options.token_file)
+
+
+def _announce(readiness: Readiness, notify: Notify | None) -> None:
+    if readiness.status == "ready":
+        log.info("ready (pid %d): %s", readiness.pid, readiness.message)
+    if notify is not None:
+        with contextlib.suppress(Exception):  # a vanished parent must not stop the relay
+            notify(readiness)
+
+
+def _disabled(options: StartOptions, reason: str, notify: Notify | None) -> int:
+    if options.fail_closed:
+        message = f"proxy disabled, refusing to continue (--fail-closed): {reason}"
+        log.error("%s", message)
+        _announce(Readiness("disabled", 1, message), notify)
+        return 1
+    message = f"proxy disabled, the session continues without it: {reason}"
+    log.warning("%s", message)
+    _announce(Readiness("disabled", 0, message), notify)
+    return 0
+
+
+def _give_up(options: StartOptions, reason: str, notify: Notify | None) -> int:
+    """The one line a failed start logs, per the failure policy."""
+    kept = (
+        f"; the token file {options.token_file} was left in place for a retry"
+        if options.token_file and Path(options.token_file).exists()
+        else ""
+    )
+    if options.fail_closed:
+        message = f"start failed (--fail-closed): {reason}{kept}"
+        log.error("%s", message)
+        _announce(Readiness("failed", 1, message), notify)
+        return 1
+    message = (
+        f"proxy disabled, the session continues without it: {reason}{kept} "
+        "(--fail-closed would make this fatal)"
+    )
+    log.warning("%s", message)
+    _announce(Readiness("failed", 0, message), notify)
+    return 0

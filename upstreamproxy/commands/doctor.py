@@ -1,0 +1,110 @@
+"""``upstreamproxy doctor``: probe curl, git, pip, npm, node and python through the relay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.parse
+from dataclasses import asdict
+from pathlib import Path
+
+from ..bootstrap.doctor import TOOLS, ProbeResult, Verdict, diagnose, no_proxy_match
+from ..bootstrap.hardening import HardeningError, is_dumpable
+from ..bootstrap.state import NoSession, default_state_dir, load_session, session_env
+from ..options import add_option
+
+HELP = "check that each installed tool reaches a URL through the running relay"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_option(
+        parser, "--url", "DOCTOR_URL", "https:// URL to probe; pick one the session's policy allows"
+    )
+    add_option(
+        parser,
+        "--state-dir",
+        "STATE_DIR",
+        "state directory of the session (default: $XDG_RUNTIME_DIR/upstreamproxy, "
+        "else ~/.cache/upstreamproxy)",
+        type=Path,
+    )
+    add_option(
+        parser, "--tools", "DOCTOR_TOOLS", "comma-separated tools to probe", default=",".join(TOOLS)
+    )
+    add_option(
+        parser, "--timeout", "DOCTOR_TIMEOUT", "seconds allowed per tool", default=20.0, type=float
+    )
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"upstreamproxy doctor: {message}", file=sys.stderr)
+    return code
+
+
+def run(args: argparse.Namespace) -> int:
+    tools = [t.strip() for t in str(args.tools).split(",") if t.strip()]
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown or not tools:
+        return _fail(
+            f"unknown tool(s) {', '.join(unknown) or '(none)'}; choose from {','.join(TOOLS)}"
+        )
+    if not args.url:
+        return _fail(
+            "give the URL to probe: --url https://HOST/ (one the session's policy "
+            "allows), or UPSTREAMPROXY_DOCTOR_URL"
+        )
+    parts = urllib.parse.urlsplit(args.url)
+    if parts.scheme != "https" or not parts.hostname:
+        return _fail("--url must be an https:// URL: the relay carries CONNECT tunnels only")
+    try:
+        loaded = load_session(args.state_dir or default_state_dir(), check_relay=True)
+    except NoSession as exc:
+        return _fail(exc.reason)
+    _, env = session_env(loaded, os.environ)
+    if no_proxy_match(args.url, env):
+        return _fail(
+            f"{parts.hostname} matches NO_PROXY, so tools reach it directly by "
+            "design; probe a URL outside NO_PROXY"
+        )
+    results = asyncio.run(
+        diagnose(loaded, args.url, tools, os.environ, per_tool_timeout=args.timeout)
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "url": args.url,
+                    "relay": loaded.info.proxy_url,
+                    "pid": loaded.info.pid,
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+        )
+    else:
+        _print_report(
+            args.url, loaded.info.proxy_url, loaded.info.pid, loaded.info.ca_bundle, results
+        )
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _print_report(url: str, relay: str, pid: int, bundle: str, results: list[ProbeResult]) -> None:
+    try:
+        dumpable = "no" if not is_dumpable(pid) else "YES (hardening failed)"
+    except HardeningError as exc:
+        dumpable = f"unknown ({exc})"
+    print(f"upstreamproxy doctor: {url}")
+    print(f"  relay {relay} (pid {pid}, dumpable: {dumpable}), CA bundle {bundle}")
+    width = max(len(v.value) for v in Verdict)
+    for result in results:
+        version = f" [{result.version}]" if result.version else ""
+        print(f"  {result.tool:<7} {result.verdict.value:<{width}} {result.detail}{version}")
+        if result.fix:
+            print(f"  {'':<7} {'':<{width}} fix: {result.fix}")
+    reached = sum(r.verdict is Verdict.REACHED for r in results)
+    installed = sum(r.verdict is not Verdict.NOT_INSTALLED for r in results)
+    print(f"{reached} of {installed} installed tools reached {url}")

@@ -1,0 +1,53 @@
+"""``upstreamproxy env``: print the running session's environment for tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..bootstrap.proxy_env import render_dotenv, render_sh
+from ..bootstrap.state import NoSession, default_state_dir, load_session
+from ..options import add_option
+
+HELP = "print the running session's environment (sh, dotenv or json)"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        choices=("sh", "dotenv", "json"),
+        default="sh",
+        help="sh: export lines to eval or source (default); dotenv: NAME=value "
+        "lines; json: env.json as written by start",
+    )
+    add_option(
+        parser,
+        "--state-dir",
+        "STATE_DIR",
+        "state directory of the session (default: $XDG_RUNTIME_DIR/upstreamproxy, "
+        "else ~/.cache/upstreamproxy)",
+        type=Path,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_session(args.state_dir or default_state_dir())
+    except NoSession as exc:
+        print(f"upstreamproxy env: {exc.reason}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        document = json.loads(loaded.paths.env_json.read_text())
+        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+    elif args.format == "dotenv":
+        try:
+            sys.stdout.write(render_dotenv(loaded.plan))
+        except ValueError as exc:
+            print(f"upstreamproxy env: {exc}", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(render_sh(loaded.plan))
+    sys.stdout.flush()
+    return 0

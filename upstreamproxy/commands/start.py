@@ -1,0 +1,292 @@
+"""``upstreamproxy start``: the full session bootstrap (see upstreamproxy/bootstrap/start.py).
+
+``--background`` is the daemon mode for shell hooks: the process forks, the child runs the
+bootstrap (its log goes to ``<state-dir>/start.log``) and reports the outcome over a pipe;
+the parent waits for that report, prints the env file path on stdout (nothing when the proxy
+is disabled) and exits with the child's status. So ``f=$(upstreamproxy start --background)``
+never hangs on the daemon's open stdout, and the hook can ``. "$f"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ..bootstrap.start import Readiness, StartOptions, run_session
+from ..bootstrap.state import default_state_dir
+from ..options import add_option, env_default, env_flag
+
+HELP = "bootstrap the sandbox: token, hardening, CA bundle, relay, environment for tools"
+
+log = logging.getLogger("upstreamproxy.start")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_option(
+        parser,
+        "--token-file",
+        "TOKEN_FILE",
+        "file holding the session token; deleted once the relay listens",
+    )
+    add_option(parser, "--session-id", "SESSION_ID", "session id sent in Proxy-Authorization")
+    add_option(
+        parser,
+        "--egress-url",
+        "EGRESS_URL",
+        "egress WebSocket URL (ws:// or wss://), e.g. "
+        "wss://egress.example/v1/code/upstreamproxy/ws",
+    )
+    add_option(
+        parser,
+        "--ca-url",
+        "CA_URL",
+        "URL of the egress CA certificate (default: derived from --egress-url, "
+        "path /v1/code/upstreamproxy/ca-cert)",
+    )
+    add_option(
+        parser,
+        "--ca-file",
+        "CA_FILE",
+        "egress CA certificate file, instead of fetching it",
+        type=Path,
+    )
+    add_option(
+        parser,
+        "--ca-timeout",
+        "CA_TIMEOUT",
+        "seconds allowed to fetch the CA",
+        default=5.0,
+        type=float,
+    )
+    add_option(
+        parser,
+        "--state-dir",
+        "STATE_DIR",
+        "directory for ca-bundle.pem, env.sh, env.json and the pid file "
+        "(default: $XDG_RUNTIME_DIR/upstreamproxy, else ~/.cache/upstreamproxy)",
+        type=Path,
+    )
+    default_no_proxy = env_default("NO_PROXY")
+    parser.add_argument(
+        "--no-proxy",
+        action="append",
+        metavar="HOST",
+        default=[v.strip() for v in default_no_proxy.split(",") if v.strip()]
+        if default_no_proxy
+        else None,
+        help="extra NO_PROXY entry, added to the defaults and the user's own; repeatable "
+        "(env UPSTREAMPROXY_NO_PROXY, comma-separated)",
+    )
+    add_option(
+        parser, "--port", "PORT", "relay port on 127.0.0.1 (0: any free port)", default=0, type=int
+    )
+    add_option(
+        parser,
+        "--egress-ca-file",
+        "EGRESS_CA_FILE",
+        "CA file to verify a wss:// egress and its https CA URL (default: system trust store)",
+    )
+    parser.add_argument(
+        "--fail-closed",
+        action="store_true",
+        default=env_flag("FAIL_CLOSED"),
+        help="exit non-zero on any failure instead of continuing without the "
+        "proxy (env UPSTREAMPROXY_FAIL_CLOSED=1)",
+    )
+    parser.add_argument(
+        "--background",
+        action="store_true",
+        default=env_flag("BACKGROUND"),
+        help="daemonize once ready; print the env file path and exit "
+        "(env UPSTREAMPROXY_BACKGROUND=1)",
+    )
+    add_option(
+        parser,
+        "--ready-timeout",
+        "READY_TIMEOUT",
+        "with --background: seconds to wait for the daemon to be ready",
+        default=30.0,
+        type=float,
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> StartOptions:
+    return StartOptions(
+        token_file=Path(args.token_file) if args.token_file else None,
+        session_id=args.session_id,
+        egress_url=args.egress_url,
+        state_dir=args.state_dir or default_state_dir(),
+        ca_url=args.ca_url,
+        ca_file=args.ca_file,
+        ca_timeout=args.ca_timeout,
+        no_proxy=tuple(args.no_proxy or ()),
+        port=args.port,
+        egress_ca_file=args.egress_ca_file,
+        fail_closed=args.fail_closed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    if not args.background:
+        return run_session(options)
+    return _background(options, args.ready_timeout)
+
+
+# -- daemon mode ---------------------------------------------------------------------------------
+
+
+def _background(options: StartOptions, ready_timeout: float) -> int:
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        code = 1
+        try:
+            code = _daemon(options, write_fd)
+        except BaseException:
+            log.exception("the start daemon failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    try:
+        report = _wait_for_report(read_fd, ready_timeout)
+    finally:
+        os.close(read_fd)
+    if report is None:
+        with_kill = _stop_child(pid)
+        reason = (
+            f"the daemon (pid {pid}) did not report readiness within {ready_timeout:g}s"
+            if with_kill
+            else f"the daemon (pid {pid}) exited without reporting"
+        )
+        return _parent_give_up(options, reason)
+    if report.status == "ready":
+        _reap_if_exited(pid)
+        print(report.env_file, flush=True)
+        return 0
+    _reap_if_exited(pid, wait=2.0)
+    # The daemon already wrote this line to its log; the caller must see it too.
+    level = logging.ERROR if report.exit_code else logging.WARNING
+    log.log(level, "%s", report.message)
+    return report.exit_code
+
+
+def _daemon(options: StartOptions, write_fd: int) -> int:
+    # Like any daemon: own session (no controlling terminal, no SIGHUP from it), and cwd "/"
+    # so it holds no directory busy; so paths given relative to the caller's cwd go first.
+    options = replace(
+        options,
+        token_file=options.token_file.absolute() if options.token_file else None,
+        state_dir=options.state_dir.absolute(),
+        ca_file=options.ca_file.absolute() if options.ca_file else None,
+        egress_ca_file=os.path.abspath(options.egress_ca_file) if options.egress_ca_file else None,
+    )
+    os.setsid()
+    os.chdir("/")
+    _redirect_output(options.state_dir)
+
+    def notify(readiness: Readiness) -> None:
+        data = (json.dumps(asdict(readiness)) + "\n").encode()
+        os.write(write_fd, data)
+        os.close(write_fd)
+
+    return run_session(options, notify)
+
+
+def _redirect_output(state_dir: Path) -> None:
+    """stdin from /dev/null; stdout and stderr to ``<state-dir>/start.log`` (or /dev/null)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    target = null
+    try:
+        state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        target = os.open(
+            state_dir / "start.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644
+        )
+    except OSError:
+        pass
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    if target != null:
+        os.close(target)
+    os.close(null)
+
+
+def _wait_for_report(fd: int, timeout: float) -> Readiness | None:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    if b"\n" not in data:
+        return None
+    try:
+        return Readiness(**json.loads(data.split(b"\n", 1)[0]))
+    except (ValueError, TypeError):
+        return None
+
+
+def _reap_if_exited(pid: int, wait: float = 0.0) -> None:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done or time.monotonic() >= deadline:
+            return
+        time.sleep(0.02)
+
+
+def _stop_child(pid: int) -> bool:
+    """Terminate a daemon that never reported; True if it was still running."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    if done:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    _reap_if_exited(pid, wait=5.0)
+    return True
+
+
+def _parent_give_up(options: StartOptions, reason: str) -> int:
+    kept = (
+        f"; the token file {options.token_file} was left in place for a retry"
+        if options.token_file and options.token_file.exists()
+        else ""
+    )
+    if options.fail_closed:
+        log.error("start failed (--fail-closed): %s%s", reason, kept)
+        return 1
+    log.warning(
+        "proxy disabled, the session continues without it: %s%s "
+        "(--fail-closed would make this fatal)",
+        reason,
+        kept,
+    )
+    return 0
