@@ -89,8 +89,9 @@ class Origin:
     url: str
 
 
-async def _serve(app: web.Application, ssl_context: ssl.SSLContext | None,
-                 host: str = "127.0.0.1") -> tuple[web.AppRunner, int]:
+async def _serve(
+    app: web.Application, ssl_context: ssl.SSLContext | None, host: str = "127.0.0.1"
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
@@ -108,8 +109,11 @@ async def https_origin(tls: TLSFiles) -> AsyncIterator[Origin]:
 
 def loopback_policy(*extra: str) -> PolicyStore:
     """Loopback explicitly allowed: it is where the tests' origins live."""
-    return PolicyStore(policy_from_allow_list(
-        ["localhost:*", "127.0.0.1:*", "[::1]:*", *extra], ["127.0.0.0/8", "::1/128"]))
+    return PolicyStore(
+        policy_from_allow_list(
+            ["localhost:*", "127.0.0.1:*", "[::1]:*", *extra], ["127.0.0.0/8", "::1/128"]
+        )
+    )
 
 
 @pytest.fixture
@@ -136,12 +140,16 @@ class Completed:
     stderr: bytes
 
 
-async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60,
-              stdin: bytes | None = None) -> Completed:
+async def run(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 60, stdin: bytes | None = None
+) -> Completed:
     """Run a real program without blocking the event loop that serves the relay/egress."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *argv,
+        env=env,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
@@ -153,8 +161,9 @@ async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 60
     return Completed(proc.returncode, out, err)
 
 
-async def connect_via(proxy_port: int, target: str, *, extra: bytes = b"",
-                      headers: str = "") -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+async def connect_via(
+    proxy_port: int, target: str, *, extra: bytes = b"", headers: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
     """Open a raw CONNECT through the relay; return the stream and the status head it got."""
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
     writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode() + extra)

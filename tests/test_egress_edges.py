@@ -24,11 +24,20 @@ async def test_keepalives_do_not_keep_an_idle_tunnel_open() -> None:
 
     origin = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = origin.sockets[0].getsockname()[1]
-    server = EgressServer(EgressConfig(timeouts=TunnelTimeouts(idle=0.6)),
-                          StaticTokens({TOKEN: Session(SESSION)}), loopback_policy())
+    server = EgressServer(
+        EgressConfig(timeouts=TunnelTimeouts(idle=0.6)),
+        StaticTokens({TOKEN: Session(SESSION)}),
+        loopback_policy(),
+    )
     async with server:
-        relay = Relay(RelayConfig(egress_url=server.url, session_id=SESSION,
-                                  token=Secret(TOKEN), keepalive_interval=0.1))
+        relay = Relay(
+            RelayConfig(
+                egress_url=server.url,
+                session_id=SESSION,
+                token=Secret(TOKEN),
+                keepalive_interval=0.1,
+            )
+        )
         async with relay:
             reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
             assert head.startswith(b"HTTP/1.1 200")

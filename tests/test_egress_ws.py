@@ -25,8 +25,9 @@ def first_chunk(target: str, session: str = SESSION, token: str = TOKEN) -> byte
 
 
 async def open_ws(egress: EgressServer, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    return await connect(egress.url, additional_headers=headers or AUTH, proxy=None,
-                         compression=None, open_timeout=5)
+    return await connect(
+        egress.url, additional_headers=headers or AUTH, proxy=None, compression=None, open_timeout=5
+    )
 
 
 async def status_of(ws) -> bytes:  # type: ignore[no-untyped-def]
@@ -36,35 +37,47 @@ async def status_of(ws) -> bytes:  # type: ignore[no-untyped-def]
     return decode_chunk(message)
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Bearer wrong"},
-    {"Authorization": f"Basic {TOKEN}"},
-    {"Authorization": "Bearer"},
-    {"Authorization": "Bearer " + "x" * 8100},
-])
-async def test_upgrade_refused_without_valid_bearer(egress: EgressServer,
-                                                    headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer " + "x" * 8100},
+    ],
+)
+async def test_upgrade_refused_without_valid_bearer(
+    egress: EgressServer, headers: dict[str, str]
+) -> None:
     with pytest.raises(InvalidStatus) as info:
         await connect(egress.url, additional_headers=headers, proxy=None, open_timeout=5)
     assert info.value.response.status_code == 401
 
 
 async def test_oversized_authorization_refused_and_not_logged(
-        egress: EgressServer, caplog: pytest.LogCaptureFixture) -> None:
+    egress: EgressServer, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(InvalidMessage):
-        await connect(egress.url, additional_headers={"Authorization": "Bearer " + "SECRET" * 2000},
-                      proxy=None, open_timeout=5)
+        await connect(
+            egress.url,
+            additional_headers={"Authorization": "Bearer " + "SECRET" * 2000},
+            proxy=None,
+            open_timeout=5,
+        )
     assert "SECRETSECRET" not in caplog.text
 
 
-@pytest.mark.parametrize(("session", "token"), [
-    ("other-session", TOKEN),
-    (SESSION, "different-token"),
-])
-async def test_in_tunnel_credentials_must_match_upgrade(egress: EgressServer,
-                                                        https_origin: Origin, session: str,
-                                                        token: str) -> None:
+@pytest.mark.parametrize(
+    ("session", "token"),
+    [
+        ("other-session", TOKEN),
+        (SESSION, "different-token"),
+    ],
+)
+async def test_in_tunnel_credentials_must_match_upgrade(
+    egress: EgressServer, https_origin: Origin, session: str, token: str
+) -> None:
     async with await open_ws(egress) as ws:
         await ws.send(first_chunk(f"localhost:{https_origin.port}", session, token))
         answer = await status_of(ws)
@@ -77,16 +90,20 @@ async def test_in_tunnel_missing_proxy_authorization(egress: EgressServer) -> No
         assert (await status_of(ws)).startswith(b"HTTP/1.1 407")
 
 
-@pytest.mark.parametrize("message", [
-    b"\x0b\x00",                      # wrong tag
-    b"\x12\x01a",                     # field 2
-    b"\x0a\x80",                      # truncated varint
-    b"\x0a\xff\xff\xff\xff\xff\x01",  # over-long varint
-    b"\x0a\x05abc",                   # length beyond buffer
-    b"\x0a\x01ab",                    # trailing bytes
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"\x0b\x00",  # wrong tag
+        b"\x12\x01a",  # field 2
+        b"\x0a\x80",  # truncated varint
+        b"\x0a\xff\xff\xff\xff\xff\x01",  # over-long varint
+        b"\x0a\x05abc",  # length beyond buffer
+        b"\x0a\x01ab",  # trailing bytes
+    ],
+)
 async def test_malformed_chunk_closes_with_protocol_error(
-        egress: EgressServer, message: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    egress: EgressServer, message: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     async with await open_ws(egress) as ws:
         await ws.send(message)
@@ -97,8 +114,9 @@ async def test_malformed_chunk_closes_with_protocol_error(
     assert "protocol error" in caplog.text
 
 
-async def test_malformed_chunk_after_establishment(egress: EgressServer,
-                                                   https_origin: Origin) -> None:
+async def test_malformed_chunk_after_establishment(
+    egress: EgressServer, https_origin: Origin
+) -> None:
     async with await open_ws(egress) as ws:
         await ws.send(first_chunk(f"localhost:{https_origin.port}"))
         assert (await status_of(ws)).startswith(b"HTTP/1.1 200")
@@ -132,8 +150,9 @@ async def test_oversized_connect_head_in_tunnel(egress: EgressServer) -> None:
         assert (await status_of(ws)).startswith(b"HTTP/1.1 400")
 
 
-async def test_head_split_across_chunks_and_keepalives(egress: EgressServer,
-                                                       https_origin: Origin) -> None:
+async def test_head_split_across_chunks_and_keepalives(
+    egress: EgressServer, https_origin: Origin
+) -> None:
     whole = first_chunk(f"localhost:{https_origin.port}")
     from upstreamproxy.codec import decode_chunk
 
@@ -141,12 +160,13 @@ async def test_head_split_across_chunks_and_keepalives(egress: EgressServer,
     async with await open_ws(egress) as ws:
         for i in range(len(head)):
             await ws.send(b"\x0a\x00")  # keepalive in between
-            await ws.send(encode_chunk(head[i:i + 1]))
+            await ws.send(encode_chunk(head[i : i + 1]))
         assert (await status_of(ws)).startswith(b"HTTP/1.1 200")
 
 
-async def test_egress_survives_abuse_and_still_serves(egress: EgressServer,
-                                                      https_origin: Origin) -> None:
+async def test_egress_survives_abuse_and_still_serves(
+    egress: EgressServer, https_origin: Origin
+) -> None:
     for garbage in (b"", b"\x00" * 100, b"\x0a", b"\xff" * 10):
         try:
             async with await open_ws(egress) as ws:

@@ -24,7 +24,6 @@ from conftest import SESSION, TOKEN, _serve, connect_via, run
 from upstreamproxy.certs import create_ca, issue_leaf, write_ca
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.interception import Interception, InterceptionConfig
-from upstreamproxy.egress.metrics import EgressMetrics
 from upstreamproxy.egress.policy import PolicyStore, parse_policy_document
 from upstreamproxy.egress.resolver import StaticResolver
 from upstreamproxy.egress.server import EgressConfig, EgressServer
@@ -48,8 +47,12 @@ class Chain:
 def echo_origin(seen: list[dict[str, object]]) -> web.Application:
     async def echo(request: web.Request) -> web.Response:
         body = await request.read()
-        record = {"path": request.path_qs, "method": request.method,
-                  "headers": [[k, v] for k, v in request.headers.items()], "size": len(body)}
+        record = {
+            "path": request.path_qs,
+            "method": request.method,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "size": len(body),
+        }
         seen.append(record)
         return web.json_response(record)
 
@@ -76,24 +79,54 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "api-token").write_text(SECRET_VALUE + "\n")
-    policy = parse_policy_document({"policies": {"default": {
-        "rules": [
-            {"id": "api", "hosts": ["api.test"], "ports": [port], "intercept": {"inject": [
-                {"header": "Authorization", "value": "Bearer {secret:api-token}"}]}},
-            {"id": "needs-missing", "hosts": ["missing.test"], "ports": [port],
-             "intercept": {"inject": [{"header": "X-Key", "value": "{secret:absent}"}]}},
-            {"id": "plain", "hosts": ["plain.test"], "ports": [port]},
-        ],
-        "allow_cidrs": ["127.0.0.0/8"],
-    }}})
-    config = InterceptionConfig(tmp_path / "ca.pem", tmp_path / "ca-key.pem", secrets,
-                                upstream_ca=tmp_path / "origin-ca.pem")
+    policy = parse_policy_document(
+        {
+            "policies": {
+                "default": {
+                    "rules": [
+                        {
+                            "id": "api",
+                            "hosts": ["api.test"],
+                            "ports": [port],
+                            "intercept": {
+                                "inject": [
+                                    {
+                                        "header": "Authorization",
+                                        "value": "Bearer {secret:api-token}",
+                                    }
+                                ]
+                            },
+                        },
+                        {
+                            "id": "needs-missing",
+                            "hosts": ["missing.test"],
+                            "ports": [port],
+                            "intercept": {
+                                "inject": [{"header": "X-Key", "value": "{secret:absent}"}]
+                            },
+                        },
+                        {"id": "plain", "hosts": ["plain.test"], "ports": [port]},
+                    ],
+                    "allow_cidrs": ["127.0.0.0/8"],
+                }
+            }
+        }
+    )
+    config = InterceptionConfig(
+        tmp_path / "ca.pem",
+        tmp_path / "ca-key.pem",
+        secrets,
+        upstream_ca=tmp_path / "origin-ca.pem",
+    )
     egress = EgressServer(
         EgressConfig(ca_cert_pem=egress_ca.cert_pem()),
-        StaticTokens({TOKEN: Session(SESSION)}), PolicyStore(policy),
-        resolver=StaticResolver({"api.test": ["127.0.0.1"], "plain.test": ["127.0.0.1"],
-                                 "missing.test": ["127.0.0.1"]}),
-        interception=lambda metrics: Interception(config, metrics.registry))
+        StaticTokens({TOKEN: Session(SESSION)}),
+        PolicyStore(policy),
+        resolver=StaticResolver(
+            {"api.test": ["127.0.0.1"], "plain.test": ["127.0.0.1"], "missing.test": ["127.0.0.1"]}
+        ),
+        interception=lambda metrics: Interception(config, metrics.registry),
+    )
     await egress.start()
     relay = Relay(RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret(TOKEN)))
     await relay.start()
@@ -107,9 +140,14 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
 
 def sandbox_env(chain: Chain, bundle: Path | None = None) -> dict[str, str]:
     ca = str(bundle or chain.sandbox_bundle)
-    return {"PATH": os.environ["PATH"], "HOME": str(chain.base),
-            "HTTPS_PROXY": chain.relay.proxy_url, "https_proxy": chain.relay.proxy_url,
-            "SSL_CERT_FILE": ca, "CURL_CA_BUNDLE": ca}
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": str(chain.base),
+        "HTTPS_PROXY": chain.relay.proxy_url,
+        "https_proxy": chain.relay.proxy_url,
+        "SSL_CERT_FILE": ca,
+        "CURL_CA_BUNDLE": ca,
+    }
 
 
 def header_values(record: dict[str, object], name: str) -> list[str]:
@@ -118,13 +156,23 @@ def header_values(record: dict[str, object], name: str) -> list[str]:
     return [v for k, v in headers if k.lower() == name.lower()]
 
 
-async def test_curl_gets_credential_injected(chain: Chain,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_curl_gets_credential_injected(
+    chain: Chain, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     url = f"https://api.test:{chain.origin_port}/v1/things?x=1"
-    result = await run("curl", "-sS", "-H", "Authorization: Bearer sandbox-own-value",
-                       "-H", "Connection: X-Drop-Me", "-H", "X-Drop-Me: 1", url,
-                       env=sandbox_env(chain))
+    result = await run(
+        "curl",
+        "-sS",
+        "-H",
+        "Authorization: Bearer sandbox-own-value",
+        "-H",
+        "Connection: X-Drop-Me",
+        "-H",
+        "X-Drop-Me: 1",
+        url,
+        env=sandbox_env(chain),
+    )
     assert result.returncode == 0, result.stderr
     assert len(chain.seen) == 1
     record = chain.seen[0]
@@ -133,7 +181,7 @@ async def test_curl_gets_credential_injected(chain: Chain,
     assert record["path"] == "/v1/things?x=1"
     # The sandbox saw a certificate for the real name, from the egress CA, and verified it.
     assert SECRET_VALUE not in caplog.text
-    assert f'"rule":"api"' in caplog.text and '"api-token"' in caplog.text  # request audit
+    assert '"rule":"api"' in caplog.text and '"api-token"' in caplog.text  # request audit
 
 
 async def test_python_client_keepalive_and_large_bodies(chain: Chain) -> None:
@@ -158,29 +206,36 @@ print(json.dumps(sizes))
     result = await run(sys.executable, "-c", script, env=sandbox_env(chain), timeout=60)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert json.loads(result.stdout) == [0, 1000, 8 * 1024 * 1024, 64 * 65536]
-    assert all(header_values(r, "Authorization") == [f"Bearer {SECRET_VALUE}"]
-               for r in chain.seen)
+    assert all(header_values(r, "Authorization") == [f"Bearer {SECRET_VALUE}"] for r in chain.seen)
     assert len(chain.seen) == 4
 
 
 async def test_untrusted_bundle_fails_verification(chain: Chain) -> None:
     only_roots = Path(certifi.where())
-    result = await run("curl", "-sS", f"https://api.test:{chain.origin_port}/",
-                       env=sandbox_env(chain, only_roots))
+    result = await run(
+        "curl", "-sS", f"https://api.test:{chain.origin_port}/", env=sandbox_env(chain, only_roots)
+    )
     assert result.returncode == 60, result.stderr  # SSL certificate problem
     assert chain.seen == []
 
 
 async def test_host_header_must_match_sni(chain: Chain) -> None:
-    result = await run("curl", "-sS", "-H", "Host: plain.test",
-                       f"https://api.test:{chain.origin_port}/", "-w", "%{http_code}",
-                       env=sandbox_env(chain))
+    result = await run(
+        "curl",
+        "-sS",
+        "-H",
+        "Host: plain.test",
+        f"https://api.test:{chain.origin_port}/",
+        "-w",
+        "%{http_code}",
+        env=sandbox_env(chain),
+    )
     assert result.stdout.endswith(b"400")
     assert chain.seen == []
 
 
 async def test_sni_must_match_connect_host(chain: Chain) -> None:
-    reader, writer, head = await connect_via(chain.relay.port, f"api.test:{chain.origin_port}")
+    _, writer, head = await connect_via(chain.relay.port, f"api.test:{chain.origin_port}")
     assert head.startswith(b"HTTP/1.1 200")
     ctx = ssl.create_default_context(cafile=str(chain.sandbox_bundle))
     ctx.check_hostname = False
@@ -191,21 +246,31 @@ async def test_sni_must_match_connect_host(chain: Chain) -> None:
 
 
 async def test_missing_secret_fails_closed(chain: Chain) -> None:
-    result = await run("curl", "-sS", "-D", "-", f"https://missing.test:{chain.origin_port}/",
-                       env=sandbox_env(chain))
+    result = await run(
+        "curl",
+        "-sS",
+        "-D",
+        "-",
+        f"https://missing.test:{chain.origin_port}/",
+        env=sandbox_env(chain),
+    )
     # -D shows the proxy's "200 Connection established", then the intercepted answer.
     assert b"\r\nHTTP/1.1 502 " in result.stdout, result.stdout
     assert chain.seen == []  # never sent without its credential
     import aiohttp
 
-    async with aiohttp.ClientSession() as client, client.get(
-            f"http://127.0.0.1:{chain.egress.port}/readyz") as resp:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{chain.egress.port}/readyz") as resp,
+    ):
         assert resp.status == 503
         assert "missing-secrets:absent" in (await resp.json())["reasons"]
     (chain.secrets_dir / "absent").write_text("now-here")
     chain.egress.reload()
-    async with aiohttp.ClientSession() as client, client.get(
-            f"http://127.0.0.1:{chain.egress.port}/readyz") as resp:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{chain.egress.port}/readyz") as resp,
+    ):
         assert resp.status == 200
 
 
@@ -213,19 +278,27 @@ async def test_hosts_without_interception_stay_opaque(chain: Chain) -> None:
     # The client must trust the origin's own CA: the egress does not terminate this TLS.
     bundle = chain.base / "origin-only.pem"
     bundle.write_bytes((chain.base / "origin-ca.pem").read_bytes())
-    ok = await run("curl", "-sS", "-H", "Authorization: mine",
-                   f"https://plain.test:{chain.origin_port}/", env=sandbox_env(chain, bundle))
+    ok = await run(
+        "curl",
+        "-sS",
+        "-H",
+        "Authorization: mine",
+        f"https://plain.test:{chain.origin_port}/",
+        env=sandbox_env(chain, bundle),
+    )
     assert ok.returncode == 0, ok.stderr
     assert header_values(chain.seen[-1], "Authorization") == ["mine"]
-    refused = await run("curl", "-sS", f"https://plain.test:{chain.origin_port}/",
-                        env=sandbox_env(chain))  # egress CA alone does not vouch for it
+    refused = await run(
+        "curl", "-sS", f"https://plain.test:{chain.origin_port}/", env=sandbox_env(chain)
+    )  # egress CA alone does not vouch for it
     assert refused.returncode == 60
 
 
 async def test_interception_metrics(chain: Chain) -> None:
     for _ in range(2):
-        result = await run("curl", "-sS", f"https://api.test:{chain.origin_port}/",
-                           env=sandbox_env(chain))
+        result = await run(
+            "curl", "-sS", f"https://api.test:{chain.origin_port}/", env=sandbox_env(chain)
+        )
         assert result.returncode == 0
     text = chain.egress.metrics.render().decode()
     assert "upstreamproxy_intercept_certs_issued_total 1.0" in text

@@ -13,11 +13,16 @@ import pytest
 from conftest import SESSION, TOKEN, Origin, TLSFiles, run
 
 
-async def start_process(*argv: str, ready: bytes,
-                        env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
+async def start_process(
+    *argv: str, ready: bytes, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "upstreamproxy", *argv,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "upstreamproxy",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         env=(os.environ | (env or {})),
     )
     assert proc.stdout is not None
@@ -43,38 +48,85 @@ async def processes(tmp_path: Path, tls: TLSFiles) -> AsyncIterator[dict[str, ob
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     egress, egress_url = await start_process(
-        "egress", "--port", "0", "--static-tokens", str(tokens), "--ca-cert", str(tls.ca_file),
-        "--allow", "localhost:*", "--allow", "127.0.0.1:*", "--allow-cidr", "127.0.0.0/8", ready=b"egress listening on")
+        "egress",
+        "--port",
+        "0",
+        "--static-tokens",
+        str(tokens),
+        "--ca-cert",
+        str(tls.ca_file),
+        "--allow",
+        "localhost:*",
+        "--allow",
+        "127.0.0.1:*",
+        "--allow-cidr",
+        "127.0.0.0/8",
+        ready=b"egress listening on",
+    )
     relay, proxy_url = await start_process(
-        "--log-level", "DEBUG", "relay", "--egress-url", egress_url, "--session-id", SESSION,
-        "--token-file", str(token_file), "--port", "0", ready=b"relay listening on")
+        "--log-level",
+        "DEBUG",
+        "relay",
+        "--egress-url",
+        egress_url,
+        "--session-id",
+        SESSION,
+        "--token-file",
+        str(token_file),
+        "--port",
+        "0",
+        ready=b"relay listening on",
+    )
     state: dict[str, object] = {"egress": egress, "relay": relay, "proxy_url": proxy_url}
     yield state
     state["relay_log"] = await stop_process(relay)
     state["egress_log"] = await stop_process(egress)
 
 
-async def test_curl_through_real_processes(processes: dict[str, object], https_origin: Origin,
-                                           tls: TLSFiles) -> None:
+async def test_curl_through_real_processes(
+    processes: dict[str, object], https_origin: Origin, tls: TLSFiles
+) -> None:
     env = {"PATH": os.environ["PATH"], "HTTPS_PROXY": str(processes["proxy_url"])}
-    result = await run("curl", "-sS", "--cacert", str(tls.ca_file), https_origin.url + "/",
-                       env=env)
+    result = await run("curl", "-sS", "--cacert", str(tls.ca_file), https_origin.url + "/", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b"hello from origin\n"
 
 
-async def test_processes_stop_on_sigterm_without_leaking_token(tmp_path: Path, tls: TLSFiles,
-                                                               https_origin: Origin) -> None:
+async def test_processes_stop_on_sigterm_without_leaking_token(
+    tmp_path: Path, tls: TLSFiles, https_origin: Origin
+) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{SESSION} {TOKEN}\n")
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    egress, url = await start_process("--log-level", "DEBUG", "egress", "--port", "0",
-                                      "--static-tokens", str(tokens), "--allow", "localhost:*", "--allow-cidr", "127.0.0.0/8",
-                                      ready=b"egress listening on")
-    relay, proxy = await start_process("--log-level", "DEBUG", "relay", "--egress-url", url,
-                                       "--session-id", SESSION, "--token-file", str(token_file),
-                                       "--port", "0", ready=b"relay listening on")
+    egress, url = await start_process(
+        "--log-level",
+        "DEBUG",
+        "egress",
+        "--port",
+        "0",
+        "--static-tokens",
+        str(tokens),
+        "--allow",
+        "localhost:*",
+        "--allow-cidr",
+        "127.0.0.0/8",
+        ready=b"egress listening on",
+    )
+    relay, proxy = await start_process(
+        "--log-level",
+        "DEBUG",
+        "relay",
+        "--egress-url",
+        url,
+        "--session-id",
+        SESSION,
+        "--token-file",
+        str(token_file),
+        "--port",
+        "0",
+        ready=b"relay listening on",
+    )
     env = {"PATH": os.environ["PATH"], "HTTPS_PROXY": proxy}
     ok = await run("curl", "-sS", "--cacert", str(tls.ca_file), https_origin.url + "/", env=env)
     assert ok.returncode == 0
@@ -86,13 +138,33 @@ async def test_processes_stop_on_sigterm_without_leaking_token(tmp_path: Path, t
 
 
 async def test_invalid_config_names_the_field(tmp_path: Path) -> None:
-    result = await run(sys.executable, "-m", "upstreamproxy", "relay", "--egress-url",
-                       "http://nope", "--session-id", "s", "--token-file", str(tmp_path / "no"))
+    result = await run(
+        sys.executable,
+        "-m",
+        "upstreamproxy",
+        "relay",
+        "--egress-url",
+        "http://nope",
+        "--session-id",
+        "s",
+        "--token-file",
+        str(tmp_path / "no"),
+    )
     assert result.returncode == 2
     assert b"token_file" in result.stderr
     token = tmp_path / "t"
     token.write_text("x")
-    result = await run(sys.executable, "-m", "upstreamproxy", "relay", "--egress-url",
-                       "http://nope", "--session-id", "s", "--token-file", str(token))
+    result = await run(
+        sys.executable,
+        "-m",
+        "upstreamproxy",
+        "relay",
+        "--egress-url",
+        "http://nope",
+        "--session-id",
+        "s",
+        "--token-file",
+        str(token),
+    )
     assert result.returncode == 2
     assert b"egress_url" in result.stderr

@@ -20,8 +20,8 @@ from conftest import (
     Origin,
     TLSFiles,
     _serve,
-    loopback_policy,
     connect_via,
+    loopback_policy,
     origin_app,
     pattern_bytes,
     raw_request,
@@ -40,8 +40,7 @@ from upstreamproxy.secret import Secret
 
 
 def make_relay(url: str, **kwargs: object) -> Relay:
-    return Relay(RelayConfig(egress_url=url, session_id=SESSION, token=Secret(TOKEN),
-                             **kwargs))  # type: ignore[arg-type]
+    return Relay(RelayConfig(egress_url=url, session_id=SESSION, token=Secret(TOKEN), **kwargs))  # type: ignore[arg-type]
 
 
 def curl_env() -> dict[str, str]:
@@ -51,8 +50,7 @@ def curl_env() -> dict[str, str]:
 # -- real curl --------------------------------------------------------------------------
 
 
-async def test_curl_with_https_proxy_env(relay: Relay, https_origin: Origin,
-                                         tls: TLSFiles) -> None:
+async def test_curl_with_https_proxy_env(relay: Relay, https_origin: Origin, tls: TLSFiles) -> None:
     env = curl_env() | {"HTTPS_PROXY": relay.proxy_url, "CURL_CA_BUNDLE": str(tls.ca_file)}
     result = await run("curl", "-sS", "-v", https_origin.url + "/", env=env)
     assert result.returncode == 0, result.stderr
@@ -60,25 +58,49 @@ async def test_curl_with_https_proxy_env(relay: Relay, https_origin: Origin,
     assert b"CONNECT localhost:" in result.stderr  # curl really used the proxy
 
 
-async def test_curl_large_download_checksum(relay: Relay, https_origin: Origin, tls: TLSFiles,
-                                            tmp_path: Path) -> None:
+async def test_curl_large_download_checksum(
+    relay: Relay, https_origin: Origin, tls: TLSFiles, tmp_path: Path
+) -> None:
     size = 48 * 1024 * 1024
     out = tmp_path / "down.bin"
-    result = await run("curl", "-sS", "--cacert", str(tls.ca_file), "-x", relay.proxy_url,
-                       "-p", "-D", "-", "-o", str(out), f"{https_origin.url}/bytes/{size}")
+    result = await run(
+        "curl",
+        "-sS",
+        "--cacert",
+        str(tls.ca_file),
+        "-x",
+        relay.proxy_url,
+        "-p",
+        "-D",
+        "-",
+        "-o",
+        str(out),
+        f"{https_origin.url}/bytes/{size}",
+    )
     assert result.returncode == 0, result.stderr
     expected = hashlib.sha256(pattern_bytes(size)).hexdigest()
     assert f"x-sha256: {expected}".encode() in result.stdout.lower()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == expected
 
 
-async def test_curl_large_upload_checksum(relay: Relay, https_origin: Origin, tls: TLSFiles,
-                                          tmp_path: Path) -> None:
+async def test_curl_large_upload_checksum(
+    relay: Relay, https_origin: Origin, tls: TLSFiles, tmp_path: Path
+) -> None:
     data = pattern_bytes(40 * 1024 * 1024 + 17)
     src = tmp_path / "up.bin"
     src.write_bytes(data)
-    result = await run("curl", "-sS", "--cacert", str(tls.ca_file), "-x", relay.proxy_url,
-                       "-p", "--data-binary", f"@{src}", f"{https_origin.url}/upload")
+    result = await run(
+        "curl",
+        "-sS",
+        "--cacert",
+        str(tls.ca_file),
+        "-x",
+        relay.proxy_url,
+        "-p",
+        "--data-binary",
+        f"@{src}",
+        f"{https_origin.url}/upload",
+    )
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -92,8 +114,16 @@ async def test_ipv6_target(relay: Relay, tls: TLSFiles) -> None:
     except OSError:
         pytest.skip("::1 not configured")
     try:
-        result = await run("curl", "-sS", "--cacert", str(tls.ca_file), "-x", relay.proxy_url,
-                           "-p", f"https://[::1]:{port}/")
+        result = await run(
+            "curl",
+            "-sS",
+            "--cacert",
+            str(tls.ca_file),
+            "-x",
+            relay.proxy_url,
+            "-p",
+            f"https://[::1]:{port}/",
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"hello from origin\n"
     finally:
@@ -103,8 +133,7 @@ async def test_ipv6_target(relay: Relay, tls: TLSFiles) -> None:
 # -- many tunnels, early data ---------------------------------------------------------
 
 
-async def _https_get(proxy_port: int, origin_port: int, ctx: ssl.SSLContext,
-                     path: str) -> bytes:
+async def _https_get(proxy_port: int, origin_port: int, ctx: ssl.SSLContext, path: str) -> bytes:
     reader, writer, head = await connect_via(proxy_port, f"localhost:{origin_port}")
     assert head.startswith(b"HTTP/1.1 200"), head
     await writer.start_tls(ctx, server_hostname="localhost")
@@ -115,13 +144,15 @@ async def _https_get(proxy_port: int, origin_port: int, ctx: ssl.SSLContext,
     return response
 
 
-async def test_many_concurrent_tunnels(relay: Relay, https_origin: Origin,
-                                       tls: TLSFiles) -> None:
+async def test_many_concurrent_tunnels(relay: Relay, https_origin: Origin, tls: TLSFiles) -> None:
     ctx = tls.client_context()
     count = 120
-    responses = await asyncio.wait_for(asyncio.gather(*(
-        _https_get(relay.port, https_origin.port, ctx, "/bytes/65536") for _ in range(count)
-    )), 60)
+    responses = await asyncio.wait_for(
+        asyncio.gather(
+            *(_https_get(relay.port, https_origin.port, ctx, "/bytes/65536") for _ in range(count))
+        ),
+        60,
+    )
     expected = pattern_bytes(65536)
     assert all(r.startswith(b"HTTP/1.1 200") and r.endswith(expected) for r in responses)
 
@@ -137,8 +168,9 @@ async def test_bytes_sent_with_the_connect_head_are_kept(relay: Relay) -> None:
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}",
-                                                 extra=b"early-bytes")
+        reader, writer, head = await connect_via(
+            relay.port, f"127.0.0.1:{port}", extra=b"early-bytes"
+        )
         assert head.startswith(b"HTTP/1.1 200")
         assert await asyncio.wait_for(reader.readexactly(11), 5) == b"early-bytes"
         writer.close()
@@ -171,8 +203,9 @@ async def firehose() -> AsyncIterator[tuple[int, list[int]]]:
     server.close()
 
 
-async def test_slow_client_reader_pauses_origin(relay: Relay,
-                                                firehose: tuple[int, list[int]]) -> None:
+async def test_slow_client_reader_pauses_origin(
+    relay: Relay, firehose: tuple[int, list[int]]
+) -> None:
     port, sent = firehose
     rss_before = rss_kib(os.getpid())
     reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
@@ -204,7 +237,7 @@ async def test_slow_origin_reader_pauses_client(relay: Relay) -> None:
     server = await asyncio.start_server(sink, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
         assert head.startswith(b"HTTP/1.1 200")
         written = 0
         block = b"y" * 65536
@@ -299,8 +332,9 @@ async def test_relay_502_when_egress_closes_before_status() -> None:
 
 
 async def test_relay_502_when_token_refused(egress: EgressServer) -> None:
-    relay = Relay(RelayConfig(egress_url=egress.url, session_id=SESSION,
-                              token=Secret("wrong-token")))
+    relay = Relay(
+        RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret("wrong-token"))
+    )
     async with relay:
         answer = await raw_request(relay.port, b"CONNECT localhost:443 HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 502")
@@ -314,8 +348,9 @@ async def test_relay_refuses_non_loopback_listen() -> None:
     make_relay("ws://127.0.0.1:1/ws", listen_host="0.0.0.0", allow_non_loopback=True)
 
 
-async def test_stop_closes_every_tunnel(egress: EgressServer,
-                                        firehose: tuple[int, list[int]]) -> None:
+async def test_stop_closes_every_tunnel(
+    egress: EgressServer, firehose: tuple[int, list[int]]
+) -> None:
     port, _ = firehose
     relay = make_relay(egress.url)
     await relay.start()
@@ -332,11 +367,11 @@ async def test_stop_closes_every_tunnel(egress: EgressServer,
         writer.close()
 
 
-async def test_keepalives_keep_an_idle_tunnel_usable(egress: EgressServer, https_origin: Origin,
-                                                     tls: TLSFiles,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_keepalives_keep_an_idle_tunnel_usable(
+    egress: EgressServer, https_origin: Origin, tls: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
     async with make_relay(egress.url, keepalive_interval=0.05) as relay:
-        reader, writer, head = await connect_via(relay.port, f"localhost:{https_origin.port}")
+        reader, writer, _ = await connect_via(relay.port, f"localhost:{https_origin.port}")
         await asyncio.sleep(0.5)  # ~10 keepalives cross while idle
         await writer.start_tls(tls.client_context(), server_hostname="localhost")
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -345,9 +380,9 @@ async def test_keepalives_keep_an_idle_tunnel_usable(egress: EgressServer, https
     assert "protocol error" not in caplog.text
 
 
-async def test_relay_reaches_egress_through_outbound_proxy(egress: EgressServer,
-                                                           https_origin: Origin,
-                                                           tls: TLSFiles) -> None:
+async def test_relay_reaches_egress_through_outbound_proxy(
+    egress: EgressServer, https_origin: Origin, tls: TLSFiles
+) -> None:
     seen: list[bytes] = []
 
     async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -368,8 +403,16 @@ async def test_relay_reaches_egress_through_outbound_proxy(egress: EgressServer,
     proxy_port = server.sockets[0].getsockname()[1]
     try:
         async with make_relay(egress.url, egress_proxy=f"http://127.0.0.1:{proxy_port}") as relay:
-            result = await run("curl", "-sS", "--cacert", str(tls.ca_file), "-x",
-                               relay.proxy_url, "-p", https_origin.url + "/")
+            result = await run(
+                "curl",
+                "-sS",
+                "--cacert",
+                str(tls.ca_file),
+                "-x",
+                relay.proxy_url,
+                "-p",
+                https_origin.url + "/",
+            )
         assert result.returncode == 0, result.stderr
         assert seen == [f"CONNECT 127.0.0.1:{egress.port} HTTP/1.1".encode()]
     finally:
@@ -402,11 +445,13 @@ async def test_egress_504_when_dial_times_out(tls: TLSFiles) -> None:
         await asyncio.sleep(timeout)
         raise DialError(504, "dial-timeout")
 
-    server = EgressServer(EgressConfig(timeouts=TunnelTimeouts(dial=0.2)),
-                          StaticTokens({TOKEN: Session(SESSION)}),
-                          loopback_policy("slow.test:443"),
-                          resolver=StaticResolver({"slow.test": ["127.0.0.1"]}),
-                          dial=black_hole)
+    server = EgressServer(
+        EgressConfig(timeouts=TunnelTimeouts(dial=0.2)),
+        StaticTokens({TOKEN: Session(SESSION)}),
+        loopback_policy("slow.test:443"),
+        resolver=StaticResolver({"slow.test": ["127.0.0.1"]}),
+        dial=black_hole,
+    )
     async with server, make_relay(server.url) as relay:
         answer = await raw_request(relay.port, b"CONNECT slow.test:443 HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 504")
@@ -425,33 +470,46 @@ async def test_egress_endpoints(egress: EgressServer, tls: TLSFiles) -> None:
             assert (await resp.json())["status"] == "ok"
         async with client.get(base + "/v1/code/upstreamproxy/ws") as resp:
             assert resp.status == 401  # no token
-        async with client.get(base + "/v1/code/upstreamproxy/ws",
-                              headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+        async with client.get(
+            base + "/v1/code/upstreamproxy/ws", headers={"Authorization": f"Bearer {TOKEN}"}
+        ) as resp:
             assert resp.status == 400  # a token but no upgrade
-    bare = EgressServer(EgressConfig(), StaticTokens({TOKEN: Session(SESSION)}),
-                        loopback_policy())
+    bare = EgressServer(EgressConfig(), StaticTokens({TOKEN: Session(SESSION)}), loopback_policy())
     async with bare, aiohttp.ClientSession() as client:
-        async with client.get(f"http://127.0.0.1:{bare.port}/v1/code/upstreamproxy/ca-cert") as r:
+        url = f"http://127.0.0.1:{bare.port}/v1/code/upstreamproxy/ca-cert"
+        async with client.get(url) as r:
             assert r.status == 404
 
 
 # -- secrets stay out of logs -----------------------------------------------------------
 
 
-async def test_token_never_logged(egress: EgressServer, https_origin: Origin, tls: TLSFiles,
-                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_never_logged(
+    egress: EgressServer, https_origin: Origin, tls: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     async with make_relay(egress.url) as relay:
-        ok = await run("curl", "-sS", "--cacert", str(tls.ca_file), "-x", relay.proxy_url,
-                       "-p", https_origin.url + "/")
+        ok = await run(
+            "curl",
+            "-sS",
+            "--cacert",
+            str(tls.ca_file),
+            "-x",
+            relay.proxy_url,
+            "-p",
+            https_origin.url + "/",
+        )
         assert ok.returncode == 0
         await raw_request(relay.port, b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
-    bad = Relay(RelayConfig(egress_url=egress.url, session_id=SESSION,
-                            token=Secret(TOKEN + "-wrong")))
+    bad = Relay(
+        RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret(TOKEN + "-wrong"))
+    )
     async with bad:
         await raw_request(bad.port, b"CONNECT localhost:443 HTTP/1.1\r\n\r\n")
     assert caplog.records, "expected log output"
     assert TOKEN not in caplog.text
     assert "tok-0123456789abcdef" not in caplog.text
-    assert repr(RelayConfig(egress_url="ws://x/", session_id="s", token=Secret(TOKEN))).count(
-        TOKEN) == 0
+    assert (
+        repr(RelayConfig(egress_url="ws://x/", session_id="s", token=Secret(TOKEN))).count(TOKEN)
+        == 0
+    )

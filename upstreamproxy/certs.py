@@ -70,8 +70,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def create_ca(common_name: str = "upstreamproxy egress CA",
-              valid_days: int = DEFAULT_CA_DAYS) -> CertificateAuthority:
+def create_ca(
+    common_name: str = "upstreamproxy egress CA", valid_days: int = DEFAULT_CA_DAYS
+) -> CertificateAuthority:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
@@ -86,14 +87,19 @@ def create_ca(common_name: str = "upstreamproxy egress CA",
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return CertificateAuthority(cert, key)
@@ -106,9 +112,12 @@ def _san(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
-def issue_leaf(ca: CertificateAuthority, names: list[str],
-               ttl: dt.timedelta = DEFAULT_LEAF_TTL,
-               backdate: dt.timedelta = LEAF_BACKDATE) -> Leaf:
+def issue_leaf(
+    ca: CertificateAuthority,
+    names: list[str],
+    ttl: dt.timedelta = DEFAULT_LEAF_TTL,
+    backdate: dt.timedelta = LEAF_BACKDATE,
+) -> Leaf:
     """Issue a server certificate for ``names`` (DNS names or IP literals)."""
     if not names:
         raise ValueError("a leaf certificate needs at least one name")

@@ -26,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Egress relay for sandboxes: local CONNECT relay -> WebSocket -> egress.",
     )
     parser.add_argument("--version", action="version", version=f"upstreamproxy {__version__}")
-    parser.add_argument("--log-level", default=None,
-                        help="DEBUG, INFO, WARNING or ERROR (env UPSTREAMPROXY_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        help="DEBUG, INFO, WARNING or ERROR (env UPSTREAMPROXY_LOG_LEVEL)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:

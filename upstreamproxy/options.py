@@ -12,8 +12,14 @@ def env_default(name: str, default: Any = None) -> Any:
     return os.environ.get(f"UPSTREAMPROXY_{name}", default)
 
 
-def add_option(parser: argparse._ActionsContainer, flag: str, env: str, help: str,
-               default: Any = None, **kwargs: Any) -> None:
+def add_option(
+    parser: argparse._ActionsContainer,
+    flag: str,
+    env: str,
+    help: str,
+    default: Any = None,
+    **kwargs: Any,
+) -> None:
     """Add ``flag`` whose default is read from ``UPSTREAMPROXY_<env>``; help names the variable."""
     value = env_default(env, default)
     if "type" in kwargs and value is not None and isinstance(value, str):
@@ -28,18 +34,29 @@ def env_flag(name: str) -> bool:
 class _AppendReplacingDefault(argparse.Action):
     """``append`` whose first use on the command line replaces the (environment) default."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         seen = f"_{self.dest}_from_cli"
         current = getattr(namespace, self.dest, None) if getattr(namespace, seen, False) else None
         setattr(namespace, self.dest, [*(current or []), values])
         setattr(namespace, seen, True)
 
 
-def add_list_option(parser: argparse._ActionsContainer, flag: str, env: str, help: str,
-                    metavar: str) -> None:
+def add_list_option(
+    parser: argparse._ActionsContainer, flag: str, env: str, help: str, metavar: str
+) -> None:
     """A repeatable flag; ``UPSTREAMPROXY_<env>`` (comma-separated) applies when it is absent."""
     raw = env_default(env)
     default = [v.strip() for v in raw.split(",") if v.strip()] if raw else None
-    parser.add_argument(flag, action=_AppendReplacingDefault, metavar=metavar, default=default,
-                        help=f"{help}; repeatable (env UPSTREAMPROXY_{env}, comma-separated)")
+    parser.add_argument(
+        flag,
+        action=_AppendReplacingDefault,
+        metavar=metavar,
+        default=default,
+        help=f"{help}; repeatable (env UPSTREAMPROXY_{env}, comma-separated)",
+    )

@@ -91,8 +91,12 @@ class RelayConfig:
                 f"{self.listen_host} is not a loopback address; pass --allow-non-loopback "
                 "to expose the relay beyond this machine",
             )
-        for name in ("head_timeout", "handshake_timeout", "establish_timeout",
-                     "keepalive_interval"):
+        for name in (
+            "head_timeout",
+            "handshake_timeout",
+            "establish_timeout",
+            "keepalive_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")
 
@@ -158,24 +162,27 @@ class Relay:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._handle, self.config.listen_host, self.config.listen_port,
+            self._handle,
+            self.config.listen_host,
+            self.config.listen_port,
             # The head is bounded by _read_head itself; a small stream limit would only make
             # the reader pause and resume the socket every few KiB of tunnel data.
-            limit=2 * READ_SIZE, backlog=LISTEN_BACKLOG,
+            limit=2 * READ_SIZE,
+            backlog=LISTEN_BACKLOG,
         )
         log.info("relay listening on %s -> %s", self.proxy_url, self.config.egress_url)
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
         if self._server is not None:
             self._server.close()
         handlers = list(self._handlers)
         for task in handlers:
             task.cancel()
         if handlers:
-            await asyncio.wait(handlers, timeout=timeout)
+            await asyncio.wait(handlers, timeout=grace)
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), timeout)
+                await asyncio.wait_for(self._server.wait_closed(), grace)
             self._server = None
         log.info("relay stopped")
 
@@ -213,11 +220,18 @@ class Relay:
             writer.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(asyncio.wait_for(writer.wait_closed(), 1.0))
-            log.info("tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs", stats.target,
-                     stats.outcome, stats.sent, stats.received, time.monotonic() - started)
+            log.info(
+                "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
+                stats.target,
+                stats.outcome,
+                stats.sent,
+                stats.received,
+                time.monotonic() - started,
+            )
 
-    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            stats: TunnelStats) -> None:
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: TunnelStats
+    ) -> None:
         try:
             head, early = await self._read_head(reader)
             request = parse_connect_head(head)
@@ -245,7 +259,7 @@ class Relay:
             stats.outcome = "established"
             stats.received += len(rest)
             for chunk_start in range(0, len(early), READ_SIZE):
-                piece = early[chunk_start:chunk_start + READ_SIZE]
+                piece = early[chunk_start : chunk_start + READ_SIZE]
                 await ws.send(encode_chunk(piece))
                 stats.sent += len(piece)
             await self._pump(reader, writer, ws, stats)
@@ -295,8 +309,9 @@ class Relay:
         except (InvalidHandshake, InvalidURI, OSError) as exc:
             raise _TunnelFailed(502, f"cannot reach the egress: {type(exc).__name__}") from None
         try:
-            await ws.send(encode_chunk(build_tunnel_request(target, cfg.session_id,
-                                                            cfg.token.reveal())))
+            await ws.send(
+                encode_chunk(build_tunnel_request(target, cfg.session_id, cfg.token.reveal()))
+            )
             head, rest = await self._read_status(ws)
             parse_status_head(head)
             return ws, head, rest
@@ -326,8 +341,13 @@ class Relay:
         except ProtocolError as exc:
             raise _TunnelFailed(502, f"protocol error from egress: {exc}") from None
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    ws: ClientConnection, stats: TunnelStats) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ws: ClientConnection,
+        stats: TunnelStats,
+    ) -> None:
         async def client_to_egress() -> None:
             while data := await reader.read(READ_SIZE):
                 await ws.send(encode_chunk(data))
@@ -369,6 +389,7 @@ async def _close_ws(ws: ClientConnection) -> None:
 
     Shielded so a cancelled tunnel (relay stopping) still releases its socket.
     """
+
     async def close() -> None:
         try:
             async with asyncio.timeout(WS_CLOSE_GRACE):
@@ -384,8 +405,9 @@ async def _close_ws(ws: ClientConnection) -> None:
 async def _answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
     """Answer the client ourselves (only before a tunnel is established)."""
     body = (reason + "\n").encode("utf-8", "replace")
-    safe_reason = reason.encode("ascii", "replace").decode("ascii").replace("\r", " ").replace(
-        "\n", " ")
+    safe_reason = (
+        reason.encode("ascii", "replace").decode("ascii").replace("\r", " ").replace("\n", " ")
+    )
     with contextlib.suppress(ConnectionError):
         writer.write(build_status_head(status, ((REASON_HEADER, safe_reason),), body))
         await writer.drain()

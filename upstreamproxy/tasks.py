@@ -26,10 +26,10 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def cancel_all(self, timeout: float | None = None) -> None:
-        """Cancel every task and wait (up to ``timeout``) for them to finish their cleanup."""
+    async def cancel_all(self, grace: float | None = None) -> None:
+        """Cancel every task and wait (up to ``grace`` seconds) for them to finish cleaning up."""
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+            await asyncio.wait(tasks, timeout=grace)

@@ -122,7 +122,7 @@ class ObservingProxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        await self._tasks.cancel_all(timeout=2)
+        await self._tasks.cancel_all(grace=2)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2)

@@ -28,9 +28,12 @@ async def wait_for_signal(on_reload: Callable[[], object] | None = None) -> int:
             loop.remove_signal_handler(signum)
 
 
-async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
-                ready: Callable[[], None] | None = None,
-                on_reload: Callable[[], object] | None = None) -> int:
+async def serve(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    ready: Callable[[], None] | None = None,
+    on_reload: Callable[[], object] | None = None,
+) -> int:
     await start()
     try:
         if ready is not None:

@@ -32,66 +32,186 @@ HELP = "run the egress server that terminates relay tunnels and dials upstreams"
 def configure(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("listening")
     add_option(net, "--host", "EGRESS_HOST", "address to listen on", default="127.0.0.1")
-    add_option(net, "--port", "EGRESS_PORT", "port to listen on (0: any free port)",
-               default=8080, type=int)
+    add_option(
+        net, "--port", "EGRESS_PORT", "port to listen on (0: any free port)", default=8080, type=int
+    )
     add_option(net, "--ws-path", "WS_PATH", "tunnel WebSocket path", default=DEFAULT_WS_PATH)
     add_option(net, "--tls-cert", "TLS_CERT", "certificate chain for serving wss://")
     add_option(net, "--tls-key", "TLS_KEY", "private key for serving wss://")
-    add_option(net, "--metrics-host", "METRICS_HOST", "address of the metrics listener",
-               default="127.0.0.1")
-    add_option(net, "--metrics-port", "METRICS_PORT",
-               "port of the Prometheus /metrics listener (omit to disable)", type=int)
+    add_option(
+        net,
+        "--metrics-host",
+        "METRICS_HOST",
+        "address of the metrics listener",
+        default="127.0.0.1",
+    )
+    add_option(
+        net,
+        "--metrics-port",
+        "METRICS_PORT",
+        "port of the Prometheus /metrics listener (omit to disable)",
+        type=int,
+    )
     auth = parser.add_argument_group("authentication")
-    add_list_option(auth, "--public-keys", "PUBLIC_KEYS",
-                 "Ed25519 public key file or directory for verifying session tokens", "PATH")
-    add_option(auth, "--audience", "AUDIENCE", "audience session tokens must carry",
-               default="upstreamproxy")
-    add_option(auth, "--static-tokens", "STATIC_TOKENS",
-               "file of 'SESSION_ID TOKEN [POLICY]' lines (development only)")
+    add_list_option(
+        auth,
+        "--public-keys",
+        "PUBLIC_KEYS",
+        "Ed25519 public key file or directory for verifying session tokens",
+        "PATH",
+    )
+    add_option(
+        auth,
+        "--audience",
+        "AUDIENCE",
+        "audience session tokens must carry",
+        default="upstreamproxy",
+    )
+    add_option(
+        auth,
+        "--static-tokens",
+        "STATIC_TOKENS",
+        "file of 'SESSION_ID TOKEN [POLICY]' lines (development only)",
+    )
     pol = parser.add_argument_group("policy")
     add_option(pol, "--policy", "POLICY", "policy file (YAML); reloaded on SIGHUP")
-    add_list_option(pol, "--allow", "ALLOW",
-                 "shorthand policy without a file: allow HOST:PORT (PORT may be *)", "HOST:PORT")
-    add_list_option(pol, "--allow-cidr", "ALLOW_CIDR",
-                 "with --allow: special-purpose range to allow (e.g. 127.0.0.0/8)", "CIDR")
-    add_list_option(pol, "--resolve", "RESOLVE",
-                 "pin a name to addresses instead of DNS: HOST=IP[+IP...]", "HOST=IP")
+    add_list_option(
+        pol,
+        "--allow",
+        "ALLOW",
+        "shorthand policy without a file: allow HOST:PORT (PORT may be *)",
+        "HOST:PORT",
+    )
+    add_list_option(
+        pol,
+        "--allow-cidr",
+        "ALLOW_CIDR",
+        "with --allow: special-purpose range to allow (e.g. 127.0.0.0/8)",
+        "CIDR",
+    )
+    add_list_option(
+        pol,
+        "--resolve",
+        "RESOLVE",
+        "pin a name to addresses instead of DNS: HOST=IP[+IP...]",
+        "HOST=IP",
+    )
     add_option(pol, "--ca-cert", "CA_CERT", "CA certificate PEM served at the ca-cert endpoint")
-    add_option(pol, "--audit-log", "AUDIT_LOG", "write audit JSON lines to this file "
-               "(default: the log on stderr)")
+    add_option(
+        pol,
+        "--audit-log",
+        "AUDIT_LOG",
+        "write audit JSON lines to this file (default: the log on stderr)",
+    )
     tls = parser.add_argument_group("TLS interception (credential injection)")
-    add_option(tls, "--ca-key", "CA_KEY",
-               "private key of --ca-cert; enables interception for rules that ask for it")
-    add_option(tls, "--secrets-dir", "SECRETS_DIR",
-               "directory of secrets for header injection (Kubernetes Secret volume layout)")
-    add_option(tls, "--leaf-ttl", "LEAF_TTL", "validity of issued leaf certificates, seconds",
-               default=86400.0, type=float)
-    add_option(tls, "--upstream-ca", "UPSTREAM_CA",
-               "CA file to verify intercepted upstreams (default: system trust store)")
-    add_option(tls, "--sni-mismatch", "SNI_MISMATCH",
-               "on an SNI that is not the CONNECT host: refuse the handshake, or answer 421",
-               default="refuse-handshake", choices=("refuse-handshake", "http-421"))
+    add_option(
+        tls,
+        "--ca-key",
+        "CA_KEY",
+        "private key of --ca-cert; enables interception for rules that ask for it",
+    )
+    add_option(
+        tls,
+        "--secrets-dir",
+        "SECRETS_DIR",
+        "directory of secrets for header injection (Kubernetes Secret volume layout)",
+    )
+    add_option(
+        tls,
+        "--leaf-ttl",
+        "LEAF_TTL",
+        "validity of issued leaf certificates, seconds",
+        default=86400.0,
+        type=float,
+    )
+    add_option(
+        tls,
+        "--upstream-ca",
+        "UPSTREAM_CA",
+        "CA file to verify intercepted upstreams (default: system trust store)",
+    )
+    add_option(
+        tls,
+        "--sni-mismatch",
+        "SNI_MISMATCH",
+        "on an SNI that is not the CONNECT host: refuse the handshake, or answer 421",
+        default="refuse-handshake",
+        choices=("refuse-handshake", "http-421"),
+    )
     lim = parser.add_argument_group("limits and timeouts")
     defaults = LimitConfig()
-    add_option(lim, "--max-tunnels", "MAX_TUNNELS", "concurrent tunnels in total",
-               default=defaults.max_tunnels, type=int)
-    add_option(lim, "--max-session-tunnels", "MAX_SESSION_TUNNELS",
-               "concurrent tunnels per session", default=defaults.max_session_tunnels, type=int)
-    add_option(lim, "--session-rate", "SESSION_RATE", "new tunnels per second per session",
-               default=defaults.session_rate, type=float)
-    add_option(lim, "--session-burst", "SESSION_BURST", "burst of new tunnels per session",
-               default=defaults.session_burst, type=int)
-    add_option(lim, "--head-timeout", "HEAD_TIMEOUT", "seconds to wait for the CONNECT head",
-               default=10.0, type=float)
-    add_option(lim, "--dial-timeout", "DIAL_TIMEOUT", "seconds allowed to resolve and dial",
-               default=10.0, type=float)
-    add_option(lim, "--idle-timeout", "IDLE_TIMEOUT",
-               "seconds a tunnel may be idle before it is closed", default=300.0, type=float)
-    add_option(pol, "--reload-interval", "RELOAD_INTERVAL",
-               "seconds between checks of the policy file for changes (0: SIGHUP only)",
-               default=10.0, type=float)
-    add_option(lim, "--drain-grace", "DRAIN_GRACE",
-               "seconds open tunnels get to finish after SIGTERM", default=30.0, type=float)
+    add_option(
+        lim,
+        "--max-tunnels",
+        "MAX_TUNNELS",
+        "concurrent tunnels in total",
+        default=defaults.max_tunnels,
+        type=int,
+    )
+    add_option(
+        lim,
+        "--max-session-tunnels",
+        "MAX_SESSION_TUNNELS",
+        "concurrent tunnels per session",
+        default=defaults.max_session_tunnels,
+        type=int,
+    )
+    add_option(
+        lim,
+        "--session-rate",
+        "SESSION_RATE",
+        "new tunnels per second per session",
+        default=defaults.session_rate,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--session-burst",
+        "SESSION_BURST",
+        "burst of new tunnels per session",
+        default=defaults.session_burst,
+        type=int,
+    )
+    add_option(
+        lim,
+        "--head-timeout",
+        "HEAD_TIMEOUT",
+        "seconds to wait for the CONNECT head",
+        default=10.0,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--dial-timeout",
+        "DIAL_TIMEOUT",
+        "seconds allowed to resolve and dial",
+        default=10.0,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--idle-timeout",
+        "IDLE_TIMEOUT",
+        "seconds a tunnel may be idle before it is closed",
+        default=300.0,
+        type=float,
+    )
+    add_option(
+        pol,
+        "--reload-interval",
+        "RELOAD_INTERVAL",
+        "seconds between checks of the policy file for changes (0: SIGHUP only)",
+        default=10.0,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--drain-grace",
+        "DRAIN_GRACE",
+        "seconds open tunnels get to finish after SIGTERM",
+        default=30.0,
+        type=float,
+    )
 
 
 def build_authenticator(args: argparse.Namespace) -> Authenticator:
@@ -141,18 +261,31 @@ def build_server(args: argparse.Namespace) -> EgressServer:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("tls_cert", "--tls-cert and --tls-key go together")
     config = EgressConfig(
-        host=args.host, port=args.port, ws_path=args.ws_path, ca_cert_pem=ca_pem,
-        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key,
-        metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        drain_grace=args.drain_grace, reload_interval=args.reload_interval,
-        timeouts=TunnelTimeouts(head=args.head_timeout, dial=args.dial_timeout,
-                                idle=args.idle_timeout),
-        limits=LimitConfig(args.max_tunnels, args.max_session_tunnels, args.session_rate,
-                           args.session_burst),
+        host=args.host,
+        port=args.port,
+        ws_path=args.ws_path,
+        ca_cert_pem=ca_pem,
+        tls_cert_file=args.tls_cert,
+        tls_key_file=args.tls_key,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        drain_grace=args.drain_grace,
+        reload_interval=args.reload_interval,
+        timeouts=TunnelTimeouts(
+            head=args.head_timeout, dial=args.dial_timeout, idle=args.idle_timeout
+        ),
+        limits=LimitConfig(
+            args.max_tunnels, args.max_session_tunnels, args.session_rate, args.session_burst
+        ),
     )
     config.limits.validate()
-    return EgressServer(config, build_authenticator(args), build_policies(args),
-                        resolver=build_resolver(args), interception=build_interception(args))
+    return EgressServer(
+        config,
+        build_authenticator(args),
+        build_policies(args),
+        resolver=build_resolver(args),
+        interception=build_interception(args),
+    )
 
 
 def build_interception(args: argparse.Namespace) -> Callable[[EgressMetrics], Interception] | None:
@@ -163,7 +296,8 @@ def build_interception(args: argparse.Namespace) -> Callable[[EgressMetrics], In
     if args.leaf_ttl < 60:
         raise ConfigError("leaf_ttl", "must be at least 60 seconds")
     config = InterceptionConfig(
-        ca_cert=Path(args.ca_cert), ca_key=Path(args.ca_key),
+        ca_cert=Path(args.ca_cert),
+        ca_key=Path(args.ca_key),
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
         leaf_ttl=dt.timedelta(seconds=args.leaf_ttl),
         upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None,

@@ -17,26 +17,52 @@ HELP = "run the local CONNECT relay that tunnels to the egress over WebSocket"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--egress-url", "EGRESS_URL",
-               "egress WebSocket URL, e.g. wss://egress.example/v1/code/upstreamproxy/ws")
+    add_option(
+        parser,
+        "--egress-url",
+        "EGRESS_URL",
+        "egress WebSocket URL, e.g. wss://egress.example/v1/code/upstreamproxy/ws",
+    )
     add_option(parser, "--session-id", "SESSION_ID", "session id sent in Proxy-Authorization")
     add_option(parser, "--token-file", "TOKEN_FILE", "file holding the session token")
-    add_option(parser, "--listen-host", "LISTEN_HOST", "address to listen on",
-               default="127.0.0.1")
-    add_option(parser, "--port", "PORT", "port to listen on (0: any free port)", default=0,
-               type=int)
-    parser.add_argument("--allow-non-loopback", action="store_true",
-                        default=env_flag("ALLOW_NON_LOOPBACK"),
-                        help="allow listening on a non-loopback address "
-                             "(env UPSTREAMPROXY_ALLOW_NON_LOOPBACK)")
-    add_option(parser, "--egress-ca-file", "EGRESS_CA_FILE",
-               "CA file to verify a wss:// egress (default: system trust store)")
-    add_option(parser, "--egress-proxy", "EGRESS_PROXY",
-               "outbound proxy the relay uses to reach the egress (http:// or socks5://)")
-    add_option(parser, "--handshake-timeout", "HANDSHAKE_TIMEOUT",
-               "seconds allowed for the WebSocket handshake", default=10.0, type=float)
-    add_option(parser, "--keepalive", "KEEPALIVE", "seconds between keepalive chunks",
-               default=30.0, type=float)
+    add_option(parser, "--listen-host", "LISTEN_HOST", "address to listen on", default="127.0.0.1")
+    add_option(
+        parser, "--port", "PORT", "port to listen on (0: any free port)", default=0, type=int
+    )
+    parser.add_argument(
+        "--allow-non-loopback",
+        action="store_true",
+        default=env_flag("ALLOW_NON_LOOPBACK"),
+        help="allow listening on a non-loopback address (env UPSTREAMPROXY_ALLOW_NON_LOOPBACK)",
+    )
+    add_option(
+        parser,
+        "--egress-ca-file",
+        "EGRESS_CA_FILE",
+        "CA file to verify a wss:// egress (default: system trust store)",
+    )
+    add_option(
+        parser,
+        "--egress-proxy",
+        "EGRESS_PROXY",
+        "outbound proxy the relay uses to reach the egress (http:// or socks5://)",
+    )
+    add_option(
+        parser,
+        "--handshake-timeout",
+        "HANDSHAKE_TIMEOUT",
+        "seconds allowed for the WebSocket handshake",
+        default=10.0,
+        type=float,
+    )
+    add_option(
+        parser,
+        "--keepalive",
+        "KEEPALIVE",
+        "seconds between keepalive chunks",
+        default=30.0,
+        type=float,
+    )
 
 
 def config_from_args(args: argparse.Namespace, token: Secret) -> RelayConfig:
@@ -45,10 +71,15 @@ def config_from_args(args: argparse.Namespace, token: Secret) -> RelayConfig:
     if not args.session_id:
         raise ConfigError("session_id", "required (--session-id or UPSTREAMPROXY_SESSION_ID)")
     return RelayConfig(
-        egress_url=args.egress_url, session_id=args.session_id, token=token,
-        listen_host=args.listen_host, listen_port=args.port,
-        allow_non_loopback=args.allow_non_loopback, egress_ca_file=args.egress_ca_file,
-        egress_proxy=args.egress_proxy, handshake_timeout=args.handshake_timeout,
+        egress_url=args.egress_url,
+        session_id=args.session_id,
+        token=token,
+        listen_host=args.listen_host,
+        listen_port=args.port,
+        allow_non_loopback=args.allow_non_loopback,
+        egress_ca_file=args.egress_ca_file,
+        egress_proxy=args.egress_proxy,
+        handshake_timeout=args.handshake_timeout,
         keepalive_interval=args.keepalive,
     )
 

@@ -422,8 +422,11 @@ def check_address(ip: IPAddress, allow: CidrSet = EMPTY, block: CidrSet = EMPTY)
     exempt = _allow_covers(ip, allow)
     # A range such as 169.254.0.0/16 must not open the metadata service by accident: only an
     # entry naming the metadata address itself does.
-    if exempt is not None and reason.endswith("cloud-metadata") and (
-            exempt.prefixlen != exempt.max_prefixlen):
+    if (
+        exempt is not None
+        and reason.endswith("cloud-metadata")
+        and (exempt.prefixlen != exempt.max_prefixlen)
+    ):
         exempt = None
     if exempt is not None:
         return AddressVerdict(True, f"allow-list:{exempt}")

@@ -69,10 +69,15 @@ class Route:
 
 
 class Admission:
-    def __init__(self, policies: Callable[[], PolicySet], resolver: Resolver,
-                 dial_timeout: float, dial: DialFn = dial_addresses,
-                 own_ports: Callable[[], set[int]] = set,
-                 own_addresses: Sequence[IPAddress] = ()) -> None:
+    def __init__(
+        self,
+        policies: Callable[[], PolicySet],
+        resolver: Resolver,
+        dial_timeout: float,
+        dial: DialFn = dial_addresses,
+        own_ports: Callable[[], set[int]] = set,
+        own_addresses: Sequence[IPAddress] = (),
+    ) -> None:
         self._policies = policies
         self._resolver = resolver
         self._dial_timeout = dial_timeout
@@ -99,8 +104,13 @@ class Admission:
             record.decision = "allow"
         elif policy.monitor and decision.reason != "non-canonical-ip-literal":
             record.decision = "monitor-allow"
-            log.warning("monitor mode: policy %s would deny %s:%d (%s)", policy.name, host,
-                        target.port, decision.reason)
+            log.warning(
+                "monitor mode: policy %s would deny %s:%d (%s)",
+                policy.name,
+                host,
+                target.port,
+                decision.reason,
+            )
         else:
             record.decision = "deny"
             raise Refusal(403, decision.reason, decision.rule)
@@ -112,8 +122,9 @@ class Admission:
         upstream = await self.dial(addresses, target.port, record)
         return Route(host, target.port, tuple(addresses), upstream=upstream)
 
-    async def dial(self, addresses: Sequence[IPAddress], port: int,
-                   record: AdmissionRecord) -> Upstream:
+    async def dial(
+        self, addresses: Sequence[IPAddress], port: int, record: AdmissionRecord
+    ) -> Upstream:
         started = time.monotonic()
         try:
             upstream = await self._dial(addresses, port, self._dial_timeout)
@@ -134,8 +145,14 @@ class Admission:
         except ResolveError as exc:
             raise Refusal(504 if exc.reason == "dns-timeout" else 502, exc.reason) from None
 
-    def _check_addresses(self, policy: Policy, addresses: Sequence[IPAddress], port: int,
-                         rule: str, record: AdmissionRecord) -> None:
+    def _check_addresses(
+        self,
+        policy: Policy,
+        addresses: Sequence[IPAddress],
+        port: int,
+        rule: str,
+        record: AdmissionRecord,
+    ) -> None:
         """Every address must pass; one bad address refuses the tunnel (rebinding safety)."""
         own_ports = self._own_ports()
         for address in addresses:
@@ -143,8 +160,9 @@ class Admission:
             if not verdict.allowed:
                 record.decision, record.reason = "deny", f"blocked-address:{verdict.reason}"
                 raise Refusal(403, record.reason, rule)
-            if port in own_ports and (_reaches_this_host(address)
-                                      or address in self._own_addresses):
+            if port in own_ports and (
+                _reaches_this_host(address) or address in self._own_addresses
+            ):
                 record.decision, record.reason = "deny", "egress-self"
                 raise Refusal(403, "egress-self", rule)
 

@@ -22,8 +22,7 @@ def utc_now() -> str:
 
 
 def emit(record: Mapping[str, Any]) -> None:
-    audit_log.info(json.dumps({"time": utc_now(), **record}, separators=(",", ":"),
-                              default=str))
+    audit_log.info(json.dumps({"time": utc_now(), **record}, separators=(",", ":"), default=str))
 
 
 def log_to_file(path: Path) -> None:

@@ -68,8 +68,9 @@ class StaticTokens:
             if not fields or fields[0].startswith("#"):
                 continue
             if len(fields) not in (2, 3):
-                raise ConfigError("static_tokens",
-                                  f"{path}:{number}: expected SESSION_ID TOKEN [POLICY]")
+                raise ConfigError(
+                    "static_tokens", f"{path}:{number}: expected SESSION_ID TOKEN [POLICY]"
+                )
             policy = fields[2] if len(fields) == 3 else "default"
             tokens[fields[1]] = Session(fields[0], policy)
         if not tokens:
@@ -90,8 +91,7 @@ def bearer_token(header: str | None) -> str:
     return token
 
 
-def check_tunnel_credentials(proxy_authorization: str | None, session: Session,
-                             token: str) -> None:
+def check_tunnel_credentials(proxy_authorization: str | None, session: Session, token: str) -> None:
     """The in-tunnel Proxy-Authorization must carry the upgrade's session and token (407)."""
     if proxy_authorization is None:
         raise HeadError(407, "missing Proxy-Authorization inside the tunnel")
@@ -108,8 +108,11 @@ class SignedTokens:
     Built from a factory so SIGHUP (and the change watcher) can re-read rotated keys.
     """
 
-    def __init__(self, verifier: TokenVerifier | Callable[[], TokenVerifier],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier | Callable[[], TokenVerifier],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._factory = verifier if callable(verifier) else None
         self._verifier = verifier() if callable(verifier) else verifier
         self._clock = clock

@@ -59,9 +59,11 @@ async def _attempt(address: IPAddress, port: int) -> Upstream:
     return Upstream(reader, writer, _format(address, port))
 
 
-async def dial_addresses(addresses: Sequence[IPAddress], port: int, timeout: float,
-                         stagger: float = DEFAULT_STAGGER) -> Upstream:
-    """Connect to the first reachable address in ``addresses`` (already policy-checked)."""
+async def dial_addresses(
+    addresses: Sequence[IPAddress], port: int, deadline: float, stagger: float = DEFAULT_STAGGER
+) -> Upstream:
+    """Connect to the first reachable address in ``addresses`` (already policy-checked),
+    within ``deadline`` seconds for the whole race."""
     if not addresses:
         raise DialError(502, "dial-failed")
     queue = interleave(addresses)
@@ -69,14 +71,14 @@ async def dial_addresses(addresses: Sequence[IPAddress], port: int, timeout: flo
     last_error = "no address"
     winner: Upstream | None = None
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(deadline):
             while winner is None and (queue or pending):
                 if queue:
                     address = queue.pop(0)
                     pending.add(asyncio.ensure_future(_attempt(address, port)))
                 done, pending = await asyncio.wait(
-                    pending, timeout=stagger if queue else None,
-                    return_when=asyncio.FIRST_COMPLETED)
+                    pending, timeout=stagger if queue else None, return_when=asyncio.FIRST_COMPLETED
+                )
                 for task in done:
                     error = task.exception()
                     if error is not None:
@@ -97,7 +99,6 @@ async def dial_addresses(addresses: Sequence[IPAddress], port: int, timeout: flo
                     result.writer.close()
     if winner is None:
         # The reason stays machine-readable; the socket error goes to the log only.
-        log.info("dial to port %d failed on %d address(es): %s", port, len(addresses),
-                 last_error)
+        log.info("dial to port %d failed on %d address(es): %s", port, len(addresses), last_error)
         raise DialError(502, "dial-failed")
     return winner

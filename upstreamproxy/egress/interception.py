@@ -76,7 +76,8 @@ class Interception:
     def start(self) -> None:
         if self.secrets is not None and self.config.secrets_reload_interval > 0:
             self._watcher = asyncio.get_running_loop().create_task(
-                self.secrets.watch(self.config.secrets_reload_interval))
+                self.secrets.watch(self.config.secrets_reload_interval)
+            )
 
     def stop(self) -> None:
         if self._watcher is not None:
@@ -86,8 +87,7 @@ class Interception:
         if self.secrets is not None:
             report = self.secrets.reload()
             if not report.ok:
-                log.error("secrets reload failed, keeping the last good values: %s",
-                          report.error)
+                log.error("secrets reload failed, keeping the last good values: %s", report.error)
 
     def missing_secrets(self, policies: PolicySet) -> set[str]:
         wanted: set[str] = set()
@@ -97,12 +97,19 @@ class Interception:
             return wanted
         return self.secrets.missing(wanted)
 
-    async def serve(self, inner: socket.socket, route: Route, admitted: AdmissionRecord,
-                    session: Session, admission: Admission) -> InterceptResult:
+    async def serve(
+        self,
+        inner: socket.socket,
+        route: Route,
+        admitted: AdmissionRecord,
+        session: Session,
+        admission: Admission,
+    ) -> InterceptResult:
         assert route.intercept is not None
 
-        async def connect(host: str, port: int) -> tuple[asyncio.StreamReader,
-                                                          asyncio.StreamWriter]:
+        async def connect(
+            host: str, port: int
+        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             # Only the addresses admission checked for this tunnel; never a new lookup.
             try:
                 upstream = await admission.dial(route.addresses, route.port, admitted)
@@ -111,14 +118,20 @@ class Interception:
             return upstream.reader, upstream.writer
 
         def audit_request(fields: dict[str, object]) -> None:
-            audit.emit({"event": "request", "session": session.session_id,
-                        "policy": session.policy, **fields})
+            audit.emit(
+                {
+                    "event": "request",
+                    "session": session.session_id,
+                    "policy": session.policy,
+                    **fields,
+                }
+            )
 
-        env = dataclasses.replace(self._env, upstream_connector=connect,
-                                  audit_request=audit_request)
+        env = dataclasses.replace(
+            self._env, upstream_connector=connect, audit_request=audit_request
+        )
         return await serve_intercepted(inner, route.host, route.port, route.intercept, env)
 
 
-async def _no_connector(host: str, port: int) -> tuple[asyncio.StreamReader,
-                                                       asyncio.StreamWriter]:
+async def _no_connector(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     raise DialError(502, "no-upstream-connector")

@@ -58,8 +58,7 @@ class _Bucket:
 class Limiter:
     """Counts open tunnels and rate-limits new ones. Single event loop: no locking needed."""
 
-    def __init__(self, config: LimitConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: LimitConfig, clock: Callable[[], float] = time.monotonic) -> None:
         config.validate()
         self.config = config
         self._clock = clock
@@ -101,8 +100,9 @@ class Limiter:
         else:
             self._buckets.move_to_end(session_id)
             elapsed = max(0.0, now - bucket.updated)
-            bucket.tokens = min(float(self.config.session_burst),
-                                bucket.tokens + elapsed * self.config.session_rate)
+            bucket.tokens = min(
+                float(self.config.session_burst), bucket.tokens + elapsed * self.config.session_rate
+            )
             bucket.updated = now
         if bucket.tokens < 1.0:
             return False

@@ -104,8 +104,12 @@ class PolicySet:
         return self.policies.get(name)
 
     def intercept_rules(self) -> list[InterceptRule]:
-        return [rule.intercept for policy in self.policies.values() for rule in policy.rules
-                if rule.intercept is not None]
+        return [
+            rule.intercept
+            for policy in self.policies.values()
+            for rule in policy.rules
+            if rule.intercept is not None
+        ]
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(where, f"must be {what}")
     return value
 
@@ -170,13 +174,15 @@ def _parse_ports(raw: Any, where: str) -> frozenset[int] | None:
     return frozenset(ports)
 
 
-def _parse_rule(raw: Any, where: str, seen_hosts: dict[str, str],
-                seen_ids: set[str]) -> Rule:
+def _parse_rule(raw: Any, where: str, seen_hosts: dict[str, str], seen_ids: set[str]) -> Rule:
     _expect(raw, dict, where, "a mapping")
     _check_keys(raw, {"id", "hosts", "ports", "intercept"}, where)
     rule_id = _expect(raw.get("id"), str, f"{where}.id", "a string")
-    if not rule_id or len(rule_id) > 64 or not rule_id.replace("-", "").replace(
-            "_", "").replace(".", "").isalnum():
+    if (
+        not rule_id
+        or len(rule_id) > 64
+        or not rule_id.replace("-", "").replace("_", "").replace(".", "").isalnum()
+    ):
         raise ConfigError(f"{where}.id", "must be 1..64 characters of letters, digits, -_.")
     if rule_id in seen_ids:
         raise ConfigError(f"{where}.id", f"duplicate rule id {rule_id!r}")
@@ -193,8 +199,9 @@ def _parse_rule(raw: Any, where: str, seen_hosts: dict[str, str],
         except ValueError as exc:
             raise ConfigError(spot, str(exc)) from None
         if pattern.pattern in seen_hosts:
-            raise ConfigError(spot, f"{pattern.pattern!r} is already listed at "
-                                    f"{seen_hosts[pattern.pattern]}")
+            raise ConfigError(
+                spot, f"{pattern.pattern!r} is already listed at {seen_hosts[pattern.pattern]}"
+            )
         seen_hosts[pattern.pattern] = spot
         hosts.append(pattern)
     intercept = None
@@ -202,8 +209,7 @@ def _parse_rule(raw: Any, where: str, seen_hosts: dict[str, str],
         from .intercept import parse_intercept_rule  # only policies that intercept need it
 
         intercept = parse_intercept_rule(raw["intercept"], rule_id, f"{where}.intercept")
-    return Rule(rule_id, tuple(hosts), _parse_ports(raw.get("ports"), f"{where}.ports"),
-                intercept)
+    return Rule(rule_id, tuple(hosts), _parse_ports(raw.get("ports"), f"{where}.ports"), intercept)
 
 
 def _parse_cidrs(raw: Any, where: str) -> CidrSet:
@@ -223,10 +229,17 @@ def parse_policy(name: str, raw: Any, where: str) -> Policy:
     _expect(rules_raw, list, f"{where}.rules", "a list of rules")
     seen_hosts: dict[str, str] = {}
     seen_ids: set[str] = set()
-    rules = tuple(_parse_rule(rule, f"{where}.rules[{i}]", seen_hosts, seen_ids)
-                  for i, rule in enumerate(rules_raw))
-    return Policy(name, mode, rules, _parse_cidrs(raw.get("allow_cidrs"), f"{where}.allow_cidrs"),
-                  _parse_cidrs(raw.get("block_cidrs"), f"{where}.block_cidrs"))
+    rules = tuple(
+        _parse_rule(rule, f"{where}.rules[{i}]", seen_hosts, seen_ids)
+        for i, rule in enumerate(rules_raw)
+    )
+    return Policy(
+        name,
+        mode,
+        rules,
+        _parse_cidrs(raw.get("allow_cidrs"), f"{where}.allow_cidrs"),
+        _parse_cidrs(raw.get("block_cidrs"), f"{where}.block_cidrs"),
+    )
 
 
 def parse_policy_document(raw: Any, source: str = "<memory>") -> PolicySet:
@@ -257,8 +270,9 @@ def load_policy_file(path: Path) -> PolicySet:
     try:
         raw = yaml.load(data, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except _DuplicateKey as exc:
-        raise ConfigError("policy", f"{path}: duplicate key {exc.key!r} at line {exc.line}"
-                          ) from None
+        raise ConfigError(
+            "policy", f"{path}: duplicate key {exc.key!r} at line {exc.line}"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -266,8 +280,9 @@ def load_policy_file(path: Path) -> PolicySet:
     return parse_policy_document(raw, str(path))
 
 
-def policy_from_allow_list(entries: Sequence[str], allow_cidrs: Sequence[str] = (),
-                           name: str = "default") -> PolicySet:
+def policy_from_allow_list(
+    entries: Sequence[str], allow_cidrs: Sequence[str] = (), name: str = "default"
+) -> PolicySet:
     """A one-policy set from ``HOST:PORT`` shorthands (``--allow``); port may be ``*``."""
     rules = []
     for index, entry in enumerate(entries):
@@ -279,7 +294,8 @@ def policy_from_allow_list(entries: Sequence[str], allow_cidrs: Sequence[str] = 
             raise ConfigError(f"allow[{index}]", f"{entry!r}: invalid port")
         rules.append({"id": f"allow-{index}", "hosts": [host.strip("[]")], "ports": ports})
     return parse_policy_document(
-        {"policies": {name: {"rules": rules, "allow_cidrs": list(allow_cidrs)}}}, "--allow")
+        {"policies": {name: {"rules": rules, "allow_cidrs": list(allow_cidrs)}}}, "--allow"
+    )
 
 
 def normalise_target_host(host: str) -> str:

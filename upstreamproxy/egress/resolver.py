@@ -37,8 +37,9 @@ class SystemResolver:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                               proto=socket.IPPROTO_TCP)
+                infos = await loop.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
         except TimeoutError:
             raise ResolveError("dns-timeout") from None
         except (socket.gaierror, UnicodeError, OSError):
@@ -57,10 +58,10 @@ class StaticResolver:
     what a name resolves to and to count lookups (``calls``).
     """
 
-    def __init__(self, table: Mapping[str, Sequence[str]],
-                 fallback: Resolver | None = None) -> None:
-        self.table = {host.lower(): [ip_address(a) for a in addrs]
-                      for host, addrs in table.items()}
+    def __init__(
+        self, table: Mapping[str, Sequence[str]], fallback: Resolver | None = None
+    ) -> None:
+        self.table = {host.lower(): [ip_address(a) for a in addrs] for host, addrs in table.items()}
         self.fallback = fallback
         self.calls: list[str] = []
 

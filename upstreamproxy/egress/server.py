@@ -66,34 +66,45 @@ class EgressConfig:
 
 
 class EgressServer:
-    def __init__(self, config: EgressConfig, authenticator: Authenticator,
-                 policies: PolicyStore, resolver: Resolver | None = None,
-                 dial: DialFn = dial_addresses,
-                 interception: Callable[[EgressMetrics], Interception] | None = None) -> None:
+    def __init__(
+        self,
+        config: EgressConfig,
+        authenticator: Authenticator,
+        policies: PolicyStore,
+        resolver: Resolver | None = None,
+        dial: DialFn = dial_addresses,
+        interception: Callable[[EgressMetrics], Interception] | None = None,
+    ) -> None:
         self.config = config
         self.authenticator = authenticator
         self.policies = policies
         self.metrics = EgressMetrics()
         self.limiter = Limiter(config.limits)
         self.readiness_checks: list[ReadinessCheck] = []
-        self.admission = Admission(lambda: self.policies.current,
-                                   resolver or SystemResolver(config.timeouts.dial),
-                                   config.timeouts.dial, dial, self._own_ports,
-                                   _listen_addresses(config.host))
+        self.admission = Admission(
+            lambda: self.policies.current,
+            resolver or SystemResolver(config.timeouts.dial),
+            config.timeouts.dial,
+            dial,
+            self._own_ports,
+            _listen_addresses(config.host),
+        )
         self.interception = interception(self.metrics) if interception else None
         intercept: InterceptFn | None = None
         if self.interception is not None:
             engine = self.interception
 
-            async def intercept(sock: socket.socket, route: Route, admitted: AdmissionRecord,
-                                session: Session) -> object:
+            async def intercept(
+                sock: socket.socket, route: Route, admitted: AdmissionRecord, session: Session
+            ) -> object:
                 return await engine.serve(sock, route, admitted, session, self.admission)
 
             self.readiness_checks.append(self._secrets_ready)
         elif self.policies.current.intercept_rules():
             raise ConfigError("ca_key", "the policy intercepts hosts but no CA key is configured")
-        self.context = TunnelContext(self.admission, self.limiter, self.metrics, config.timeouts,
-                                     intercept)
+        self.context = TunnelContext(
+            self.admission, self.limiter, self.metrics, config.timeouts, intercept
+        )
         self.active: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -148,22 +159,26 @@ class EgressServer:
             ssl_context.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.port,
-                                 ssl_context=ssl_context, backlog=LISTEN_BACKLOG)
+        self._site = web.TCPSite(
+            self._runner,
+            self.config.host,
+            self.config.port,
+            ssl_context=ssl_context,
+            backlog=LISTEN_BACKLOG,
+        )
         await self._site.start()
         self._port = self._bound_port(self._site)
         if self.config.metrics_port is not None:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics)
-            self._metrics_runner = web.AppRunner(metrics_app, access_log=None,
-                                                 handle_signals=False)
+            self._metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
             await self._metrics_runner.setup()
-            self._metrics_site = web.TCPSite(self._metrics_runner, self.config.metrics_host,
-                                             self.config.metrics_port)
+            self._metrics_site = web.TCPSite(
+                self._metrics_runner, self.config.metrics_host, self.config.metrics_port
+            )
             await self._metrics_site.start()
             self._metrics_bound_port = self._bound_port(self._metrics_site)
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host,
-                     self.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         self._started = True
         log.info("egress listening on %s", self.url)
 
@@ -257,10 +272,8 @@ class EgressServer:
         except AuthError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()
             log.warning("upgrade refused from %s: %s", request.remote, exc.reason)
-            return web.json_response({"error": "unauthorized", "reason": exc.reason},
-                                     status=401)
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False,
-                                   autoping=True)
+            return web.json_response({"error": "unauthorized", "reason": exc.reason}, status=401)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, autoping=True)
         if not ws.can_prepare(request).ok:
             return web.json_response({"error": "websocket upgrade required"}, status=400)
         await ws.prepare(request)
@@ -286,24 +299,26 @@ class EgressServer:
         record, admitted = tunnel.record, tunnel.admitted
         decision = admitted.decision
         self.metrics.tunnels.labels(decision).inc()
-        audit.emit({
-            "event": "tunnel",
-            "session": record.session,
-            "policy": admitted.policy,
-            "host": admitted.host,
-            "port": admitted.port,
-            "target": record.target,
-            "resolved": admitted.resolved,
-            "dialled": admitted.dialled,
-            "decision": decision,
-            "reason": admitted.reason,
-            "rule": admitted.rule,
-            "status": record.status,
-            "bytes_up": record.bytes_up,
-            "bytes_down": record.bytes_down,
-            "duration_ms": round((time.monotonic() - record.started) * 1000, 1),
-            "close_cause": record.close_cause,
-        })
+        audit.emit(
+            {
+                "event": "tunnel",
+                "session": record.session,
+                "policy": admitted.policy,
+                "host": admitted.host,
+                "port": admitted.port,
+                "target": record.target,
+                "resolved": admitted.resolved,
+                "dialled": admitted.dialled,
+                "decision": decision,
+                "reason": admitted.reason,
+                "rule": admitted.rule,
+                "status": record.status,
+                "bytes_up": record.bytes_up,
+                "bytes_down": record.bytes_down,
+                "duration_ms": round((time.monotonic() - record.started) * 1000, 1),
+                "close_cause": record.close_cause,
+            }
+        )
 
 
 def _listen_addresses(host: str) -> list[IPAddress]:

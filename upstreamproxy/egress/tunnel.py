@@ -18,12 +18,18 @@ from dataclasses import dataclass, field
 from aiohttp import WSMsgType, web
 
 from ..codec import MAX_CHUNK_PAYLOAD, decode_chunk, encode_chunk
-from ..connect_head import MAX_HEAD_BYTES, ConnectRequest, build_status_head, parse_connect_head, split_head
+from ..connect_head import (
+    MAX_HEAD_BYTES,
+    ConnectRequest,
+    build_status_head,
+    parse_connect_head,
+    split_head,
+)
 from ..errors import ChunkError, HeadError, ProtocolError
 from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
 from .dialer import Upstream
-from .limits import LimitExceeded, Limiter
+from .limits import Limiter, LimitExceeded
 from .metrics import EgressMetrics
 
 log = logging.getLogger("upstreamproxy.egress.tunnel")
@@ -76,8 +82,9 @@ class TunnelContext:
 
 
 class Tunnel:
-    def __init__(self, ws: web.WebSocketResponse, session: Session, token: str,
-                 context: TunnelContext) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, session: Session, token: str, context: TunnelContext
+    ) -> None:
         self.ws = ws
         self.session = session
         self._token = token
@@ -94,8 +101,12 @@ class Tunnel:
             if self.admitted.decision == "-":
                 self.admitted.decision = "error"  # counted, not left without a decision
             self.ctx.metrics.protocol_errors.inc()
-            log.error("session %s tunnel %s: protocol error: %s", self.session.session_id,
-                      self.record.target, exc)
+            log.error(
+                "session %s tunnel %s: protocol error: %s",
+                self.session.session_id,
+                self.record.target,
+                exc,
+            )
             await self.ws.close(code=1002, message=b"protocol error")
 
     async def _run(self) -> None:
@@ -112,8 +123,9 @@ class Tunnel:
             return
         self.record.target = request.target.authority
         try:
-            check_tunnel_credentials(request.header("Proxy-Authorization"), self.session,
-                                     self._token)
+            check_tunnel_credentials(
+                request.header("Proxy-Authorization"), self.session, self._token
+            )
         except HeadError as exc:
             self.ctx.metrics.auth_failures.labels("tunnel-credentials").inc()
             await self._refuse(exc.status, exc.reason)
@@ -164,8 +176,9 @@ class Tunnel:
             return
         outer, inner = socket.socketpair()
         reader, writer = await asyncio.open_connection(sock=outer)
-        engine = asyncio.ensure_future(self.ctx.intercept(inner, route, self.admitted,
-                                                         self.session))
+        engine = asyncio.ensure_future(
+            self.ctx.intercept(inner, route, self.admitted, self.session)
+        )
         try:
             await self._serve_opaque(Upstream(reader, writer, "intercept"), early)
         finally:
@@ -193,8 +206,7 @@ class Tunnel:
         headers = [(REASON_HEADER, reason), (RULE_HEADER, rule)]
         body = json.dumps({"status": status, "reason": reason, "rule": rule}).encode() + b"\n"
         with contextlib.suppress(ConnectionError):
-            await self.ws.send_bytes(encode_chunk(build_status_head(status, tuple(headers),
-                                                                    body)))
+            await self.ws.send_bytes(encode_chunk(build_status_head(status, tuple(headers), body)))
         await self.ws.close()
 
     async def _receive_payload(self) -> bytes:
@@ -237,7 +249,7 @@ class Tunnel:
             while data := await upstream.reader.read(UPSTREAM_READ_SIZE):
                 # send_bytes waits while the socket's write buffer is over its limit.
                 for start in range(0, len(data), MAX_CHUNK_PAYLOAD):
-                    await self.ws.send_bytes(encode_chunk(data[start:start + MAX_CHUNK_PAYLOAD]))
+                    await self.ws.send_bytes(encode_chunk(data[start : start + MAX_CHUNK_PAYLOAD]))
                 self.record.bytes_down += len(data)
                 down.inc(len(data))
                 self._last_activity = time.monotonic()

@@ -140,7 +140,7 @@ class SecretStore:
         return report
 
     async def watch(self, interval: float = 30.0) -> None:
-        """Reload every ``interval`` seconds until cancelled (start it through a TaskSet)."""
+        """Reload every ``interval`` seconds until cancelled (the caller keeps the task)."""
         while True:
             await asyncio.sleep(interval)
             self.reload()
