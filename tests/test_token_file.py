@@ -153,11 +153,56 @@ def test_symlink_is_followed(tmp_path: Path) -> None:
 
 
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
-    path = write(tmp_path / "token", TOKEN.encode(), 0o000)
-    with pytest.raises(ConfigError, match="cannot open"):
-        read_token(path)
+    if os.geteuid() != 0:
+        path = write(tmp_path / "token", TOKEN.encode(), 0o000)
+        with pytest.raises(ConfigError, match="cannot open"):
+            read_token(path)
+        return
+    # Root reads any file, so read it as an unprivileged user, as a sandbox would.
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed to drop privileges"
+    base = Path(tempfile.mkdtemp(prefix="token-perm-"))
+    try:
+        base.chmod(0o755)
+        path = write(base / "token", TOKEN.encode(), 0o000)
+        code = (
+            "import sys\n"
+            "from upstreamproxy.bootstrap.token_file import read_token\n"
+            "from upstreamproxy.errors import ConfigError\n"
+            "try:\n"
+            f"    read_token({str(path)!r})\n"
+            "except ConfigError as exc:\n"
+            "    print(exc)\n"
+            "    sys.exit(0)\n"
+            "sys.exit(1)\n"
+        )
+        repo = str(Path(__file__).resolve().parent.parent)
+        result = subprocess.run(
+            [
+                setpriv,
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                code,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+            env={"PYTHONPATH": repo, "PATH": os.environ["PATH"]},
+        )
+        assert result.returncode == 0, result.stderr
+        assert "cannot open" in result.stdout
+        assert TOKEN not in result.stdout + result.stderr
+    finally:
+        shutil.rmtree(base)
 
 
 def test_delete_token_file(tmp_path: Path) -> None:
