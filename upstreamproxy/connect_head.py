@@ -66,15 +66,10 @@ class ConnectRequest:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
-        lname = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return None
+        return next(iter(header_values(self.headers, name)), None)
 
     def header_values(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [value for key, value in self.headers if key.lower() == lname]
+        return header_values(self.headers, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +79,13 @@ class StatusHead:
     headers: tuple[tuple[str, str], ...]
 
     def header(self, name: str) -> str | None:
-        lname = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lname:
-                return value
-        return None
+        return next(iter(header_values(self.headers, name)), None)
+
+
+def header_values(headers: tuple[tuple[str, str], ...], name: str) -> list[str]:
+    """Every value of header ``name`` (case-insensitive), in order."""
+    lname = name.lower()
+    return [value for key, value in headers if key.lower() == lname]
 
 
 def find_head_end(buffer: bytes | bytearray) -> int | None:
