@@ -56,7 +56,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from upstreamproxy.codec import encode_chunk
 from upstreamproxy.egress.auth import Session
 from upstreamproxy.egress.limits import LimitConfig
-from upstreamproxy.egress.server import EgressConfig
+from upstreamproxy.egress.server import EgressConfig, EgressServer
 from upstreamproxy.egress.tunnel import TunnelTimeouts
 from upstreamproxy.relay import Relay, RelayConfig
 from upstreamproxy.secret import Secret
@@ -299,7 +299,7 @@ async def test_metrics_on_a_separate_listener(echo_origin: EchoOrigin) -> None:
             during = await scrape(server.metrics_port)
             assert during["upstreamproxy_active_tunnels"] == 1
             # A second tunnel of the same session hits the per-session limit.
-            assert (await ask(server, "allowed.test:443")).status == 429
+            assert (await refused_upgrade(server))[0] == 429
         assert_deny(await ask(server, "denied.test:443"), 403, "no-matching-rule", "-")
         with pytest.raises(InvalidStatus):
             await open_ws(server, "not-a-token")
@@ -313,7 +313,7 @@ async def test_metrics_on_a_separate_listener(echo_origin: EchoOrigin) -> None:
     assert after["upstreamproxy_active_tunnels"] == 0
     assert delta['upstreamproxy_tunnels_total{decision="allow"}'] == 1
     assert delta['upstreamproxy_tunnels_total{decision="deny"}'] == 1
-    assert delta['upstreamproxy_tunnels_total{decision="error"}'] == 2  # limit, protocol error
+    assert delta['upstreamproxy_tunnels_total{decision="error"}'] == 1  # the protocol error
     assert delta['upstreamproxy_denies_total{reason="no-matching-rule",rule="-"}'] == 1
     assert delta['upstreamproxy_bytes_total{direction="up"}'] == 100
     assert delta['upstreamproxy_bytes_total{direction="down"}'] == 100
@@ -324,8 +324,17 @@ async def test_metrics_on_a_separate_listener(echo_origin: EchoOrigin) -> None:
     assert delta['upstreamproxy_limit_rejections_total{limit="session-concurrency-limit"}'] == 1
 
 
+async def http_status(port: int, path: str) -> int:
+    """The status of ``GET path`` on a new connection."""
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{port}{path}") as response,
+    ):
+        return response.status
+
+
 async def keepalive_http(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A persistent HTTP/1.1 connection (opened before a drain closes the listener)."""
+    """A persistent HTTP/1.1 connection."""
     return await asyncio.open_connection("127.0.0.1", port)
 
 
@@ -369,9 +378,10 @@ async def test_health_readiness_and_drain(echo_origin: EchoOrigin) -> None:
                 f"Authorization: Bearer {token_for('default')}\r\n" + UPGRADE,
             )
             assert (status, json.loads(body)) == (503, {"error": "draining"})
-            # ... and the listener no longer accepts connections at all.
-            with pytest.raises(OSError):
-                await asyncio.open_connection("127.0.0.1", server.port)
+            # ... and on new connections: the listener stays up so probes see the drain
+            # (readiness 503, liveness 200) instead of "connection refused".
+            assert (await http_status(server.port, "/readyz")) == 503
+            assert (await http_status(server.port, "/healthz")) == 200
             # The tunnel in flight still works.
             await ws_send(ws, b"still here")
             assert await ws_read(ws, 10) == b"still here"
@@ -435,8 +445,8 @@ async def test_total_concurrency_limit(echo_origin: EchoOrigin) -> None:
     async with server:
         async with tunnel(server, target) as (answer, _):
             assert answer.status == 200
-            other = await ask(server, target, token=token_for("default", "b"), session="sess-b")
-            assert_deny(other, 503, "egress-at-capacity", "-")
+            status, reason, body = await refused_upgrade(server, token_for("default", "b"))
+            assert (status, reason, body["reason"]) == (503, "egress-at-capacity", reason)
         # Released when the tunnel ends.
         await wait_until(lambda: server.limiter.total == 0)
         assert (
@@ -454,7 +464,8 @@ async def test_per_session_concurrency_limit(echo_origin: EchoOrigin) -> None:
     target = f"allowed.test:{echo_origin.port}"
     async with server, tunnel(server, target) as (first, _), tunnel(server, target) as (second, _):
         assert (first.status, second.status) == (200, 200)
-        assert_deny(await ask(server, target), 429, "session-concurrency-limit", "-")
+        status, reason, _ = await refused_upgrade(server)
+        assert (status, reason) == (429, "session-concurrency-limit")
         # Another session is not affected.
         assert (
             await ask(server, target, token=token_for("default", "b"), session="sess-b")
@@ -473,10 +484,25 @@ async def test_per_session_rate_limit(echo_origin: EchoOrigin) -> None:
     async with server:
         for _ in range(3):
             assert (await ask(server, target)).status == 200
-        assert_deny(await ask(server, target), 429, "session-rate-limit", "-")
+        status, reason, _ = await refused_upgrade(server)
+        assert (status, reason) == (429, "session-rate-limit")
         assert (
             await ask(server, target, token=token_for("default", "b"), session="sess-b")
         ).status == 200
+
+
+async def refused_upgrade(
+    server: EgressServer, token: str | None = None
+) -> tuple[int, str | None, dict[str, object]]:
+    """Limits are enforced at the WebSocket upgrade: (status, reason header, JSON body)."""
+    with pytest.raises(InvalidStatus) as refused:
+        await open_ws(server, token or token_for("default"))
+    response = refused.value.response
+    return (
+        response.status_code,
+        response.headers.get("X-Upstreamproxy-Reason"),
+        json.loads(response.body or b"{}"),
+    )
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 5) -> None:
@@ -705,8 +731,9 @@ async def test_sigterm_drains_in_flight_transfer(
         await asyncio.sleep(0.1)
         status, body = await http_on(conn, "/readyz")
         assert status == 503 and "draining" in json.loads(body)["reasons"]
-        with pytest.raises(OSError):
+        with pytest.raises(InvalidStatus) as refused:  # no new tunnels while draining
             await open_ws(egress.url, token_for("default"))
+        assert refused.value.response.status_code == 503
         rest = await ws_read(ws, 9000)
         with pytest.raises(ConnectionClosed):  # the origin ends the tunnel, not the client
             await ws_read(ws, 1)

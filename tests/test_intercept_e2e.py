@@ -181,7 +181,7 @@ async def test_curl_gets_credential_injected(
     assert record["path"] == "/v1/things?x=1"
     # The sandbox saw a certificate for the real name, from the egress CA, and verified it.
     assert SECRET_VALUE not in caplog.text
-    assert '"rule":"api"' in caplog.text and '"api-token"' in caplog.text  # request audit
+    assert '"event":"request"' in caplog.text and '"api-token"' in caplog.text  # request audit
 
 
 async def test_python_client_keepalive_and_large_bodies(chain: Chain) -> None:

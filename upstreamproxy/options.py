@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 
@@ -20,11 +21,29 @@ def add_option(
     default: Any = None,
     **kwargs: Any,
 ) -> None:
-    """Add ``flag`` whose default is read from ``UPSTREAMPROXY_<env>``; help names the variable."""
+    """Add ``flag`` whose default is read from ``UPSTREAMPROXY_<env>``; help names the variable.
+
+    An environment value stays a string until argparse converts it, which it does only for the
+    subcommand actually run; a bad value is then reported naming both the flag and variable.
+    """
     value = env_default(env, default)
-    if "type" in kwargs and value is not None and isinstance(value, str):
-        value = kwargs["type"](value)
+    convert = kwargs.pop("type", None)
+    if convert is not None:
+        kwargs["type"] = _named_type(convert, flag, f"UPSTREAMPROXY_{env}")
     parser.add_argument(flag, default=value, help=f"{help} (env UPSTREAMPROXY_{env})", **kwargs)
+
+
+def _named_type(convert: Callable[[str], Any], flag: str, variable: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r} (from {flag} or {variable})"
+            ) from None
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
 
 
 def env_flag(name: str) -> bool:

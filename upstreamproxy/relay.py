@@ -44,6 +44,9 @@ from .secret import Secret
 
 log = logging.getLogger("upstreamproxy.relay")
 _ws_log = redacting_logger("upstreamproxy.relay.websocket")
+# websockets logs every frame at DEBUG, abbreviated in the middle: the first chunk's
+# credentials could show up cut where no redaction pattern matches. Frames are never logged.
+_ws_log.setLevel(logging.INFO)
 
 DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
 #: Bytes read from the client per chunk; well under the 512 KiB payload cap. Larger reads
@@ -263,6 +266,9 @@ class Relay:
                 await ws.send(encode_chunk(piece))
                 stats.sent += len(piece)
             await self._pump(reader, writer, ws, stats)
+        except (ConnectionError, ConnectionClosed) as exc:
+            # Either side went away between the status head and the pumps: just close.
+            stats.outcome = f"connection-lost ({type(exc).__name__})"
         finally:
             await _close_ws(ws)
 
@@ -303,9 +309,12 @@ class Relay:
         except TimeoutError:
             raise _TunnelFailed(504, "timed out opening the WebSocket to the egress") from None
         except InvalidStatus as exc:
-            raise _TunnelFailed(
-                502, f"egress refused the WebSocket upgrade (HTTP {exc.response.status_code})"
-            ) from None
+            status = exc.response.status_code
+            reason = exc.response.headers.get(REASON_HEADER, "")
+            if status in (429, 503):  # a limit or a drain: the client may retry later
+                raise _TunnelFailed(status, reason or f"egress answered HTTP {status}") from None
+            detail = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
+            raise _TunnelFailed(502, f"egress refused the WebSocket upgrade ({detail})") from None
         except (InvalidHandshake, InvalidURI, OSError) as exc:
             raise _TunnelFailed(502, f"cannot reach the egress: {type(exc).__name__}") from None
         try:
@@ -318,6 +327,11 @@ class Relay:
         except HeadError as exc:
             await _close_ws(ws)
             raise _TunnelFailed(502, exc.reason) from None
+        except (ConnectionClosed, OSError):
+            # The egress hung up right after the upgrade (e.g. draining): still a 502, never an
+            # empty reply.
+            await _close_ws(ws)
+            raise _TunnelFailed(502, "egress closed the tunnel before establishing it") from None
         except BaseException:
             await _close_ws(ws)
             raise
@@ -380,11 +394,12 @@ class Relay:
         except* ProtocolError as errors:
             stats.outcome = "protocol-error"
             log.error("tunnel %s: protocol error: %s", stats.target, errors.exceptions[0])
+            await _close_ws(ws, 1002)
         except* (ConnectionClosed, ConnectionError, OSError) as errors:
             stats.outcome = f"connection-lost ({type(errors.exceptions[0]).__name__})"
 
 
-async def _close_ws(ws: ClientConnection) -> None:
+async def _close_ws(ws: ClientConnection, code: int = 1000) -> None:
     """Close the WebSocket, aborting the socket if the close handshake does not finish soon.
 
     Shielded so a cancelled tunnel (relay stopping) still releases its socket.
@@ -393,7 +408,7 @@ async def _close_ws(ws: ClientConnection) -> None:
     async def close() -> None:
         try:
             async with asyncio.timeout(WS_CLOSE_GRACE):
-                await ws.close()
+                await ws.close(code)
         except (TimeoutError, ConnectionClosed, OSError):
             pass
         finally:

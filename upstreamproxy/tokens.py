@@ -93,13 +93,13 @@ REFUSAL_REASONS: Final = frozenset(
     }
 )
 
-_KID_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SID_RE: Final = re.compile(r"^[A-Za-z0-9._~@+=-]{1,128}$")
-_POLICY_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_AUD_RE: Final = re.compile(r"^[\x21-\x7e]{1,256}$")
-_B64_RE: Final = re.compile(r"^[A-Za-z0-9_-]*$")
+_KID_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+_SID_RE: Final = re.compile(r"^[A-Za-z0-9._~@+=-]{1,128}\Z")
+_POLICY_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+_AUD_RE: Final = re.compile(r"^[\x21-\x7e]{1,256}\Z")
+_B64_RE: Final = re.compile(r"^[A-Za-z0-9_-]*\Z")
 _PEM_SUFFIXES: Final = (".public.pem", ".private.pem", ".pem")
-_FINGERPRINT_RE: Final = re.compile(r"^ed25519-[0-9a-f]{16}$")
+_FINGERPRINT_RE: Final = re.compile(r"^ed25519-[0-9a-f]{16}\Z")
 
 
 @dataclass(frozen=True, slots=True)

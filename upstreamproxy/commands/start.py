@@ -19,10 +19,11 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NoReturn
 
 from ..bootstrap.start import Readiness, StartOptions, run_session
 from ..bootstrap.state import default_state_dir
-from ..options import add_option, env_default, env_flag
+from ..options import add_list_option, add_option, env_flag
 
 HELP = "bootstrap the sandbox: token, hardening, CA bundle, relay, environment for tools"
 
@@ -74,16 +75,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: $XDG_RUNTIME_DIR/upstreamproxy, else ~/.cache/upstreamproxy)",
         type=Path,
     )
-    default_no_proxy = env_default("NO_PROXY")
-    parser.add_argument(
+    add_list_option(
+        parser,
         "--no-proxy",
-        action="append",
-        metavar="HOST",
-        default=[v.strip() for v in default_no_proxy.split(",") if v.strip()]
-        if default_no_proxy
-        else None,
-        help="extra NO_PROXY entry, added to the defaults and the user's own; repeatable "
-        "(env UPSTREAMPROXY_NO_PROXY, comma-separated)",
+        "NO_PROXY",
+        "extra NO_PROXY entry, added to the defaults and the user's own",
+        "HOST",
     )
     add_option(
         parser, "--port", "PORT", "relay port on 127.0.0.1 (0: any free port)", default=0, type=int
@@ -116,6 +113,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         type=float,
     )
+    parser.error = _usage_error  # type: ignore[method-assign]
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A bad flag or ``UPSTREAMPROXY_*`` value is a start failure like any other: fail open
+    (exit 0, the session carries on without the proxy) unless --fail-closed was asked for."""
+    fail_closed = env_flag("FAIL_CLOSED") or "--fail-closed" in sys.argv
+    print(f"upstreamproxy start: {message}", file=sys.stderr)
+    if fail_closed:
+        sys.exit(2)
+    print(
+        "upstreamproxy start: continuing without the proxy (--fail-closed would make this fatal)",
+        file=sys.stderr,
+    )
+    sys.exit(0)
 
 
 def options_from_args(args: argparse.Namespace) -> StartOptions:
@@ -213,7 +225,7 @@ def _redirect_output(state_dir: Path) -> None:
     try:
         state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         target = os.open(
-            state_dir / "start.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644
+            state_dir / "start.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
         )
     except OSError:
         pass

@@ -10,6 +10,7 @@ re-origination of intercepted hosts dials the same checked addresses.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class Admission:
         dial: DialFn = dial_addresses,
         own_ports: Callable[[], set[int]] = set,
         own_addresses: Sequence[IPAddress] = (),
+        listens_everywhere: bool = False,
     ) -> None:
         self._policies = policies
         self._resolver = resolver
@@ -84,6 +86,7 @@ class Admission:
         self._dial = dial
         self._own_ports = own_ports
         self._own_addresses = frozenset(own_addresses)
+        self._listens_everywhere = listens_everywhere
 
     async def admit(self, session: Session, target: Target, record: AdmissionRecord) -> Route:
         policy = self._policies().get(session.policy)
@@ -161,7 +164,9 @@ class Admission:
                 record.decision, record.reason = "deny", f"blocked-address:{verdict.reason}"
                 raise Refusal(403, record.reason, rule)
             if port in own_ports and (
-                _reaches_this_host(address) or address in self._own_addresses
+                _reaches_this_host(address)
+                or address in self._own_addresses
+                or (self._listens_everywhere and is_local_address(address))
             ):
                 record.decision, record.reason = "deny", "egress-self"
                 raise Refusal(403, "egress-self", rule)
@@ -175,3 +180,18 @@ def _reaches_this_host(address: IPAddress) -> bool:
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback or address.ipv4_mapped.is_unspecified
     return address.is_loopback or address.is_unspecified
+
+
+def is_local_address(address: IPAddress) -> bool:
+    """Whether ``address`` belongs to this host: binding to it succeeds only then.
+
+    Used when the egress listens on every interface (0.0.0.0 / ::), where its own pod or host
+    address is not known in advance. No packet is sent.
+    """
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True

@@ -88,6 +88,8 @@ def bearer_token(header: str | None) -> str:
         raise AuthError("malformed-authorization")
     if len(token) > 8192:
         raise AuthError("token-too-large")
+    if not token.isascii() or not token.isprintable():
+        raise AuthError("malformed-authorization")
     return token
 
 

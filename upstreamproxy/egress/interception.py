@@ -120,10 +120,10 @@ class Interception:
         def audit_request(fields: dict[str, object]) -> None:
             audit.emit(
                 {
+                    **fields,
                     "event": "request",
                     "session": session.session_id,
                     "policy": session.policy,
-                    **fields,
                 }
             )
 

@@ -29,11 +29,11 @@ from .admission import Admission, AdmissionRecord, DialFn, Route
 from .auth import Authenticator, Session, bearer_token
 from .dialer import IPAddress, dial_addresses
 from .interception import Interception
-from .limits import LimitConfig, Limiter
+from .limits import LimitConfig, Limiter, LimitExceeded
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
 from .policy import PolicyStore
 from .resolver import Resolver, SystemResolver
-from .tunnel import InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
+from .tunnel import REASON_HEADER, InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
 
 log = logging.getLogger("upstreamproxy.egress")
 # aiohttp quotes offending header lines in its errors; they may hold a token.
@@ -88,6 +88,7 @@ class EgressServer:
             dial,
             self._own_ports,
             _listen_addresses(config.host),
+            listens_everywhere=config.host in ("", "0.0.0.0", "::"),
         )
         self.interception = interception(self.metrics) if interception else None
         intercept: InterceptFn | None = None
@@ -180,15 +181,30 @@ class EgressServer:
             self._metrics_bound_port = self._bound_port(self._metrics_site)
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         self._started = True
+        if self.interception is not None:
+            self.interception.start()
+        if self.config.reload_interval > 0 and self.policies.path is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_policy())
         log.info("egress listening on %s", self.url)
 
+    async def _watch_policy(self) -> None:
+        """Reload when the policy file changes (a ConfigMap update swaps it underneath us)."""
+        while True:
+            await asyncio.sleep(self.config.reload_interval)
+            if self.policies.changed():
+                self.reload()
+
     async def stop(self, grace: float = 0.0) -> None:
-        """Drain: not ready, stop accepting, let tunnels finish for ``grace`` s, close the rest."""
+        """Drain: readiness turns 503 and new tunnels are refused (503) while the listener, and
+        so liveness, stays up; open tunnels get ``grace`` seconds to finish; then the rest are
+        closed with the listeners."""
         if self._runner is None:
             return  # never started, or already stopped
         self._draining = True
-        if self._site is not None:
-            await self._site.stop()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.interception is not None:
+            self.interception.stop()
         if grace > 0 and self.active:
             log.info("draining %d tunnels for up to %.0fs", len(self.active), grace)
             await asyncio.wait(list(self.active), timeout=grace)
@@ -265,17 +281,43 @@ class EgressServer:
 
     async def _tunnel(self, request: web.Request) -> web.StreamResponse:
         if self._draining:
-            return web.json_response({"error": "draining"}, status=503)
+            return web.json_response(
+                {"error": "draining"}, status=503, headers={REASON_HEADER: "draining"}
+            )
         try:
             token = bearer_token(request.headers.get("Authorization"))
             session = self.authenticator.authenticate(token)
         except AuthError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()
             log.warning("upgrade refused from %s: %s", request.remote, exc.reason)
-            return web.json_response({"error": "unauthorized", "reason": exc.reason}, status=401)
+            return web.json_response(
+                {"error": "unauthorized", "reason": exc.reason},
+                status=401,
+                headers={REASON_HEADER: exc.reason},
+            )
         ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, autoping=True)
         if not ws.can_prepare(request).ok:
             return web.json_response({"error": "websocket upgrade required"}, status=400)
+        # Limits count WebSockets, not CONNECT heads: a session cannot hold more sockets open
+        # than it may have tunnels, however slowly it sends its heads.
+        try:
+            self.limiter.acquire(session.session_id)
+        except LimitExceeded as exc:
+            self.metrics.limit_rejections.labels(exc.reason).inc()
+            log.warning("upgrade refused for session %s: %s", session.session_id, exc.reason)
+            return web.json_response(
+                {"error": "limited", "reason": exc.reason},
+                status=exc.status,
+                headers={REASON_HEADER: exc.reason},
+            )
+        try:
+            return await self._serve_tunnel(request, ws, session, token)
+        finally:
+            self.limiter.release(session.session_id)
+
+    async def _serve_tunnel(
+        self, request: web.Request, ws: web.WebSocketResponse, session: Session, token: str
+    ) -> web.WebSocketResponse:
         await ws.prepare(request)
         task = asyncio.current_task()
         assert task is not None

