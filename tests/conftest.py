@@ -188,3 +188,8 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+async def curl_via(proxy_url: str, url: str, ca_file: Path | str, *extra: str) -> Completed:
+    """Real curl through the relay (``-x ... -p``), trusting ``ca_file``."""
+    return await run("curl", "-sS", "--cacert", str(ca_file), "-x", proxy_url, "-p", *extra, url)

@@ -24,7 +24,7 @@ from ipaddress import ip_address
 from typing import Any
 
 import pytest
-from conftest import TLSFiles, _serve, origin_app
+from conftest import TLSFiles, _serve, curl_via, origin_app
 from websockets.asyncio.client import ClientConnection, connect
 
 from upstreamproxy.certs import issue_leaf
@@ -480,7 +480,6 @@ async def test_exactly_one_resolution_per_tunnel(
 async def test_curl_through_relay_reaches_a_name_resolved_by_the_egress(
     named_origin: NamedOrigin, tls: TLSFiles, audit_lines: AuditLines
 ) -> None:
-    from conftest import run
 
     from upstreamproxy.relay import Relay, RelayConfig
     from upstreamproxy.secret import Secret
@@ -496,15 +495,8 @@ async def test_curl_through_relay_reaches_a_name_resolved_by_the_egress(
             )
         ) as relay,
     ):
-        result = await run(
-            "curl",
-            "-sS",
-            "--cacert",
-            str(tls.ca_file),
-            "-x",
-            relay.proxy_url,
-            "-p",
-            f"https://allowed.test:{named_origin.port}/",
+        result = await curl_via(
+            relay.proxy_url, f"https://allowed.test:{named_origin.port}/", tls.ca_file
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"hello from origin\n"

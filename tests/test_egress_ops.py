@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import TLSFiles, connect_via, raw_request, run
+from conftest import TLSFiles, connect_via, curl_via, raw_request, run
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 from test_egress_admission import (  # noqa: F401 (fixtures)
@@ -876,16 +876,7 @@ async def test_signed_tokens_end_to_end(
     # A valid token: curl through a real relay reaches the origin.
     relay = Relay(RelayConfig(egress_url=egress.url, session_id="sess-signed", token=Secret(good)))
     async with relay:
-        result = await run(
-            "curl",
-            "-sS",
-            "--cacert",
-            str(tls.ca_file),
-            "-x",
-            relay.proxy_url,
-            "-p",
-            f"https://allowed.test:{port}/",
-        )
+        result = await curl_via(relay.proxy_url, f"https://allowed.test:{port}/", tls.ca_file)
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"hello from origin\n"
 

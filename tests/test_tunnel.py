@@ -21,6 +21,7 @@ from conftest import (
     TLSFiles,
     _serve,
     connect_via,
+    curl_via,
     loopback_policy,
     origin_app,
     pattern_bytes,
@@ -114,16 +115,7 @@ async def test_ipv6_target(relay: Relay, tls: TLSFiles) -> None:
     except OSError:
         pytest.skip("::1 not configured")
     try:
-        result = await run(
-            "curl",
-            "-sS",
-            "--cacert",
-            str(tls.ca_file),
-            "-x",
-            relay.proxy_url,
-            "-p",
-            f"https://[::1]:{port}/",
-        )
+        result = await curl_via(relay.proxy_url, f"https://[::1]:{port}/", tls.ca_file)
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"hello from origin\n"
     finally:
@@ -403,16 +395,7 @@ async def test_relay_reaches_egress_through_outbound_proxy(
     proxy_port = server.sockets[0].getsockname()[1]
     try:
         async with make_relay(egress.url, egress_proxy=f"http://127.0.0.1:{proxy_port}") as relay:
-            result = await run(
-                "curl",
-                "-sS",
-                "--cacert",
-                str(tls.ca_file),
-                "-x",
-                relay.proxy_url,
-                "-p",
-                https_origin.url + "/",
-            )
+            result = await curl_via(relay.proxy_url, https_origin.url + "/", tls.ca_file)
         assert result.returncode == 0, result.stderr
         assert seen == [f"CONNECT 127.0.0.1:{egress.port} HTTP/1.1".encode()]
     finally:
@@ -489,16 +472,7 @@ async def test_token_never_logged(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     async with make_relay(egress.url) as relay:
-        ok = await run(
-            "curl",
-            "-sS",
-            "--cacert",
-            str(tls.ca_file),
-            "-x",
-            relay.proxy_url,
-            "-p",
-            https_origin.url + "/",
-        )
+        ok = await curl_via(relay.proxy_url, https_origin.url + "/", tls.ca_file)
         assert ok.returncode == 0
         await raw_request(relay.port, b"CONNECT example.com:443 HTTP/1.1\r\n\r\n")
     bad = Relay(
