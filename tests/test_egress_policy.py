@@ -25,13 +25,13 @@ from test_egress_admission import (  # noqa: F401 (echo_origin is a fixture)
 )
 
 from upstreamproxy.egress.addresses import CidrSet
+from upstreamproxy.egress.hostnames import normalise_host
 from upstreamproxy.egress.policy import (
     MAX_POLICY_FILE_BYTES,
     Policy,
     PolicySet,
     PolicyStore,
     load_policy_file,
-    normalise_target_host,
     policy_from_allow_list,
 )
 from upstreamproxy.egress.resolver import StaticResolver
@@ -87,7 +87,7 @@ def write(tmp_path: Path, text: str | bytes, name: str = "policy.yaml") -> Path:
 def lookup(policies: PolicySet, name: str, target: str, port: int = 443) -> tuple[bool, str, str]:
     policy = policies.get(name)
     assert isinstance(policy, Policy)
-    decision = policy.decide_host(normalise_target_host(target), port)
+    decision = policy.decide_host(normalise_host(target), port)
     return decision.allowed, decision.reason, decision.rule
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -78,4 +79,15 @@ def add_list_option(
         metavar=metavar,
         default=default,
         help=f"{help}; repeatable (env UPSTREAMPROXY_{env}, comma-separated)",
+    )
+
+
+def add_state_dir_option(parser: argparse._ActionsContainer, purpose: str) -> None:
+    """``--state-dir``, shared by every command that finds or creates a session's files."""
+    add_option(
+        parser,
+        "--state-dir",
+        "STATE_DIR",
+        f"{purpose} (default: $XDG_RUNTIME_DIR/upstreamproxy, else ~/.cache/upstreamproxy)",
+        type=Path,
     )

@@ -48,7 +48,6 @@ _ws_log = redacting_logger("upstreamproxy.relay.websocket")
 # credentials could show up cut where no redaction pattern matches. Frames are never logged.
 _ws_log.setLevel(logging.INFO)
 
-DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
 #: Bytes read from the client per chunk; well under the 512 KiB payload cap. Larger reads
 #: mean fewer frames (and fewer syscalls and mask draws) per byte relayed.
 READ_SIZE: Final = 128 * 1024

@@ -9,12 +9,11 @@ import os
 import sys
 import urllib.parse
 from dataclasses import asdict
-from pathlib import Path
 
 from ..bootstrap.doctor import TOOLS, ProbeResult, Verdict, diagnose, no_proxy_match
 from ..bootstrap.hardening import HardeningError, is_dumpable
 from ..bootstrap.state import NoSession, default_state_dir, load_session, session_env
-from ..options import add_option
+from ..options import add_option, add_state_dir_option
 
 HELP = "check that each installed tool reaches a URL through the running relay"
 
@@ -23,14 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(
         parser, "--url", "DOCTOR_URL", "https:// URL to probe; pick one the session's policy allows"
     )
-    add_option(
-        parser,
-        "--state-dir",
-        "STATE_DIR",
-        "state directory of the session (default: $XDG_RUNTIME_DIR/upstreamproxy, "
-        "else ~/.cache/upstreamproxy)",
-        type=Path,
-    )
+    add_state_dir_option(parser, "state directory of the session")
     add_option(
         parser, "--tools", "DOCTOR_TOOLS", "comma-separated tools to probe", default=",".join(TOOLS)
     )

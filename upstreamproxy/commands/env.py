@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from ..bootstrap.proxy_env import render_dotenv, render_sh
 from ..bootstrap.state import NoSession, default_state_dir, load_session
-from ..options import add_option
+from ..options import add_state_dir_option
 
 HELP = "print the running session's environment (sh, dotenv or json)"
 
@@ -22,14 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="sh: export lines to eval or source (default); dotenv: NAME=value "
         "lines; json: env.json as written by start",
     )
-    add_option(
-        parser,
-        "--state-dir",
-        "STATE_DIR",
-        "state directory of the session (default: $XDG_RUNTIME_DIR/upstreamproxy, "
-        "else ~/.cache/upstreamproxy)",
-        type=Path,
-    )
+    add_state_dir_option(parser, "state directory of the session")
 
 
 def run(args: argparse.Namespace) -> int:

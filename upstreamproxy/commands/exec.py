@@ -28,7 +28,7 @@ from ..bootstrap.state import (
     session_env,
 )
 from ..errors import ConfigError
-from ..options import add_option, env_flag
+from ..options import add_state_dir_option, env_flag
 
 HELP = "run a command with the running session's proxy environment"
 
@@ -40,14 +40,7 @@ EXIT_NOT_FOUND = 127
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_option(
-        parser,
-        "--state-dir",
-        "STATE_DIR",
-        "state directory of the session (default: $XDG_RUNTIME_DIR/upstreamproxy, "
-        "else ~/.cache/upstreamproxy)",
-        type=Path,
-    )
+    add_state_dir_option(parser, "state directory of the session")
     parser.add_argument(
         "--fail-closed",
         action="store_true",

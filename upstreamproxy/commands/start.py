@@ -23,7 +23,7 @@ from typing import NoReturn
 
 from ..bootstrap.start import Readiness, StartOptions, run_session
 from ..bootstrap.state import default_state_dir
-from ..options import add_list_option, add_option, env_flag
+from ..options import add_list_option, add_option, add_state_dir_option, env_flag
 
 HELP = "bootstrap the sandbox: token, hardening, CA bundle, relay, environment for tools"
 
@@ -67,14 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         type=float,
     )
-    add_option(
-        parser,
-        "--state-dir",
-        "STATE_DIR",
-        "directory for ca-bundle.pem, env.sh, env.json and the pid file "
-        "(default: $XDG_RUNTIME_DIR/upstreamproxy, else ~/.cache/upstreamproxy)",
-        type=Path,
-    )
+    add_state_dir_option(parser, "directory for ca-bundle.pem, env.sh, env.json and the pid file")
     add_list_option(
         parser,
         "--no-proxy",

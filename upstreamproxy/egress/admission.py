@@ -21,8 +21,8 @@ from ..connect_head import Target
 from .addresses import check_address
 from .auth import Session
 from .dialer import DialError, IPAddress, Upstream, dial_addresses
-from .hostnames import parse_ip_literal
-from .policy import Policy, PolicySet, normalise_target_host
+from .hostnames import normalise_host, parse_ip_literal
+from .policy import Policy, PolicySet
 from .resolver import ResolveError, Resolver
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class Admission:
             record.decision = "deny"
             raise Refusal(403, "unknown-policy")
         try:
-            host = normalise_target_host(target.host)
+            host = normalise_host(target.host)
         except ValueError:
             raise Refusal(400, "invalid-host") from None
         record.host = host

@@ -25,6 +25,9 @@ class EgressMetrics:
             ["direction"],
             registry=r,
         )
+        # Resolved once: the per-chunk path only increments.
+        self.bytes_up = self.bytes.labels("up")
+        self.bytes_down = self.bytes.labels("down")
         self.dial_seconds = Histogram(
             "upstreamproxy_dial_seconds",
             "Time to connect to an upstream",

@@ -24,6 +24,7 @@ block lists) stay enforced, because a policy being trialled must not open the me
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ import yaml
 
 from ..errors import ConfigError
 from .addresses import CidrSet
-from .hostnames import HostPattern, is_ambiguous_ipv4, normalise_host
+from .hostnames import HostPattern, is_ambiguous_ipv4
 
 if TYPE_CHECKING:
     from .intercept import InterceptRule
@@ -298,11 +299,6 @@ def policy_from_allow_list(
     )
 
 
-def normalise_target_host(host: str) -> str:
-    """Normalise a CONNECT target's host; ValueError if it is not a valid host."""
-    return normalise_host(host)
-
-
 class PolicyStore:
     """The policy in force, reloadable from its file; a bad file never replaces a good one."""
 
@@ -337,8 +333,6 @@ class PolicyStore:
 
 def file_fingerprint(path: Path) -> str:
     """A digest of the file's content ("" if unreadable); follows Kubernetes' symlink swaps."""
-    import hashlib
-
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:

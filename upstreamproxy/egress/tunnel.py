@@ -225,7 +225,7 @@ class Tunnel:
 
     def _count_up(self, size: int) -> None:
         self.record.bytes_up += size
-        self.ctx.metrics.bytes.labels("up").inc(size)
+        self.ctx.metrics.bytes_up.inc(size)
 
     async def _pump(self, upstream: Upstream) -> None:
         async def relay_to_upstream() -> None:
@@ -237,7 +237,7 @@ class Tunnel:
                     self._count_up(len(payload))
 
         async def upstream_to_relay() -> None:
-            down = self.ctx.metrics.bytes.labels("down")
+            down = self.ctx.metrics.bytes_down
             while data := await upstream.reader.read(UPSTREAM_READ_SIZE):
                 # send_bytes waits while the socket's write buffer is over its limit.
                 for start in range(0, len(data), MAX_CHUNK_PAYLOAD):
