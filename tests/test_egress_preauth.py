@@ -212,7 +212,7 @@ def test_rate_limited_log_says_one_line_then_a_count(caplog: pytest.LogCaptureFi
 
 
 def test_fd_soft_limit_is_raised_to_the_hard_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = min(hard, 4096)
 
     def lower() -> None:
