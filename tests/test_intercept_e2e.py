@@ -306,3 +306,21 @@ async def test_interception_metrics(chain: Chain) -> None:
     assert 'upstreamproxy_intercept_rewrites_total{header="authorization",rule="api"} 2.0' in text
     assert SECRET_VALUE not in text
     await asyncio.sleep(0)
+
+
+async def test_dial_time_is_observed_for_intercepted_tunnels(chain: Chain) -> None:
+    # Regression: the dial histogram only saw opaque tunnels.
+    def dials() -> float:
+        value = chain.egress.metrics.registry.get_sample_value("upstreamproxy_dial_seconds_count")
+        return value or 0.0
+
+    before = dials()
+    url = f"https://api.test:{chain.origin_port}/dial"
+    result = await run("curl", "-sS", url, env=sandbox_env(chain))
+    assert result.returncode == 0, result.stderr
+    assert dials() == before + 1
+    result = await run(
+        "curl", "-sSk", f"https://plain.test:{chain.origin_port}/", env=sandbox_env(chain)
+    )
+    assert result.returncode == 0, result.stderr
+    assert dials() == before + 2  # an opaque tunnel is counted once, not twice

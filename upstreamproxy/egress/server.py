@@ -93,6 +93,7 @@ class EgressServer:
             self._own_ports,
             _listen_addresses(config.host),
             listens_everywhere=config.host in ("", "0.0.0.0", "::"),
+            on_dial=self.metrics.dial_seconds.observe,
         )
         self.interception = interception(self.metrics) if interception else None
         intercept: InterceptFn | None = None
