@@ -716,6 +716,75 @@ async def test_stale_keep_alive_upstream_is_replaced(
         assert result.requests == 2 and result.upstream_connections == 2
 
 
+@dataclass
+class FlakyOrigin:
+    """Answers the first request on each connection, then closes on the next one unanswered:
+    a kept-alive connection the origin dropped just as the engine reused it."""
+
+    seen: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            for index in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.seen.append(head.split(b"\r\n", 1)[0])
+                if index == 1:
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.transport.abort()
+
+
+async def flaky_origin(h: Harness, tmp_path: Path) -> tuple[FlakyOrigin, asyncio.Server]:
+    origin = FlakyOrigin()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "origin.pem", tmp_path / "origin.key")
+    server = await asyncio.start_server(origin.handle, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+
+    async def connector(host: str, p: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port)
+
+    h.env.upstream_connector = connector
+    return origin, server
+
+
+async def test_stale_upstream_retries_an_idempotent_request(h: Harness, tmp_path: Path) -> None:
+    origin, server = await flaky_origin(h, tmp_path)
+    client = await Client.connect(h)
+    assert (await client.get("/one"))[0].status_code == 200
+    response, body = await client.get("/two")  # the reused connection dies: sent again
+    assert (response.status_code, body) == (200, b"ok")
+    assert origin.seen == [b"GET /one HTTP/1.1", b"GET /two HTTP/1.1", b"GET /two HTTP/1.1"]
+    client.close()
+    server.close()
+
+
+async def test_stale_upstream_never_resends_a_post(h: Harness, tmp_path: Path) -> None:
+    # Regression: a POST with Content-Length: 0 counted as "bodiless" and was sent twice.
+    # RFC 9110 §9.2.2: the origin may have acted on it before the connection dropped.
+    origin, server = await flaky_origin(h, tmp_path)
+    client = await Client.connect(h)
+    assert (await client.get("/one"))[0].status_code == 200
+    await client.send(
+        h11.Request(
+            method="POST", target="/pay", headers=[("Host", HOST), ("Content-Length", "0")]
+        ),
+        h11.EndOfMessage(),
+    )
+    response, _ = await client.response()
+    assert response.status_code == 502
+    assert origin.seen == [b"GET /one HTTP/1.1", b"POST /pay HTTP/1.1"]
+    assert origin.connections == 1
+    client.close()
+    server.close()
+
+
 async def test_upstream_connection_close_is_not_passed_to_the_client(h: Harness) -> None:
     client = await Client.connect(h)
     for _ in range(2):

@@ -55,6 +55,8 @@ from .upstream import UpstreamConnector, make_upstream_context, open_upstream
 log = logging.getLogger("upstreamproxy.egress.intercept")
 
 REASON_HEADER: Final = "X-Upstreamproxy-Reason"
+#: RFC 9110 §9.2.2: only these may be sent again after a connection failed before an answer.
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 AuditFn = Callable[[dict[str, object]], None]
 
@@ -382,10 +384,12 @@ class _Session:
                     and upstream.cycle_bytes_in == 0
                     and not prepared.has_body
                     and not exchange.response_started
+                    and prepared.method.upper() in IDEMPOTENT_METHODS
                 )
                 if stale and attempt == 1:
-                    # A kept-alive upstream closed as we reused it; a bodiless request is safe
-                    # to send again on a fresh connection.
+                    # A kept-alive upstream closed as we reused it; a bodiless idempotent
+                    # request is safe to send again on a fresh connection. A POST is not: the
+                    # upstream may have acted on it before closing (RFC 9110 §9.2.2).
                     log.debug("intercept %s: stale upstream connection, retrying", self.expected)
                     continue
                 return await self._relay_failed(client, exchange, exc)
