@@ -131,7 +131,12 @@ def origin_app(state: OriginState) -> web.Application:
         state.requests.append({"path": request.path_qs})
         return web.Response(status=413, text="too big\n")
 
+    async def big_head(request: web.Request) -> web.Response:
+        state.requests.append({"path": request.path_qs})
+        return web.Response(text="big\n", headers={"X-Big": "b" * int(request.match_info["size"])})
+
     app = web.Application(client_max_size=1024**3)
+    app.router.add_get("/bighead/{size:\\d+}", big_head)
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/stream/{size:\\d+}", stream)
@@ -625,6 +630,35 @@ async def test_hostile_request_is_refused_before_the_upstream(
     assert reason in out
     assert h.dials == [] and h.origin.requests == []
     await h.result()
+
+
+@pytest.mark.parametrize(("size", "status"), [(60_000, 200), (70_000, 431), (130_000, 431)])
+async def test_request_head_limit_is_exact(h: Harness, size: int, status: int) -> None:
+    # Regression: a 130 kB head passed the "64 KiB" limit (h11 only bounds incomplete heads).
+    client = await Client.connect(h)
+    pad = "".join(f"X-Pad-{i}: {'p' * 3986}\r\n" for i in range(size // 4000))  # 4000 B each
+    head = f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\n{pad}\r\n".encode()
+    client.writer.write(head)
+    out = bytearray()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        while b"\r\n\r\n" not in out and (
+            chunk := await asyncio.wait_for(client.reader.read(65536), 10)
+        ):
+            out += chunk
+    assert out.startswith(f"HTTP/1.1 {status} ".encode()), bytes(out[:100])
+    assert len(h.origin.requests) == (1 if status == 200 else 0)
+    client.close()
+
+
+@pytest.mark.parametrize(("size", "status"), [(60_000, 200), (66_000, 502), (90_000, 502)])
+async def test_response_head_limit_is_exact(h: Harness, size: int, status: int) -> None:
+    # Regression: a 90 kB response head passed.
+    client = await Client.connect(h)
+    response, _ = await client.get(f"/bighead/{size}")
+    assert response.status_code == status
+    if status == 502:
+        assert header(response, "x-upstreamproxy-reason") == ["upstream-head-too-large"]
+    client.close()
 
 
 async def test_host_mismatch_is_counted(h: Harness) -> None:

@@ -292,6 +292,14 @@ class _Session:
                 client.conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
+                try:
+                    client.check_head(event)
+                except PeerError:
+                    self.result.close_cause = "client-protocol-error"
+                    refusal = Refusal(431, "malformed-request", "request head too large")
+                    await self._answer(client, refusal)
+                    self._audit(event, 431, error="malformed-request")
+                    return None
                 return event
             self.result.close_cause = "client-closed"
             return None
