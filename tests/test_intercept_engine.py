@@ -35,6 +35,7 @@ from upstreamproxy.egress.intercept import (
     parse_intercept_rule,
     serve_intercepted,
 )
+from upstreamproxy.egress.intercept.clienthello import NeedMore, NotClientHello, offered_alpn
 
 HOST = "api.example.test"
 TOKEN_VALUE = "ghp_SUPERSECRET_0123456789abcdef"
@@ -1034,3 +1035,65 @@ async def test_curl_host_header_mismatch_is_400(h: Harness, listener: int) -> No
     )
     assert done.stdout == b"400"
     assert h.origin.requests == []
+
+
+# -- ALPN (RFC 7301 §3.2) -------------------------------------------------------------------------
+
+
+async def alpn_connect(
+    h: Harness, offer: list[str] | None
+) -> tuple[asyncio.StreamWriter, str | None]:
+    sock = h.serve()
+    ctx = ssl.create_default_context(cafile=str(h.ca_file))
+    if offer is not None:
+        ctx.set_alpn_protocols(offer)
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=HOST), 10
+    )
+    return writer, writer.get_extra_info("ssl_object").selected_alpn_protocol()
+
+
+async def test_h2_only_client_gets_the_no_application_protocol_alert(h: Harness) -> None:
+    # Regression: the handshake completed and the client was answered HTTP/1.1 400.
+    with pytest.raises(ssl.SSLError) as info:
+        await alpn_connect(h, ["h2"])
+    assert "no application protocol" in str(info.value)
+    result = await h.result()
+    assert result.close_cause == "handshake-refused (no-application-protocol)"
+    assert h.counter("alpn_refusals_total") == 1
+
+
+@pytest.mark.parametrize(
+    ("offer", "selected"),
+    [(["h2", "http/1.1"], "http/1.1"), (None, None), (["http/1.1"], "http/1.1")],
+)
+async def test_clients_offering_http11_or_nothing_are_served(
+    h: Harness, offer: list[str] | None, selected: str | None
+) -> None:
+    writer, alpn = await alpn_connect(h, offer)
+    assert alpn == selected
+    writer.close()
+    assert h.counter("alpn_refusals_total") == 0
+
+
+@pytest.mark.parametrize("cut", [0, 5, 40, 200])
+def test_client_hello_parser_handles_truncation(cut: int) -> None:
+    hello = captured_client_hello(["h2", "http/1.1"])
+    assert offered_alpn(hello) == [b"h2", b"http/1.1"]
+    with pytest.raises(NeedMore):
+        offered_alpn(hello[:cut])
+    assert offered_alpn(captured_client_hello(None)) is None
+    with pytest.raises(NotClientHello):
+        offered_alpn(b"GET / HTTP/1.1\r\n\r\n")
+
+
+def captured_client_hello(offer: list[str] | None) -> bytes:
+    """The bytes Python's own TLS client sends first (through memory BIOs, no socket)."""
+    ctx = ssl.create_default_context()
+    if offer is not None:
+        ctx.set_alpn_protocols(offer)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
