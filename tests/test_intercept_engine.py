@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from conftest import pattern_bytes, rss_kib, run
 from prometheus_client import generate_latest
+from testpki import TestCA, make_ca
 
-from upstreamproxy.certs import CertificateAuthority, create_ca, issue_leaf
 from upstreamproxy.egress.intercept import (
     InterceptEnv,
     InterceptResult,
@@ -148,9 +148,9 @@ def origin_app(state: OriginState) -> web.Application:
 
 
 async def start_origin(
-    state: OriginState, cert_dir: Path, ca: CertificateAuthority, **runner_kwargs: float
+    state: OriginState, cert_dir: Path, ca: TestCA, **runner_kwargs: float
 ) -> tuple[web.AppRunner, int]:
-    leaf = issue_leaf(ca, [HOST, "localhost", "127.0.0.1"])
+    leaf = ca.issue([HOST, "localhost", "127.0.0.1"])
     (cert_dir / "origin.pem").write_bytes(leaf.chain_pem())
     (cert_dir / "origin.key").write_bytes(leaf.key_pem())
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -208,9 +208,9 @@ class Harness:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     base = tmp_path_factory.mktemp("intercept-pki")
-    intercept_ca = create_ca("intercept test egress CA")
-    upstream_ca = create_ca("intercept test upstream CA")
-    rogue_ca = create_ca("someone else's CA")
+    intercept_ca = make_ca("intercept test egress CA")
+    upstream_ca = make_ca("intercept test upstream CA")
+    rogue_ca = make_ca("someone else's CA")
     (base / "egress-ca.pem").write_bytes(intercept_ca.cert_pem())
     (base / "upstream-ca.pem").write_bytes(upstream_ca.cert_pem())
     return {
@@ -218,7 +218,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "intercept_ca": intercept_ca,
         "upstream_ca": upstream_ca,
         "rogue_ca": rogue_ca,
-        "leaves": LeafCache(intercept_ca),
+        "leaves": LeafCache(intercept_ca.product()),
     }
 
 
