@@ -5,9 +5,11 @@ once per failed ``accept()`` and up to ``backlog`` times per wake-up: at the fd 
 listener wrote a traceback per attempt (tens of thousands a second). :class:`Acceptor` owns
 the accept loop of one listening socket instead:
 
-* on ``EMFILE``/``ENFILE``/``ENOBUFS``/``ENOMEM`` it stops reading the socket and retries
-  after a delay that doubles up to :data:`MAX_BACKOFF` (pending clients wait in the kernel's
-  backlog meanwhile); the first accept that succeeds resets the delay;
+* on ``EMFILE``/``ENFILE`` it frees a descriptor it keeps in reserve, accepts the waiting
+  connections with it one at a time and *sheds* them (``on_shed``: close, or a short refusal
+  the protocol allows), so clients get a prompt, clean refusal instead of waiting in the
+  kernel's backlog; then it stops reading the socket and retries after a delay that doubles
+  up to :data:`MAX_BACKOFF`; the first accept that succeeds resets the delay;
 * it logs through a :class:`RateLimitedLog`: one line when the trouble starts, then at most
   one line per :data:`LOG_INTERVAL` with the number of failures since, never a traceback.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +41,35 @@ ACCEPT_BATCH: Final = 128
 RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 AcceptFn = Callable[[socket.socket, Any], None]
+ShedFn = Callable[[socket.socket], None]
+
+
+def close_at_once(conn: socket.socket) -> None:
+    conn.close()
+
+
+#: What an HTTP proxy listener answers a connection it sheds (before reading its request).
+HTTP_503: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nX-Upstreamproxy-Reason: out-of-file-descriptors\r\n"
+    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+)
+
+
+def refuse_http_503(conn: socket.socket) -> None:
+    """Shed an HTTP client with a 503 (best effort: one non-blocking send, then close)."""
+    try:
+        conn.send(HTTP_503)
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    conn.close()
+
+
+def _open_reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 class RateLimitedLog:
@@ -73,18 +105,24 @@ class RateLimitedLog:
 class Acceptor:
     """The accept loop of one non-blocking listening socket; ``on_accept`` gets each socket."""
 
-    def __init__(self, sock: socket.socket, on_accept: AcceptFn, name: str) -> None:
+    def __init__(
+        self, sock: socket.socket, on_accept: AcceptFn, name: str, on_shed: ShedFn = close_at_once
+    ) -> None:
         self.sock = sock
         self.name = name
         self._on_accept = on_accept
+        self._on_shed = on_shed
+        #: A descriptor held back so that, out of descriptors, we can still accept and refuse.
+        self._reserve = _open_reserve()
         self._loop = asyncio.get_running_loop()
         self._backoff = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._reading = False
         self._closed = False
         self._log = RateLimitedLog(log)
-        #: Accepts that failed for lack of resources (tests and metrics read it).
+        #: Accepts that failed for lack of resources, and connections refused for it.
         self.exhausted = 0
+        self.shed = 0
 
     def start(self) -> None:
         self.sock.setblocking(False)
@@ -92,6 +130,8 @@ class Acceptor:
 
     def _resume(self) -> None:
         self._retry = None
+        if self._reserve is None:
+            self._reserve = _open_reserve()
         if not self._closed and not self._reading:
             self._loop.add_reader(self.sock.fileno(), self._accept_ready)
             self._reading = True
@@ -120,20 +160,49 @@ class Acceptor:
                 log.exception("%s: handling an accepted connection failed", self.name)
                 conn.close()
 
+    def _shed_waiting(self) -> None:
+        """Out of descriptors: refuse what waits in the backlog, using the reserve fd."""
+        for _ in range(ACCEPT_BATCH):
+            if self._reserve is None:
+                return
+            os.close(self._reserve)
+            self._reserve = None
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                conn = None
+            if conn is not None:
+                self.shed += 1
+                try:
+                    conn.setblocking(False)
+                    self._on_shed(conn)
+                except OSError:
+                    pass
+                finally:
+                    conn.close()
+            self._reserve = _open_reserve()
+            if conn is None:
+                return
+
     def _failed(self, exc: OSError) -> None:
         self.exhausted += 1
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            self._shed_waiting()
         self._backoff = min(MAX_BACKOFF, max(MIN_BACKOFF, self._backoff * 2))
         if exc.errno in RESOURCE_ERRNOS:
             what = "out of file descriptors" if exc.errno != errno.ENOMEM else "out of memory"
         else:
             what = "accept failed"
         self._log.warning(
-            "%s: %s (%s); pausing accepts, retrying with backoff up to %.1fs",
+            "%s: %s (%s); %d connection(s) refused so far; pausing accepts, retrying with "
+            "backoff up to %.1fs",
             self.name,
             what,
             errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+            self.shed,
             MAX_BACKOFF,
         )
+
         self._pause()
         self._retry = self._loop.call_later(self._backoff, self._resume)
 
@@ -145,6 +214,9 @@ class Acceptor:
             self._retry.cancel()
         self._pause()
         self.sock.close()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
 
 
 def bind_sockets(host: str | None, port: int, backlog: int) -> list[socket.socket]:
@@ -181,14 +253,20 @@ ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitab
 class StreamServer:
     """What :func:`start_server` returns: the parts of :class:`asyncio.Server` callers use."""
 
-    def __init__(self, sockets: list[socket.socket], callback: ClientConnected, limit: int) -> None:
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        callback: ClientConnected,
+        limit: int,
+        on_shed: ShedFn = close_at_once,
+    ) -> None:
         self._callback = callback
         self._limit = limit
         self._loop = asyncio.get_running_loop()
         self._connecting: set[asyncio.Task[Any]] = set()
         self._closed = self._loop.create_future()
         name = "listener " + ", ".join(_format(s.getsockname()) for s in sockets)
-        self.acceptors = [Acceptor(sock, self._accepted, name) for sock in sockets]
+        self.acceptors = [Acceptor(sock, self._accepted, name, on_shed) for sock in sockets]
         for acceptor in self.acceptors:
             acceptor.start()
 
@@ -233,9 +311,10 @@ async def start_server(
     *,
     limit: int = 2**16,
     backlog: int = 100,
+    on_shed: ShedFn = close_at_once,
 ) -> StreamServer:
     """Like :func:`asyncio.start_server`, with :class:`Acceptor`'s handling of fd exhaustion."""
-    return StreamServer(bind_sockets(host, port, backlog), client_connected_cb, limit)
+    return StreamServer(bind_sockets(host, port, backlog), client_connected_cb, limit, on_shed)
 
 
 def _format(address: Any) -> str:

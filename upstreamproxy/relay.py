@@ -28,7 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import __version__
-from .acceptor import StreamServer, start_server
+from .acceptor import StreamServer, refuse_http_503, start_server
 from .codec import KEEPALIVE, MAX_MESSAGE_BYTES, decode_chunk, encode_chunk
 from .connect_head import (
     MAX_HEAD_BYTES,
@@ -173,6 +173,7 @@ class Relay:
             # the reader pause and resume the socket every few KiB of tunnel data.
             limit=2 * READ_SIZE,
             backlog=LISTEN_BACKLOG,
+            on_shed=refuse_http_503,
         )
         log.info("relay listening on %s -> %s", self.proxy_url, self.config.egress_url)
 
