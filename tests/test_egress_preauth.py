@@ -244,3 +244,27 @@ def test_listener_binds_every_address_of_a_name() -> None:
     finally:
         for s in sockets:
             s.close()
+
+
+async def test_wss_tunnel_leaves_the_preauth_state(tls: TLSFiles, https_origin: object) -> None:
+    server = make_egress(PreauthLimits(upgrade_timeout=1.0), tls)
+    async with server:
+        relay = Relay(
+            RelayConfig(
+                egress_url=server.url,
+                session_id=SESSION,
+                token=Secret(TOKEN),
+                egress_ca_file=str(tls.ca_file),
+            )
+        )
+        async with relay:
+            port = https_origin.port  # type: ignore[attr-defined]
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert len(server.preauth) == 0  # the 101 took it out of the pre-auth books
+            await asyncio.sleep(1.5)  # past the deadline: still open
+            assert not await closed_within(reader, 0.2)
+            writer.close()
+        assert refusals(server, "upgrade-timeout") == 0
