@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from conftest import SESSION, TOKEN, TLSFiles, curl_via, loopback_policy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from upstreamproxy.acceptor import RateLimitedLog
 from upstreamproxy.egress.auth import Session, StaticTokens
-from upstreamproxy.egress.preauth import PreauthLimits
+from upstreamproxy.egress.preauth import PreauthGuard, PreauthLimits
 from upstreamproxy.egress.server import EgressConfig, EgressServer
 from upstreamproxy.errors import ConfigError
 from upstreamproxy.relay import Relay, RelayConfig
@@ -268,3 +270,81 @@ async def test_wss_tunnel_leaves_the_preauth_state(tls: TLSFiles, https_origin: 
             assert not await closed_within(reader, 0.2)
             writer.close()
         assert refusals(server, "upgrade-timeout") == 0
+
+
+# -- the guard's book-keeping, by property ---------------------------------------------------
+
+
+class FakeSock:
+    """Stands in for an accepted socket (only ``close`` is used)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeTransport:
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str) -> object:
+        return self.key if name == "peername" else None
+
+
+class FakeExchange:
+    def __init__(self, transport: FakeTransport, status: int) -> None:
+        self.transport = transport
+        self.status = status
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["admit", "connect", "answer-101", "answer-200", "forget", "drop"]),
+        st.integers(0, 3),  # peer
+        st.integers(0, 5),  # port
+    ),
+    max_size=60,
+)
+
+
+@given(operations)
+@settings(max_examples=150, deadline=None)
+def test_guard_books_always_balance(ops: list[tuple[str, int, int]]) -> None:
+    async def scenario() -> None:
+        guard = PreauthGuard(PreauthLimits(60.0, max_pending=6, max_pending_per_peer=3))
+        socks: dict[tuple[str, int], FakeSock] = {}
+        transports: dict[tuple[str, int], FakeTransport] = {}
+        for op, peer, port in ops:
+            key = (f"127.0.9.{peer}", 40000 + port)
+            if op == "admit":
+                socks[key] = FakeSock()
+                admitted = guard.admit(key, socks[key])  # type: ignore[arg-type]
+                assert admitted != socks[key].closed
+            elif op == "connect":
+                transports[key] = FakeTransport(key)
+                guard.connected(key, transports[key])  # type: ignore[arg-type]
+            elif op.startswith("answer"):
+                exchange = FakeExchange(transports.get(key) or FakeTransport(key), int(op[-3:]))
+                await guard.on_response_prepare(exchange, exchange)  # type: ignore[arg-type]
+            elif op == "forget":
+                guard.forget(key)
+            elif key in transports:
+                transports[key].abort()
+            pending = guard._pending
+            assert len(pending) <= 6
+            for p in range(4):
+                mine = [k for k in pending if k[0] == f"127.0.9.{p}"]
+                assert guard.per_peer(f"127.0.9.{p}") == len(mine) <= 3
+        guard.close_all()
+        assert len(guard) == 0 and all(guard.per_peer(f"127.0.9.{p}") == 0 for p in range(4))
+
+    asyncio.run(scenario())
