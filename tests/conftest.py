@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from testpki import TestCA, make_ca
 
-from upstreamproxy.certs import CertificateAuthority, create_ca, issue_leaf
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.policy import PolicyStore, policy_from_allow_list
 from upstreamproxy.egress.server import EgressConfig, EgressServer
@@ -32,7 +32,7 @@ def pattern_bytes(size: int) -> bytes:
 
 @dataclass
 class TLSFiles:
-    ca: CertificateAuthority
+    ca: TestCA
     ca_file: Path
     cert_file: Path
     key_file: Path
@@ -49,8 +49,8 @@ class TLSFiles:
 @pytest.fixture(scope="session")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
     base = tmp_path_factory.mktemp("tls")
-    ca = create_ca("upstreamproxy test CA")
-    leaf = issue_leaf(ca, ["localhost", "127.0.0.1", "::1"])
+    ca = make_ca("upstreamproxy test CA")
+    leaf = ca.issue(["localhost", "127.0.0.1", "::1"])
     (base / "ca.pem").write_bytes(ca.cert_pem())
     (base / "leaf.pem").write_bytes(leaf.chain_pem())
     (base / "leaf.key").write_bytes(leaf.key_pem())

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+from testpki import make_ca
 
 from upstreamproxy.bootstrap import ca_bundle
 from upstreamproxy.bootstrap.ca_bundle import (
@@ -32,16 +33,15 @@ from upstreamproxy.bootstrap.ca_bundle import (
     redact_url,
     write_bundle,
 )
-from upstreamproxy.certs import create_ca, issue_leaf
 from upstreamproxy.errors import ConfigError
 
 # -- throwaway CAs ------------------------------------------------------------------------------
 
-SYS_A = create_ca("system root A")
-SYS_B = create_ca("system root B")
-EGRESS = create_ca("egress CA")
-OTHER = create_ca("user CA")
-LEAF = issue_leaf(EGRESS, ["127.0.0.1"])
+SYS_A = make_ca("system root A")
+SYS_B = make_ca("system root B")
+EGRESS = make_ca("egress CA")
+OTHER = make_ca("user CA")
+LEAF = EGRESS.issue(["127.0.0.1"])
 
 
 def system_pem() -> bytes:

@@ -35,8 +35,8 @@ from unittest import mock
 import aiohttp
 import pytest
 import yaml
+from testpki import make_ca
 
-from upstreamproxy.certs import create_ca
 from upstreamproxy.cli import build_parser
 from upstreamproxy.commands.egress import build_server
 from upstreamproxy.egress.policy import load_policy_file, parse_policy_document
@@ -354,7 +354,7 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> ConfigDir:
     (etc / "keys" / f"{kid}.public.pem").write_bytes((issuer / f"{kid}.public.pem").read_bytes())
     policy = config_data(manifests()[("ConfigMap", "upstreamproxy-policy")])["policy.yaml"]
     (etc / "policy" / "policy.yaml").write_text(policy)
-    (etc / "ca" / "ca.crt").write_bytes(create_ca("deploy test CA").cert_pem())
+    (etc / "ca" / "ca.crt").write_bytes(make_ca("deploy test CA").cert_pem())
     return ConfigDir(etc, issuer / f"{kid}.private.pem")
 
 

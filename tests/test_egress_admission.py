@@ -27,7 +27,6 @@ import pytest
 from conftest import TLSFiles, _serve, curl_via, origin_app
 from websockets.asyncio.client import ClientConnection, connect
 
-from upstreamproxy.certs import issue_leaf
 from upstreamproxy.codec import decode_chunk, encode_chunk
 from upstreamproxy.connect_head import basic_credentials, parse_status_head, split_head
 from upstreamproxy.egress.auth import Authenticator, Session, StaticTokens
@@ -274,7 +273,7 @@ async def named_origin(
     tls: TLSFiles,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[NamedOrigin]:
-    leaf = issue_leaf(tls.ca, TEST_NAMES)
+    leaf = tls.ca.issue(TEST_NAMES)
     base = tmp_path_factory.mktemp("named-leaf")
     (base / "leaf.pem").write_bytes(leaf.chain_pem())
     (base / "leaf.key").write_bytes(leaf.key_pem())

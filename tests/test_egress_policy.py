@@ -653,3 +653,18 @@ def test_allow_list_shorthand_builds_the_same_policy() -> None:
     with pytest.raises(ConfigError) as info:
         policy_from_allow_list(["a.com:443", "*:443"])
     assert "allow-1" in str(info.value) or "rules[1]" in info.value.field
+
+
+def test_allow_list_merges_ports_of_the_same_host() -> None:
+    # Regression: two ports of one host were refused as a duplicate host.
+    policies = policy_from_allow_list(
+        ["127.0.0.1:18080", "127.0.0.1:18443", "Example.com:443", "example.com.:8443"],
+        ["127.0.0.0/8"],
+    )
+    assert lookup(policies, "default", "127.0.0.1", 18080) == (True, "rule-match", "allow-0")
+    assert lookup(policies, "default", "127.0.0.1", 18443) == (True, "rule-match", "allow-0")
+    assert not lookup(policies, "default", "127.0.0.1", 443)[0]
+    assert lookup(policies, "default", "example.com", 8443)[0]
+    assert lookup(policies, "default", "example.com", 443)[0]
+    star = policy_from_allow_list(["a.test:443", "a.test:*", "a.test:80"])
+    assert lookup(star, "default", "a.test", 9999)[0]

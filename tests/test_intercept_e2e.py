@@ -20,8 +20,8 @@ import certifi
 import pytest
 from aiohttp import web
 from conftest import SESSION, TOKEN, _serve, connect_via, run
+from testpki import make_ca
 
-from upstreamproxy.certs import create_ca, issue_leaf, write_ca
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.interception import Interception, InterceptionConfig
 from upstreamproxy.egress.policy import PolicyStore, parse_policy_document
@@ -64,11 +64,11 @@ def echo_origin(seen: list[dict[str, object]]) -> web.Application:
 @pytest.fixture
 async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
     # The egress CA (sandboxes trust it) and an unrelated origin CA (only the egress trusts it).
-    egress_ca = create_ca("egress interception CA")
-    write_ca(egress_ca, tmp_path / "ca.pem", tmp_path / "ca-key.pem")
-    origin_ca = create_ca("origin CA")
+    egress_ca = make_ca("egress interception CA")
+    egress_ca.write(tmp_path / "ca.pem", tmp_path / "ca-key.pem")
+    origin_ca = make_ca("origin CA")
     (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem())
-    leaf = issue_leaf(origin_ca, ["api.test", "plain.test"])
+    leaf = origin_ca.issue(["api.test", "plain.test"])
     (tmp_path / "origin.pem").write_bytes(leaf.chain_pem())
     (tmp_path / "origin.key").write_bytes(leaf.key_pem())
     origin_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -306,3 +306,21 @@ async def test_interception_metrics(chain: Chain) -> None:
     assert 'upstreamproxy_intercept_rewrites_total{header="authorization",rule="api"} 2.0' in text
     assert SECRET_VALUE not in text
     await asyncio.sleep(0)
+
+
+async def test_dial_time_is_observed_for_intercepted_tunnels(chain: Chain) -> None:
+    # Regression: the dial histogram only saw opaque tunnels.
+    def dials() -> float:
+        value = chain.egress.metrics.registry.get_sample_value("upstreamproxy_dial_seconds_count")
+        return value or 0.0
+
+    before = dials()
+    url = f"https://api.test:{chain.origin_port}/dial"
+    result = await run("curl", "-sS", url, env=sandbox_env(chain))
+    assert result.returncode == 0, result.stderr
+    assert dials() == before + 1
+    result = await run(
+        "curl", "-sSk", f"https://plain.test:{chain.origin_port}/", env=sandbox_env(chain)
+    )
+    assert result.returncode == 0, result.stderr
+    assert dials() == before + 2  # an opaque tunnel is counted once, not twice

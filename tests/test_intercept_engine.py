@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 from conftest import pattern_bytes, rss_kib, run
 from prometheus_client import generate_latest
+from testpki import TestCA, make_ca
 
-from upstreamproxy.certs import CertificateAuthority, create_ca, issue_leaf
 from upstreamproxy.egress.intercept import (
     InterceptEnv,
     InterceptResult,
@@ -35,6 +35,7 @@ from upstreamproxy.egress.intercept import (
     parse_intercept_rule,
     serve_intercepted,
 )
+from upstreamproxy.egress.intercept.clienthello import NeedMore, NotClientHello, offered_alpn
 
 HOST = "api.example.test"
 TOKEN_VALUE = "ghp_SUPERSECRET_0123456789abcdef"
@@ -131,7 +132,12 @@ def origin_app(state: OriginState) -> web.Application:
         state.requests.append({"path": request.path_qs})
         return web.Response(status=413, text="too big\n")
 
+    async def big_head(request: web.Request) -> web.Response:
+        state.requests.append({"path": request.path_qs})
+        return web.Response(text="big\n", headers={"X-Big": "b" * int(request.match_info["size"])})
+
     app = web.Application(client_max_size=1024**3)
+    app.router.add_get("/bighead/{size:\\d+}", big_head)
     app.router.add_route("*", "/echo", echo)
     app.router.add_route("*", "/echo/{tail:.*}", echo)
     app.router.add_get("/stream/{size:\\d+}", stream)
@@ -142,9 +148,9 @@ def origin_app(state: OriginState) -> web.Application:
 
 
 async def start_origin(
-    state: OriginState, cert_dir: Path, ca: CertificateAuthority, **runner_kwargs: float
+    state: OriginState, cert_dir: Path, ca: TestCA, **runner_kwargs: float
 ) -> tuple[web.AppRunner, int]:
-    leaf = issue_leaf(ca, [HOST, "localhost", "127.0.0.1"])
+    leaf = ca.issue([HOST, "localhost", "127.0.0.1"])
     (cert_dir / "origin.pem").write_bytes(leaf.chain_pem())
     (cert_dir / "origin.key").write_bytes(leaf.key_pem())
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -202,9 +208,9 @@ class Harness:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     base = tmp_path_factory.mktemp("intercept-pki")
-    intercept_ca = create_ca("intercept test egress CA")
-    upstream_ca = create_ca("intercept test upstream CA")
-    rogue_ca = create_ca("someone else's CA")
+    intercept_ca = make_ca("intercept test egress CA")
+    upstream_ca = make_ca("intercept test upstream CA")
+    rogue_ca = make_ca("someone else's CA")
     (base / "egress-ca.pem").write_bytes(intercept_ca.cert_pem())
     (base / "upstream-ca.pem").write_bytes(upstream_ca.cert_pem())
     return {
@@ -212,7 +218,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "intercept_ca": intercept_ca,
         "upstream_ca": upstream_ca,
         "rogue_ca": rogue_ca,
-        "leaves": LeafCache(intercept_ca),
+        "leaves": LeafCache(intercept_ca.product()),
     }
 
 
@@ -627,6 +633,35 @@ async def test_hostile_request_is_refused_before_the_upstream(
     await h.result()
 
 
+@pytest.mark.parametrize(("size", "status"), [(60_000, 200), (70_000, 431), (130_000, 431)])
+async def test_request_head_limit_is_exact(h: Harness, size: int, status: int) -> None:
+    # Regression: a 130 kB head passed the "64 KiB" limit (h11 only bounds incomplete heads).
+    client = await Client.connect(h)
+    pad = "".join(f"X-Pad-{i}: {'p' * 3986}\r\n" for i in range(size // 4000))  # 4000 B each
+    head = f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\n{pad}\r\n".encode()
+    client.writer.write(head)
+    out = bytearray()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        while b"\r\n\r\n" not in out and (
+            chunk := await asyncio.wait_for(client.reader.read(65536), 10)
+        ):
+            out += chunk
+    assert out.startswith(f"HTTP/1.1 {status} ".encode()), bytes(out[:100])
+    assert len(h.origin.requests) == (1 if status == 200 else 0)
+    client.close()
+
+
+@pytest.mark.parametrize(("size", "status"), [(60_000, 200), (66_000, 502), (90_000, 502)])
+async def test_response_head_limit_is_exact(h: Harness, size: int, status: int) -> None:
+    # Regression: a 90 kB response head passed.
+    client = await Client.connect(h)
+    response, _ = await client.get(f"/bighead/{size}")
+    assert response.status_code == status
+    if status == 502:
+        assert header(response, "x-upstreamproxy-reason") == ["upstream-head-too-large"]
+    client.close()
+
+
 async def test_host_mismatch_is_counted(h: Harness) -> None:
     client = await Client.connect(h)
     await client.raw(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
@@ -714,6 +749,75 @@ async def test_stale_keep_alive_upstream_is_replaced(
         client.close()
         result = await h.result()
         assert result.requests == 2 and result.upstream_connections == 2
+
+
+@dataclass
+class FlakyOrigin:
+    """Answers the first request on each connection, then closes on the next one unanswered:
+    a kept-alive connection the origin dropped just as the engine reused it."""
+
+    seen: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            for index in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.seen.append(head.split(b"\r\n", 1)[0])
+                if index == 1:
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.transport.abort()
+
+
+async def flaky_origin(h: Harness, tmp_path: Path) -> tuple[FlakyOrigin, asyncio.Server]:
+    origin = FlakyOrigin()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "origin.pem", tmp_path / "origin.key")
+    server = await asyncio.start_server(origin.handle, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+
+    async def connector(host: str, p: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port)
+
+    h.env.upstream_connector = connector
+    return origin, server
+
+
+async def test_stale_upstream_retries_an_idempotent_request(h: Harness, tmp_path: Path) -> None:
+    origin, server = await flaky_origin(h, tmp_path)
+    client = await Client.connect(h)
+    assert (await client.get("/one"))[0].status_code == 200
+    response, body = await client.get("/two")  # the reused connection dies: sent again
+    assert (response.status_code, body) == (200, b"ok")
+    assert origin.seen == [b"GET /one HTTP/1.1", b"GET /two HTTP/1.1", b"GET /two HTTP/1.1"]
+    client.close()
+    server.close()
+
+
+async def test_stale_upstream_never_resends_a_post(h: Harness, tmp_path: Path) -> None:
+    # Regression: a POST with Content-Length: 0 counted as "bodiless" and was sent twice.
+    # RFC 9110 §9.2.2: the origin may have acted on it before the connection dropped.
+    origin, server = await flaky_origin(h, tmp_path)
+    client = await Client.connect(h)
+    assert (await client.get("/one"))[0].status_code == 200
+    await client.send(
+        h11.Request(
+            method="POST", target="/pay", headers=[("Host", HOST), ("Content-Length", "0")]
+        ),
+        h11.EndOfMessage(),
+    )
+    response, _ = await client.response()
+    assert response.status_code == 502
+    assert origin.seen == [b"GET /one HTTP/1.1", b"POST /pay HTTP/1.1"]
+    assert origin.connections == 1
+    client.close()
+    server.close()
 
 
 async def test_upstream_connection_close_is_not_passed_to_the_client(h: Harness) -> None:
@@ -931,3 +1035,65 @@ async def test_curl_host_header_mismatch_is_400(h: Harness, listener: int) -> No
     )
     assert done.stdout == b"400"
     assert h.origin.requests == []
+
+
+# -- ALPN (RFC 7301 §3.2) -------------------------------------------------------------------------
+
+
+async def alpn_connect(
+    h: Harness, offer: list[str] | None
+) -> tuple[asyncio.StreamWriter, str | None]:
+    sock = h.serve()
+    ctx = ssl.create_default_context(cafile=str(h.ca_file))
+    if offer is not None:
+        ctx.set_alpn_protocols(offer)
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=HOST), 10
+    )
+    return writer, writer.get_extra_info("ssl_object").selected_alpn_protocol()
+
+
+async def test_h2_only_client_gets_the_no_application_protocol_alert(h: Harness) -> None:
+    # Regression: the handshake completed and the client was answered HTTP/1.1 400.
+    with pytest.raises(ssl.SSLError) as info:
+        await alpn_connect(h, ["h2"])
+    assert "no application protocol" in str(info.value)
+    result = await h.result()
+    assert result.close_cause == "handshake-refused (no-application-protocol)"
+    assert h.counter("alpn_refusals_total") == 1
+
+
+@pytest.mark.parametrize(
+    ("offer", "selected"),
+    [(["h2", "http/1.1"], "http/1.1"), (None, None), (["http/1.1"], "http/1.1")],
+)
+async def test_clients_offering_http11_or_nothing_are_served(
+    h: Harness, offer: list[str] | None, selected: str | None
+) -> None:
+    writer, alpn = await alpn_connect(h, offer)
+    assert alpn == selected
+    writer.close()
+    assert h.counter("alpn_refusals_total") == 0
+
+
+@pytest.mark.parametrize("cut", [0, 5, 40, 200])
+def test_client_hello_parser_handles_truncation(cut: int) -> None:
+    hello = captured_client_hello(["h2", "http/1.1"])
+    assert offered_alpn(hello) == [b"h2", b"http/1.1"]
+    with pytest.raises(NeedMore):
+        offered_alpn(hello[:cut])
+    assert offered_alpn(captured_client_hello(None)) is None
+    with pytest.raises(NotClientHello):
+        offered_alpn(b"GET / HTTP/1.1\r\n\r\n")
+
+
+def captured_client_hello(offer: list[str] | None) -> bytes:
+    """The bytes Python's own TLS client sends first (through memory BIOs, no socket)."""
+    ctx = ssl.create_default_context()
+    if offer is not None:
+        ctx.set_alpn_protocols(offer)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()

@@ -7,13 +7,49 @@ import ssl
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from testpki import make_ca
 
-from upstreamproxy.certs import create_ca
+from upstreamproxy.certs import CertificateAuthority
 from upstreamproxy.egress.intercept import LeafCache, PrometheusInterceptMetrics, normalize_name
 from upstreamproxy.errors import ConfigError
 
-CA = create_ca("leaf cache test CA")
+CA = make_ca("leaf cache test CA").product()
+
+
+def short_lived_ca() -> CertificateAuthority:
+    """A CA valid for one day, built here with cryptography (trustme's CAs live for years)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "short CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return CertificateAuthority(cert, key)
 
 
 class Clock:
@@ -84,7 +120,7 @@ def test_entries_expire_before_the_certificate_does() -> None:
 
 
 def test_leaf_never_outlives_the_ca() -> None:
-    short_ca = create_ca("short CA", valid_days=1)
+    short_ca = short_lived_ca()
     cache = LeafCache(short_ca, ttl=dt.timedelta(days=30))
     assert cache.leaf("a.test").not_after <= short_ca.cert.not_valid_after_utc
 

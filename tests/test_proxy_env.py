@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from testpki import make_ca
 
 from upstreamproxy.bootstrap.proxy_env import (
     CA_VARIABLES,
@@ -29,7 +30,6 @@ from upstreamproxy.bootstrap.proxy_env import (
     render_sh,
     user_ca_files,
 )
-from upstreamproxy.certs import create_ca
 from upstreamproxy.errors import ConfigError
 
 URL = "http://127.0.0.1:41234"
@@ -423,7 +423,7 @@ def test_tools_send_connect_to_the_proxy(
         pytest.skip("pip not installed")
     proxy, heads = connect_recorder
     bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(create_ca().cert_pem())
+    bundle.write_bytes(make_ca().cert_pem())
     env = tool_env(proxy, bundle, tmp_path)
     env["GIT_TERMINAL_PROMPT"] = "0"
     env["npm_config_fetch_retries"] = "0"
@@ -461,7 +461,7 @@ def test_curl_bypasses_the_proxy_for_loopback(
 
 
 def test_python_reads_proxy_no_proxy_and_ca_file(tmp_path: Path) -> None:
-    ca = create_ca("upstreamproxy env test CA")
+    ca = make_ca("upstreamproxy env test CA")
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(ca.cert_pem())
     env = tool_env(URL, bundle, tmp_path)
@@ -472,7 +472,8 @@ def test_python_reads_proxy_no_proxy_and_ca_file(tmp_path: Path) -> None:
         "  'http': u.getproxies().get('http'),\n"
         "  'bypass': [bool(u.proxy_bypass(h)) for h in\n"
         "             ('localhost', '127.0.0.1', 'a.localhost', 'pypi.org')],\n"
-        "  'cas': [dict(x[0] for x in c['subject'])['commonName'] for c in ctx.get_ca_certs()]}))\n"
+        "  'cas': [dict(x[0] for x in c['subject'])['organizationName']\n"
+        "          for c in ctx.get_ca_certs()]}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-I", "-c", probe],

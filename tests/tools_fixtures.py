@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
+from testpki import TestCA, make_ca
 
-from upstreamproxy.certs import CertificateAuthority, create_ca, issue_leaf
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.policy import PolicyStore, policy_from_allow_list
 from upstreamproxy.egress.resolver import StaticResolver
@@ -147,9 +147,9 @@ def make_bare_repo(base: Path) -> Path:
 @dataclass
 class World:
     base: Path
-    ca: CertificateAuthority = field(init=False)
+    ca: TestCA = field(init=False)
     #: Signs the UNTRUSTED origin; a user's own CA in the merge tests.
-    other_ca: CertificateAuthority = field(init=False)
+    other_ca: TestCA = field(init=False)
     port: int = field(init=False, default=0)
     untrusted_port: int = field(init=False, default=0)
     egress: EgressServer = field(init=False)
@@ -185,10 +185,8 @@ class World:
             self._thread.join(10)
             self._loop.close()
 
-    async def _serve(
-        self, app: web.Application, names: list[str], ca: CertificateAuthority, tag: str
-    ) -> int:
-        leaf = issue_leaf(ca, names)
+    async def _serve(self, app: web.Application, names: list[str], ca: TestCA, tag: str) -> int:
+        leaf = ca.issue(names)
         (self.base / f"{tag}.pem").write_bytes(leaf.chain_pem())
         (self.base / f"{tag}.key").write_bytes(leaf.key_pem())
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -202,14 +200,14 @@ class World:
         return port
 
     async def _start(self) -> None:
-        self.ca = create_ca("bootstrap tests egress CA")
+        self.ca = make_ca("bootstrap tests egress CA")
         self.wheel = build_wheel()
         self.tarball = build_npm_tarball()
         repo = make_bare_repo(self.base / "git")
         self.port = await self._serve(self._origin_app(repo), list(NAMES), self.ca, "origin")
         other = web.Application()
         other.router.add_get("/", self._hello)
-        self.other_ca = create_ca("another CA")
+        self.other_ca = make_ca("another CA")
         self.untrusted_port = await self._serve(other, [UNTRUSTED], self.other_ca, "untrusted")
         allowed = [f"{name}:{self.port}" for name in NAMES] + [f"{UNTRUSTED}:{self.untrusted_port}"]
         self.egress = EgressServer(

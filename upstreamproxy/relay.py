@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from . import __version__
+from .acceptor import StreamServer, refuse_http_503, start_server
 from .codec import KEEPALIVE, MAX_MESSAGE_BYTES, decode_chunk, encode_chunk
 from .connect_head import (
     MAX_HEAD_BYTES,
@@ -139,7 +140,7 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         config.validate()
         self.config = config
-        self._server: asyncio.Server | None = None
+        self._server: StreamServer | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._ssl: ssl.SSLContext | None = None
         if config.egress_url.startswith("wss://"):
@@ -163,7 +164,8 @@ class Relay:
         return len(self._handlers)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
+        # Our accept loop: fd exhaustion pauses accepts with one log line, not a flood.
+        self._server = await start_server(
             self._handle,
             self.config.listen_host,
             self.config.listen_port,
@@ -171,6 +173,7 @@ class Relay:
             # the reader pause and resume the socket every few KiB of tunnel data.
             limit=2 * READ_SIZE,
             backlog=LISTEN_BACKLOG,
+            on_shed=refuse_http_503,
         )
         log.info("relay listening on %s -> %s", self.proxy_url, self.config.egress_url)
 

@@ -18,10 +18,12 @@ from ..egress.interception import Interception, InterceptionConfig
 from ..egress.limits import LimitConfig
 from ..egress.metrics import EgressMetrics
 from ..egress.policy import PolicyStore, policy_from_allow_list
+from ..egress.preauth import PreauthLimits
 from ..egress.resolver import Resolver, StaticResolver, SystemResolver
 from ..egress.server import DEFAULT_WS_PATH, EgressConfig, EgressServer
 from ..egress.tunnel import TunnelTimeouts
 from ..errors import ConfigError
+from ..fdlimit import raise_nofile_limit
 from ..options import add_list_option, add_option
 from ..tokens import TokenVerifier, load_public_keys
 from ._serving import serve
@@ -204,6 +206,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         type=float,
     )
+    preauth = PreauthLimits()
+    add_option(
+        lim,
+        "--upgrade-timeout",
+        "UPGRADE_TIMEOUT",
+        "seconds a new connection gets to complete TLS and its upgrade request",
+        default=preauth.upgrade_timeout,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--max-preauth",
+        "MAX_PREAUTH",
+        "connections not yet authenticated, in total (over it, the oldest is closed)",
+        default=preauth.max_pending,
+        type=int,
+    )
+    add_option(
+        lim,
+        "--max-preauth-per-peer",
+        "MAX_PREAUTH_PER_PEER",
+        "connections not yet authenticated per peer IP address",
+        default=preauth.max_pending_per_peer,
+        type=int,
+    )
     add_option(
         lim,
         "--drain-grace",
@@ -277,8 +304,10 @@ def build_server(args: argparse.Namespace) -> EgressServer:
         limits=LimitConfig(
             args.max_tunnels, args.max_session_tunnels, args.session_rate, args.session_burst
         ),
+        preauth=PreauthLimits(args.upgrade_timeout, args.max_preauth, args.max_preauth_per_peer),
     )
     config.limits.validate()
+    config.preauth.validate()
     return EgressServer(
         config,
         build_authenticator(args),
@@ -308,6 +337,7 @@ def build_interception(args: argparse.Namespace) -> Callable[[EgressMetrics], In
 
 def run(args: argparse.Namespace) -> int:
     server = build_server(args)
+    raise_nofile_limit("egress")
     if args.audit_log:
         audit.log_to_file(Path(args.audit_log))
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..fdlimit import raise_nofile_limit
 from ..options import add_option, env_flag
 from ..relay import Relay, RelayConfig
 from ..secret import Secret
@@ -98,6 +99,7 @@ def _read_token(path: str | None) -> Secret:
 
 def run(args: argparse.Namespace) -> int:
     relay = Relay(config_from_args(args, _read_token(args.token_file)))
+    raise_nofile_limit("relay")
 
     def ready() -> None:
         print(f"relay listening on {relay.proxy_url}", flush=True)

@@ -23,6 +23,7 @@ from typing import NoReturn
 
 from ..bootstrap.start import Readiness, StartOptions, run_session
 from ..bootstrap.state import default_state_dir
+from ..fdlimit import raise_nofile_limit
 from ..options import add_list_option, add_option, add_state_dir_option, env_flag
 
 HELP = "bootstrap the sandbox: token, hardening, CA bundle, relay, environment for tools"
@@ -141,6 +142,7 @@ def options_from_args(args: argparse.Namespace) -> StartOptions:
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
+    raise_nofile_limit("start")
     if not args.background:
         return run_session(options)
     return _background(options, args.ready_timeout)

@@ -79,6 +79,7 @@ class Admission:
         own_ports: Callable[[], set[int]] = set,
         own_addresses: Sequence[IPAddress] = (),
         listens_everywhere: bool = False,
+        on_dial: Callable[[float], object] = lambda seconds: None,
     ) -> None:
         self._policies = policies
         self._resolver = resolver
@@ -87,6 +88,9 @@ class Admission:
         self._own_ports = own_ports
         self._own_addresses = frozenset(own_addresses)
         self._listens_everywhere = listens_everywhere
+        #: Observes every dial's duration: the tunnel's own and each upstream connection an
+        #: intercepted tunnel opens (the metric missed those).
+        self._on_dial = on_dial
 
     async def admit(self, session: Session, target: Target, record: AdmissionRecord) -> Route:
         policy = self._policies().get(session.policy)
@@ -136,6 +140,7 @@ class Admission:
             raise Refusal(exc.status, exc.reason, record.rule) from None
         finally:
             record.dial_seconds = time.monotonic() - started
+            self._on_dial(record.dial_seconds)
         record.dialled = upstream.address
         return upstream
 

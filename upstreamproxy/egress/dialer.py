@@ -1,18 +1,23 @@
 """Dialling an upstream: only addresses that passed the policy, never a host name.
 
-Connections race RFC 8305 style ("happy eyeballs"): the checked addresses are interleaved by
-family, a new attempt starts every ``stagger`` seconds or as soon as the previous one fails,
-and the first to connect wins; the rest are cancelled and closed.
+Connections race RFC 8305 style ("happy eyeballs") with :mod:`aiohappyeyeballs` (the
+implementation aiohttp uses): the checked addresses are interleaved by family, a new attempt
+starts every ``stagger`` seconds or as soon as the previous one fails, and the first to
+connect wins; the rest are closed. It is fed socket addresses built from the checked IP
+addresses, so nothing is resolved again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final
+
+import aiohappyeyeballs
 
 IPAddress = IPv4Address | IPv6Address
 log = logging.getLogger("upstreamproxy.egress.dialer")
@@ -38,25 +43,29 @@ class DialError(Exception):
         self.reason = reason
 
 
-def interleave(addresses: Sequence[IPAddress]) -> list[IPAddress]:
-    """Alternate families, starting with the family of the first address (RFC 8305 §4)."""
-    if not addresses:
-        return []
-    first = [a for a in addresses if a.version == addresses[0].version]
-    other = [a for a in addresses if a.version != addresses[0].version]
-    out: list[IPAddress] = []
-    for index in range(max(len(first), len(other))):
-        out.extend(group[index] for group in (first, other) if index < len(group))
-    return out
+def address_infos(addresses: Sequence[IPAddress], port: int) -> list[aiohappyeyeballs.AddrInfoType]:
+    """``getaddrinfo``-shaped entries for already-checked literal addresses (no lookup)."""
+    infos: list[aiohappyeyeballs.AddrInfoType] = []
+    for address in addresses:
+        if address.version == 6:
+            infos.append(
+                (
+                    socket.AF_INET6,
+                    socket.SOCK_STREAM,
+                    socket.IPPROTO_TCP,
+                    "",
+                    (str(address), port, 0, 0),
+                )
+            )
+        else:
+            infos.append(
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (str(address), port))
+            )
+    return infos
 
 
-def _format(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-
-
-async def _attempt(address: IPAddress, port: int) -> Upstream:
-    reader, writer = await asyncio.open_connection(str(address), port, limit=STREAM_LIMIT)
-    return Upstream(reader, writer, _format(address, port))
+def _format(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 async def dial_addresses(
@@ -66,39 +75,25 @@ async def dial_addresses(
     within ``deadline`` seconds for the whole race."""
     if not addresses:
         raise DialError(502, "dial-failed")
-    queue = interleave(addresses)
-    pending: set[asyncio.Task[Upstream]] = set()
-    last_error = "no address"
-    winner: Upstream | None = None
     try:
         async with asyncio.timeout(deadline):
-            while winner is None and (queue or pending):
-                if queue:
-                    address = queue.pop(0)
-                    pending.add(asyncio.ensure_future(_attempt(address, port)))
-                done, pending = await asyncio.wait(
-                    pending, timeout=stagger if queue else None, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    error = task.exception()
-                    if error is not None:
-                        last_error = getattr(error, "strerror", None) or type(error).__name__
-                    elif winner is None:
-                        winner = task.result()
-                    else:
-                        task.result().writer.close()
+            sock = await aiohappyeyeballs.start_connection(
+                address_infos(addresses, port), happy_eyeballs_delay=stagger, interleave=1
+            )
     except TimeoutError:
         raise DialError(504, "dial-timeout") from None
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            results = await asyncio.gather(*pending, return_exceptions=True)
-            for result in results:
-                if isinstance(result, Upstream):
-                    result.writer.close()
-    if winner is None:
+    except OSError as exc:
         # The reason stays machine-readable; the socket error goes to the log only.
-        log.info("dial to port %d failed on %d address(es): %s", port, len(addresses), last_error)
-        raise DialError(502, "dial-failed")
-    return winner
+        log.info(
+            "dial to port %d failed on %d address(es): %s",
+            port,
+            len(addresses),
+            exc.strerror or type(exc).__name__,
+        )
+        raise DialError(502, "dial-failed") from None
+    try:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
+    except BaseException:
+        sock.close()
+        raise
+    return Upstream(reader, writer, _format(*sock.getpeername()[:2]))

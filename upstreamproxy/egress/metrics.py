@@ -57,6 +57,13 @@ class EgressMetrics:
             ["reason", "rule"],
             registry=r,
         )
+        self.preauth_refusals = Counter(
+            "upstreamproxy_preauth_refusals_total",
+            "Connections closed before authentication: upgrade-timeout, preauth-per-peer, "
+            "preauth-total",
+            ["reason"],
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "upstreamproxy_policy_reloads_total", "Policy reloads by result", ["result"], registry=r
         )

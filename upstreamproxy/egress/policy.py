@@ -284,8 +284,12 @@ def load_policy_file(path: Path) -> PolicySet:
 def policy_from_allow_list(
     entries: Sequence[str], allow_cidrs: Sequence[str] = (), name: str = "default"
 ) -> PolicySet:
-    """A one-policy set from ``HOST:PORT`` shorthands (``--allow``); port may be ``*``."""
-    rules = []
+    """A one-policy set from ``HOST:PORT`` shorthands (``--allow``); port may be ``*``.
+
+    Entries for the same host merge into one rule listing every port given (``*`` wins), so
+    ``--allow 127.0.0.1:18080 --allow 127.0.0.1:18443`` allows both ports.
+    """
+    rules: dict[str, dict[str, Any]] = {}
     for index, entry in enumerate(entries):
         host, sep, port = entry.strip().rpartition(":")
         if not sep or not host:
@@ -293,9 +297,18 @@ def policy_from_allow_list(
         ports: Any = "*" if port == "*" else [int(port)] if port.isdigit() else None
         if ports is None:
             raise ConfigError(f"allow[{index}]", f"{entry!r}: invalid port")
-        rules.append({"id": f"allow-{index}", "hosts": [host.strip("[]")], "ports": ports})
+        host = host.strip("[]")
+        key = host.strip().lower().rstrip(".")
+        rule = rules.get(key)
+        if rule is None:
+            rules[key] = {"id": f"allow-{index}", "hosts": [host], "ports": ports}
+        elif rule["ports"] == "*" or ports == "*":
+            rule["ports"] = "*"
+        else:
+            rule["ports"] = sorted({*rule["ports"], *ports})
     return parse_policy_document(
-        {"policies": {name: {"rules": rules, "allow_cidrs": list(allow_cidrs)}}}, "--allow"
+        {"policies": {name: {"rules": list(rules.values()), "allow_cidrs": list(allow_cidrs)}}},
+        "--allow",
     )
 
 

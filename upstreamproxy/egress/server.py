@@ -30,8 +30,10 @@ from .auth import Authenticator, Session, bearer_token
 from .dialer import IPAddress, dial_addresses
 from .interception import Interception
 from .limits import LimitConfig, Limiter, LimitExceeded
+from .listener import GuardedSite
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
 from .policy import PolicyStore
+from .preauth import PreauthGuard, PreauthLimits
 from .resolver import Resolver, SystemResolver
 from .tunnel import REASON_HEADER, InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
 
@@ -63,6 +65,7 @@ class EgressConfig:
     reload_interval: float = 10.0
     timeouts: TunnelTimeouts = field(default_factory=TunnelTimeouts)
     limits: LimitConfig = field(default_factory=LimitConfig)
+    preauth: PreauthLimits = field(default_factory=PreauthLimits)
 
 
 class EgressServer:
@@ -80,6 +83,7 @@ class EgressServer:
         self.policies = policies
         self.metrics = EgressMetrics()
         self.limiter = Limiter(config.limits)
+        self.preauth = PreauthGuard(config.preauth, self._preauth_refused)
         self.readiness_checks: list[ReadinessCheck] = []
         self.admission = Admission(
             lambda: self.policies.current,
@@ -89,6 +93,7 @@ class EgressServer:
             self._own_ports,
             _listen_addresses(config.host),
             listens_everywhere=config.host in ("", "0.0.0.0", "::"),
+            on_dial=self.metrics.dial_seconds.observe,
         )
         self.interception = interception(self.metrics) if interception else None
         intercept: InterceptFn | None = None
@@ -108,9 +113,9 @@ class EgressServer:
         )
         self.active: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: GuardedSite | None = None
         self._metrics_runner: web.AppRunner | None = None
-        self._metrics_site: web.TCPSite | None = None
+        self._metrics_site: GuardedSite | None = None
         # Remembered at start: a stopped (draining) site no longer reports its socket.
         self._port: int | None = None
         self._metrics_bound_port: int | None = None
@@ -125,14 +130,12 @@ class EgressServer:
         app.router.add_get(CA_CERT_PATH, self._ca_cert)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        # Pre-auth ends with the first answer on a connection (see preauth.py).
+        app.on_response_prepare.append(self.preauth.on_response_prepare)
         return app
 
-    @staticmethod
-    def _bound_port(site: web.TCPSite | None) -> int:
-        assert site is not None and site._server is not None
-        sockets = site._server.sockets  # type: ignore[attr-defined]
-        port: int = sockets[0].getsockname()[1]
-        return port
+    def _preauth_refused(self, reason: str) -> None:
+        self.metrics.preauth_refusals.labels(reason).inc()
 
     @property
     def port(self) -> int:
@@ -160,25 +163,26 @@ class EgressServer:
             ssl_context.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(
+        self._site = GuardedSite(
             self._runner,
             self.config.host,
             self.config.port,
             ssl_context=ssl_context,
             backlog=LISTEN_BACKLOG,
+            guard=self.preauth,
         )
         await self._site.start()
-        self._port = self._bound_port(self._site)
+        self._port = self._site.port
         if self.config.metrics_port is not None:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics)
             self._metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
             await self._metrics_runner.setup()
-            self._metrics_site = web.TCPSite(
+            self._metrics_site = GuardedSite(
                 self._metrics_runner, self.config.metrics_host, self.config.metrics_port
             )
             await self._metrics_site.start()
-            self._metrics_bound_port = self._bound_port(self._metrics_site)
+            self._metrics_bound_port = self._metrics_site.port
             log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
         self._started = True
         if self.interception is not None:

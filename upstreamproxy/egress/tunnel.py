@@ -140,9 +140,6 @@ class Tunnel:
                 self.ctx.metrics.denies.labels(exc.reason, exc.rule).inc()
             await self._refuse(exc.status, exc.reason, exc.rule)
             return
-        finally:
-            if self.admitted.dial_seconds is not None:
-                self.ctx.metrics.dial_seconds.observe(self.admitted.dial_seconds)
         if route.intercept is not None:
             await self._serve_intercepted(route, early)
             return

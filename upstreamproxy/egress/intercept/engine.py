@@ -25,6 +25,7 @@ the upstream request head; nothing here logs or audits them, only their names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -36,6 +37,13 @@ from typing import Final
 
 import h11
 
+from .clienthello import (
+    MAX_CLIENT_HELLO,
+    NO_APPLICATION_PROTOCOL_ALERT,
+    NeedMore,
+    NotClientHello,
+    offered_alpn,
+)
 from .headers import (
     PreparedRequest,
     Refusal,
@@ -53,8 +61,11 @@ from .secretstore import SecretStore
 from .upstream import UpstreamConnector, make_upstream_context, open_upstream
 
 log = logging.getLogger("upstreamproxy.egress.intercept")
+ALPN_BYTES: Final = frozenset(name.encode("ascii") for name in ALPN_PROTOCOLS)
 
 REASON_HEADER: Final = "X-Upstreamproxy-Reason"
+#: RFC 9110 §9.2.2: only these may be sent again after a connection failed before an answer.
+IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 AuditFn = Callable[[dict[str, object]], None]
 
@@ -216,6 +227,13 @@ class _Session:
             self.expected, is_ip_literal(self.expected), leaf_context, self.env.refuse_unlisted_sni
         )
         loop = asyncio.get_running_loop()
+        if await _alpn_unacceptable(sock, self.timeouts.handshake):
+            # RFC 7301 §3.2: no protocol in common is a fatal alert, not a handshake
+            # without ALPN followed by HTTP/1.1 the client never offered.
+            self.env.metrics.alpn_refused()
+            self.result.close_cause = "handshake-refused (no-application-protocol)"
+            log.info("intercept %s:%d: client offers no HTTP/1.1 in ALPN", self.expected, self.port)
+            return None
         reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
@@ -290,6 +308,14 @@ class _Session:
                 client.conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
+                try:
+                    client.check_head(event)
+                except PeerError:
+                    self.result.close_cause = "client-protocol-error"
+                    refusal = Refusal(431, "malformed-request", "request head too large")
+                    await self._answer(client, refusal)
+                    self._audit(event, 431, error="malformed-request")
+                    return None
                 return event
             self.result.close_cause = "client-closed"
             return None
@@ -382,10 +408,12 @@ class _Session:
                     and upstream.cycle_bytes_in == 0
                     and not prepared.has_body
                     and not exchange.response_started
+                    and prepared.method.upper() in IDEMPOTENT_METHODS
                 )
                 if stale and attempt == 1:
-                    # A kept-alive upstream closed as we reused it; a bodiless request is safe
-                    # to send again on a fresh connection.
+                    # A kept-alive upstream closed as we reused it; a bodiless idempotent
+                    # request is safe to send again on a fresh connection. A POST is not: the
+                    # upstream may have acted on it before closing (RFC 9110 §9.2.2).
                     log.debug("intercept %s: stale upstream connection, retrying", self.expected)
                     continue
                 return await self._relay_failed(client, exchange, exc)
@@ -587,6 +615,61 @@ class _Session:
             self.env.audit_request(record)
         except Exception:
             log.exception("intercept: the audit callback failed")
+
+
+async def _alpn_unacceptable(sock: socket.socket, within: float) -> bool:
+    """Peek at the ClientHello; if it offers ALPN without HTTP/1.1, consume it and answer
+    the alert (True). Anything unusual (no ALPN, not TLS, too slow) is left to OpenSSL."""
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        try:
+            data = sock.recv(MAX_CLIENT_HELLO, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            data = b""
+        except OSError:
+            return False
+        else:
+            if not data:
+                return False  # EOF: OpenSSL reports the failed handshake
+        try:
+            offered = offered_alpn(data)
+        except NeedMore:
+            if len(data) >= MAX_CLIENT_HELLO:
+                return False  # an oversized hello: OpenSSL decides
+            # Level-triggered readiness would fire at once for bytes already peeked:
+            # wait for more with a short sleep (a ClientHello is nearly always one segment).
+            await _readable(sock, 0.01 if data else deadline - loop.time())
+            continue
+        except NotClientHello:
+            return False
+        if offered is None or any(name in ALPN_BYTES for name in offered):
+            return False
+        with contextlib.suppress(OSError):
+            sock.recv(len(data))  # consume the hello so closing does not reset the alert
+            sock.send(NO_APPLICATION_PROTOCOL_ALERT)
+        return True
+    return False
+
+
+async def _readable(sock: socket.socket, wait: float) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        async with asyncio.timeout(max(wait, 0.0)):
+            await ready
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
 
 
 def _sending_body(conn: h11.Connection) -> bool:

@@ -32,6 +32,9 @@ class InterceptMetrics:
     def host_mismatch(self, rule_id: str) -> None:
         """A request's Host header did not match the SNI."""
 
+    def alpn_refused(self) -> None:
+        """A client offered ALPN protocols but not HTTP/1.1 (answered with an alert)."""
+
     def rewrite_applied(self, rule_id: str, header: str) -> None:
         """A header was rewritten on a request that was sent upstream."""
 
@@ -72,6 +75,13 @@ class PrometheusInterceptMetrics(InterceptMetrics):
             subsystem=sub,
             registry=reg,
         )
+        self.alpn_refusals = Counter(
+            "alpn_refusals_total",
+            "TLS handshakes refused for offering ALPN without http/1.1",
+            namespace=ns,
+            subsystem=sub,
+            registry=reg,
+        )
         self.host_mismatches = Counter(
             "host_mismatches_total",
             "Requests whose Host header did not match the SNI",
@@ -105,6 +115,9 @@ class PrometheusInterceptMetrics(InterceptMetrics):
 
     def sni_refused(self, reason: str) -> None:
         self.sni_refusals.labels(reason=reason).inc()
+
+    def alpn_refused(self) -> None:
+        self.alpn_refusals.inc()
 
     def host_mismatch(self, rule_id: str) -> None:
         self.host_mismatches.labels(rule=rule_id).inc()

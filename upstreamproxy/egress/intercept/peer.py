@@ -19,7 +19,9 @@ from typing import Final
 import h11
 
 READ_SIZE: Final = 64 * 1024
-# Largest request or response head accepted (h11 rejects longer with 431 / a protocol error).
+#: Largest request or response head accepted, exactly: h11's ``max_incomplete_event_size``
+#: only bounds an *incomplete* head in its buffer, so a head that completes within one more
+#: read passed at twice the size; :meth:`Peer.check_head` measures every complete head.
 MAX_HEAD_BYTES: Final = 64 * 1024
 CLOSE_TIMEOUT: Final = 2.0
 
@@ -62,10 +64,24 @@ class Peer:
         self.bytes_out = 0
         self.cycle_bytes_in = 0  # since the last start_next_cycle()
         self.eof = False
+        self._head_start = 0  # bytes h11 had consumed when the next head began
 
     def start_next_cycle(self) -> None:
         self.conn.start_next_cycle()
         self.cycle_bytes_in = 0
+        self._head_start = self._consumed()
+
+    def _consumed(self) -> int:
+        """Bytes fed to h11 that it has parsed (every byte read is fed to it)."""
+        return self.bytes_in - len(self.conn.trailing_data[0])
+
+    def check_head(self, event: object) -> None:
+        """Refuse a complete head over :data:`MAX_HEAD_BYTES` (a 1xx response counts too)."""
+        if isinstance(event, h11.Request | h11.InformationalResponse | h11.Response):
+            consumed = self._consumed()
+            size, self._head_start = consumed - self._head_start, consumed
+            if size > MAX_HEAD_BYTES:
+                raise self._error("head-too-large", status_hint=431)
 
     @property
     def idle_and_open(self) -> bool:
@@ -113,6 +129,7 @@ class Peer:
             if event is h11.NEED_DATA:
                 self.conn.receive_data(await self.read())
                 continue
+            self.check_head(event)
             return event  # type: ignore[return-value]
 
     async def send(self, event: h11.Event) -> None:
