@@ -17,7 +17,19 @@ from typing import Final
 from . import __version__
 from .errors import ConfigError
 
-COMMANDS: Final = ("egress", "relay", "start", "exec", "env", "token", "ca", "doctor", "demo")
+COMMANDS: Final = (
+    "egress",
+    "relay",
+    "start",
+    "exec",
+    "env",
+    "token",
+    "ca",
+    "doctor",
+    "demo",
+    "lock",
+    "unlock",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
