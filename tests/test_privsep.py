@@ -1,0 +1,326 @@
+"""The recommended deployment for real: ``start`` as root, the relay under its own uid, and an
+attacker of the sandbox's uid who watches /proc from before the session starts.
+
+Real users are created with ``useradd`` (and removed), privileges are dropped with ``setpriv``
+(util-linux), and the attacker is ``ptrace_attacker.py``: PTRACE_SEIZE, /proc/PID/mem,
+environ and the token file, against every upstreamproxy process from the moment it appears.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tools_fixtures
+from tools_fixtures import HELLO, READY_PREFIX, TOKEN, World, clean_env, cli, start_session
+
+from upstreamproxy.bootstrap.hardening import is_dumpable
+from upstreamproxy.bootstrap.privsep import resolve_relay_user
+from upstreamproxy.errors import ConfigError
+
+world = tools_fixtures.world
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0,
+    reason="privilege separation needs Linux and root",
+)
+
+HERE = Path(__file__).resolve().parent
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+
+
+def free_uid(start: int = 23000) -> int:
+    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    uid = start
+    while uid in used:
+        uid += 1
+    return uid
+
+
+def userdel(name: str) -> None:
+    subprocess.run(["userdel", name], capture_output=True, check=False, timeout=30)
+    subprocess.run(["groupdel", name], capture_output=True, check=False, timeout=30)
+
+
+@pytest.fixture
+def names() -> Iterator[list[str]]:
+    """User names a test creates (directly or through start); deleted at the end."""
+    created: list[str] = []
+    yield created
+    for name in created:
+        userdel(name)
+
+
+@pytest.fixture
+def sandbox_user(names: list[str]) -> User:
+    name = f"upsbx{secrets.token_hex(3)}"
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/bin/sh", "--user-group", name],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    names.append(name)
+    entry = pwd.getpwnam(name)
+    return User(name, entry.pw_uid, entry.pw_gid)
+
+
+@pytest.fixture
+def shared_base() -> Iterator[Path]:
+    """A base directory the sandbox user can read (0755), unlike pytest's 0700 tmp_path."""
+    base = Path(tempfile.mkdtemp(prefix="upstreamproxy-privsep-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def as_user(user: User, *argv: str) -> list[str]:
+    return [SETPRIV, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", *argv]
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def relay_pid(log: str) -> int:
+    match = re.search(r"relay runs as \S+ \(uid \d+, gid \d+\), pid (\d+)", log)
+    assert match, log
+    return int(match.group(1))
+
+
+# -- the attacker --------------------------------------------------------------------------------
+
+
+def test_same_uid_attacker_started_first_gets_nothing(
+    world: World, sandbox_user: User, names: list[str], shared_base: Path
+) -> None:
+    relay_name = f"uprly{secrets.token_hex(3)}"
+    names.append(relay_name)
+    relay_uid = free_uid()
+    stop_file = shared_base / "stop-attacker"
+    attacker = subprocess.Popen(
+        as_user(
+            sandbox_user,
+            sys.executable,
+            str(HERE / "ptrace_attacker.py"),
+            TOKEN,
+            str(stop_file),
+            "90",
+            str(shared_base / "session" / "token"),
+            str(shared_base),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+        env={"PATH": os.environ["PATH"]},
+    )
+    try:
+        assert attacker.stdout is not None
+        assert attacker.stdout.readline() == "watching\n", attacker.stderr.read()  # type: ignore[union-attr]
+        session = start_session(
+            world,
+            shared_base / "session",
+            "--relay-user",
+            relay_name,
+            "--relay-uid",
+            str(relay_uid),
+        )
+        try:
+            assert session.ready_line.startswith(READY_PREFIX), session.stop()
+            log = session.log_file.read_text()
+            child = relay_pid(log)
+            # The relay process: its own uid and group, no supplementary groups, hardened.
+            status = status_fields(child)
+            assert status["Uid"].split() == [str(relay_uid)] * 4
+            assert status["Gid"].split()[0] == str(pwd.getpwnam(relay_name).pw_gid)
+            assert status["Groups"] == ""
+            assert status["TracerPid"] == "0"
+            assert is_dumpable(child) is False
+            for name in ("cmdline", "environ"):
+                assert TOKEN.encode() not in Path(f"/proc/{child}/{name}").read_bytes()
+            # The sandbox user still gets the environment and a working relay.
+            env = session.tool_env(shared_base)
+            done = subprocess.run(
+                as_user(sandbox_user, "curl", "-sS", "--max-time", "20", world.url()),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd="/",
+            )
+            assert done.stdout == HELLO, done.stderr
+            time.sleep(1.0)  # let the attacker take a few more passes at the running relay
+        finally:
+            log = session.stop()
+        stop_file.touch()
+        out, err = attacker.communicate(timeout=60)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait()
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["uid"] == sandbox_user.uid
+    # The attacker's tools work: on a same-uid process it seizes and finds the secret ...
+    if report["ptrace_scope"] < 2:
+        assert report["control"] == {"seize_errno": 0, "mem_errno": 0, "found": True}
+    # ... and on the session it saw the supervisor and the relay from the start, and got nothing.
+    processes = report["processes"]
+    assert str(session.pid) in processes and str(child) in processes, report
+    # The relay process was attacked from whenever the attacker first saw it (as the forked
+    # root supervisor image, or already exec'd as the relay user) until it stopped.
+    assert "relay_child" in processes[str(child)]["cmdlines"][-1], report
+    assert report["attempts"] >= 10, report
+    assert report["successes"] == [], report
+    for info in report["processes"].values():
+        assert set(info["seize_errnos"]) <= {1, 3}, info  # EPERM (ESRCH once it has exited)
+        assert 0 not in info["mem_errnos"], info
+    assert 0 not in report["token_file_errnos"]
+    assert TOKEN not in log and TOKEN not in err
+
+
+# -- the relay user ------------------------------------------------------------------------------
+
+
+def test_relay_user_is_created_with_the_uid_asked_for(names: list[str]) -> None:
+    name = f"uprly{secrets.token_hex(3)}"
+    names.append(name)
+    uid = free_uid(24000)
+    user = resolve_relay_user(name, uid)
+    assert user is not None and (user.name, user.uid) == (name, uid)
+    entry = pwd.getpwnam(name)
+    assert entry.pw_shell.endswith(("nologin", "false")) and entry.pw_dir == "/nonexistent"
+    # Found, not created, the second time; a different uid for it is refused.
+    assert resolve_relay_user(name) == user
+    with pytest.raises(ConfigError, match="not the requested"):
+        resolve_relay_user(name, uid + 1)
+
+
+def test_root_and_uid_zero_are_refused_or_mean_no_separation() -> None:
+    assert resolve_relay_user("root") is None
+    assert resolve_relay_user("0") is None
+    with pytest.raises(ConfigError, match="no such user"):
+        resolve_relay_user("no-such-user-here", create=False)
+
+
+def test_without_root_another_relay_user_is_refused(sandbox_user: User, tmp_path: Path) -> None:
+    code = (
+        "from upstreamproxy.bootstrap.privsep import resolve_relay_user\n"
+        "from upstreamproxy.errors import ConfigError\n"
+        "import os, pwd\n"
+        "assert resolve_relay_user(None) is None\n"
+        "assert resolve_relay_user(pwd.getpwuid(os.getuid()).pw_name) is None\n"
+        "try:\n"
+        "    resolve_relay_user('upstreamproxy')\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        as_user(sandbox_user, sys.executable, "-c", code),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "needs `start` to run as root" in done.stdout
+
+
+def test_relay_user_root_runs_the_relay_in_start(world: World, tmp_path: Path) -> None:
+    session = start_session(world, tmp_path / "s", "--relay-user", "root")
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+    finally:
+        log = session.stop()
+    assert "relay runs as" not in log
+
+
+def test_relay_process_dying_stops_the_session(
+    world: World, names: list[str], tmp_path: Path
+) -> None:
+    name = f"uprly{secrets.token_hex(3)}"
+    names.append(name)
+    session = start_session(world, tmp_path / "s", "--relay-user", name)
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+        child = relay_pid(session.log_file.read_text())
+        os.kill(child, 9)
+        session.proc.wait(30)
+    finally:
+        log = session.stop()
+    assert session.proc.returncode == 1
+    assert "the relay process exited" in log
+    assert not (tmp_path / "s" / "state" / "env.sh").exists()
+
+
+def test_relay_failure_in_the_child_is_reported_and_keeps_the_token(
+    world: World, names: list[str], tmp_path: Path
+) -> None:
+    import socket
+
+    name = f"uprly{secrets.token_hex(3)}"
+    names.append(name)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        session = start_session(world, tmp_path / "s", "--relay-user", name, "--port", str(port))
+        session.proc.wait(30)
+    log = session.stop()
+    assert session.ready_line == ""
+    assert "the relay process failed: relay cannot listen" in log
+    assert session.token_file.exists()
+    assert TOKEN not in log
+
+
+def test_background_second_start_reports_its_deleted_token_on_stderr(
+    world: World, names: list[str], tmp_path: Path
+) -> None:
+    name = f"uprly{secrets.token_hex(3)}"
+    names.append(name)
+    session = start_session(world, tmp_path / "s", "--relay-user", name)
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+        other = tools_fixtures.write_token(tmp_path / "other-token")
+        done = cli(
+            "start",
+            "--background",
+            "--token-file",
+            str(other),
+            "--session-id",
+            "x",
+            "--egress-url",
+            world.egress_url,
+            "--state-dir",
+            str(session.state_dir),
+            env=clean_env(tmp_path),
+        )
+    finally:
+        session.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(session.state_dir / "env.sh")
+    assert f"the token file {other} was not used" in done.stderr
+    assert not other.exists()
