@@ -8,24 +8,20 @@ environ and the token file, against every upstreamproxy process from the moment 
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
 import re
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import tools_fixtures
+import users_fixtures
 from tools_fixtures import HELLO, READY_PREFIX, TOKEN, World, clean_env, cli, start_session
+from users_fixtures import User, as_user, free_uid, relay_name
 
 from upstreamproxy.bootstrap.hardening import is_dumpable
 from upstreamproxy.bootstrap.privsep import resolve_relay_user
@@ -39,63 +35,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 HERE = Path(__file__).resolve().parent
-SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    uid: int
-    gid: int
-
-
-def free_uid(start: int = 23000) -> int:
-    used = {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
-    uid = start
-    while uid in used:
-        uid += 1
-    return uid
-
-
-def userdel(name: str) -> None:
-    subprocess.run(["userdel", name], capture_output=True, check=False, timeout=30)
-    subprocess.run(["groupdel", name], capture_output=True, check=False, timeout=30)
-
-
-@pytest.fixture
-def names() -> Iterator[list[str]]:
-    """User names a test creates (directly or through start); deleted at the end."""
-    created: list[str] = []
-    yield created
-    for name in created:
-        userdel(name)
-
-
-@pytest.fixture
-def sandbox_user(names: list[str]) -> User:
-    name = f"upsbx{secrets.token_hex(3)}"
-    subprocess.run(
-        ["useradd", "--no-create-home", "--shell", "/bin/sh", "--user-group", name],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    names.append(name)
-    entry = pwd.getpwnam(name)
-    return User(name, entry.pw_uid, entry.pw_gid)
-
-
-@pytest.fixture
-def shared_base() -> Iterator[Path]:
-    """A base directory the sandbox user can read (0755), unlike pytest's 0700 tmp_path."""
-    base = Path(tempfile.mkdtemp(prefix="upstreamproxy-privsep-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-def as_user(user: User, *argv: str) -> list[str]:
-    return [SETPRIV, f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", *argv]
+names = users_fixtures.names
+sandbox_user = users_fixtures.sandbox_user
+shared_base = users_fixtures.shared_base
 
 
 def status_fields(pid: int) -> dict[str, str]:
@@ -118,8 +60,8 @@ def relay_pid(log: str) -> int:
 def test_same_uid_attacker_started_first_gets_nothing(
     world: World, sandbox_user: User, names: list[str], shared_base: Path
 ) -> None:
-    relay_name = f"uprly{secrets.token_hex(3)}"
-    names.append(relay_name)
+    relay = relay_name()
+    names.append(relay)
     relay_uid = free_uid()
     stop_file = shared_base / "stop-attacker"
     attacker = subprocess.Popen(
@@ -146,7 +88,7 @@ def test_same_uid_attacker_started_first_gets_nothing(
             world,
             shared_base / "session",
             "--relay-user",
-            relay_name,
+            relay,
             "--relay-uid",
             str(relay_uid),
         )
@@ -157,7 +99,7 @@ def test_same_uid_attacker_started_first_gets_nothing(
             # The relay process: its own uid and group, no supplementary groups, hardened.
             status = status_fields(child)
             assert status["Uid"].split() == [str(relay_uid)] * 4
-            assert status["Gid"].split()[0] == str(pwd.getpwnam(relay_name).pw_gid)
+            assert status["Gid"].split()[0] == str(pwd.getpwnam(relay).pw_gid)
             assert status["Groups"] == ""
             assert status["TracerPid"] == "0"
             assert is_dumpable(child) is False
@@ -207,7 +149,7 @@ def test_same_uid_attacker_started_first_gets_nothing(
 
 
 def test_relay_user_is_created_with_the_uid_asked_for(names: list[str]) -> None:
-    name = f"uprly{secrets.token_hex(3)}"
+    name = relay_name()
     names.append(name)
     uid = free_uid(24000)
     user = resolve_relay_user(name, uid)
@@ -263,7 +205,7 @@ def test_relay_user_root_runs_the_relay_in_start(world: World, tmp_path: Path) -
 def test_relay_process_dying_stops_the_session(
     world: World, names: list[str], tmp_path: Path
 ) -> None:
-    name = f"uprly{secrets.token_hex(3)}"
+    name = relay_name()
     names.append(name)
     session = start_session(world, tmp_path / "s", "--relay-user", name)
     try:
@@ -283,7 +225,7 @@ def test_relay_failure_in_the_child_is_reported_and_keeps_the_token(
 ) -> None:
     import socket
 
-    name = f"uprly{secrets.token_hex(3)}"
+    name = relay_name()
     names.append(name)
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
@@ -299,7 +241,7 @@ def test_relay_failure_in_the_child_is_reported_and_keeps_the_token(
 def test_background_second_start_reports_its_deleted_token_on_stderr(
     world: World, names: list[str], tmp_path: Path
 ) -> None:
-    name = f"uprly{secrets.token_hex(3)}"
+    name = relay_name()
     names.append(name)
     session = start_session(world, tmp_path / "s", "--relay-user", name)
     try:
