@@ -7,6 +7,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -169,3 +170,27 @@ async def test_a_traced_process_refuses_to_read_the_token(
     assert expected in output, output[-2000:]
     assert token.exists()  # never used, so kept for a retry
     assert TOKEN.encode() not in output
+
+
+@pytest.mark.parametrize("command", ["start", "relay"])
+def test_start_and_relay_harden_before_the_heavy_imports(tmp_path: Path, command: str) -> None:
+    """The same-uid window is the time from execve to PR_SET_DUMPABLE: the CLI sets it before
+    it builds its parser (which imports aiohttp, cryptography, websockets for every command)."""
+    code = (
+        "import sys\n"
+        "import upstreamproxy.bootstrap.hardening as hardening\n"
+        "real = hardening.make_non_dumpable\n"
+        "def spy():\n"
+        "    heavy = sorted(m for m in ('aiohttp', 'cryptography', 'websockets', 'yaml')\n"
+        "                   if m in sys.modules)\n"
+        "    print('hardened with', heavy, flush=True)\n"
+        "    return real()\n"
+        "hardening.make_non_dumpable = spy\n"
+        "from upstreamproxy.cli import main\n"
+        f"sys.exit(main([{command!r}, '--token-file', {str(tmp_path / 'none')!r}]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60
+    )
+    first = done.stdout.splitlines()[0]
+    assert first == "hardened with []", done.stdout + done.stderr
