@@ -190,7 +190,11 @@ def test_start_and_relay_harden_before_the_heavy_imports(tmp_path: Path, command
         f"sys.exit(main([{command!r}, '--token-file', {str(tmp_path / 'none')!r}]))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        env={**env(), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     first = done.stdout.splitlines()[0]
     assert first == "hardened with []", done.stdout + done.stderr
