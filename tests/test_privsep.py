@@ -266,3 +266,55 @@ def test_background_second_start_reports_its_deleted_token_on_stderr(
     assert done.stdout.strip() == str(session.state_dir / "env.sh")
     assert f"the token file {other} was not used" in done.stderr
     assert not other.exists()
+
+
+def test_start_as_the_sandbox_user_runs_in_process_and_names_the_residual_risk(
+    world: World, sandbox_user: User, shared_base: Path
+) -> None:
+    from upstreamproxy.bootstrap.hardening import ptrace_scope
+
+    base = shared_base / "own"
+    base.mkdir()
+    token = tools_fixtures.write_token(base / "token")
+    os.chown(base, sandbox_user.uid, sandbox_user.gid)
+    os.chown(token, sandbox_user.uid, sandbox_user.gid)
+    argv = as_user(
+        sandbox_user,
+        sys.executable,
+        "-m",
+        "upstreamproxy",
+        "start",
+        "--token-file",
+        str(token),
+        "--session-id",
+        "s",
+        "--egress-url",
+        world.egress_url,
+        "--state-dir",
+        str(base / "state"),
+    )
+    proc = subprocess.Popen(
+        argv,
+        env=clean_env(base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(READY_PREFIX), proc.communicate(timeout=30)
+        assert status_fields(proc.pid)["Uid"].split()[0] == str(sandbox_user.uid)
+        assert is_dumpable(proc.pid) is False
+        assert not token.exists()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert not re.search(r"relay runs as \S+ \(uid", err)  # in-process: no relay child
+    scope = ptrace_scope()
+    if scope is None or scope == 0:
+        assert " WARNING " in err and "run start as root" in err, err
+    else:
+        assert f"Yama ptrace_scope={scope}" in err, err
+    assert TOKEN not in err

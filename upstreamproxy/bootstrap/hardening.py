@@ -6,6 +6,7 @@ Public API::
     is_dumpable(pid: int | None = None) -> bool      # raises HardeningError if it cannot tell
     tracer_pid() -> int | None                       # TracerPid of this process (None: unknown)
     refuse_if_traced() -> None                       # HardeningError if a tracer is attached
+    ptrace_scope() -> int | None                     # kernel.yama.ptrace_scope; None: no Yama
     class HardeningResult                             # what was done, by which mechanism
     class HardeningError(UpstreamProxyError)
 
@@ -214,6 +215,16 @@ def tracer_pid() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def ptrace_scope() -> int | None:
+    """``kernel.yama.ptrace_scope`` (0 classic, 1 ancestors only, 2 admin only, 3 none), or
+    None when Yama is absent (then any process of the same uid may attach)."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope", encoding="ascii") as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def refuse_if_traced() -> None:

@@ -61,7 +61,7 @@ from ..errors import ConfigError, UpstreamProxyError
 from ..relay import Relay, RelayConfig
 from ..secret import Secret
 from .ca_bundle import prepare_ca_bundle, redact_url
-from .hardening import HardeningError, make_non_dumpable, refuse_if_traced
+from .hardening import HardeningError, make_non_dumpable, ptrace_scope, refuse_if_traced
 from .netlock import NetLockError, lock, spec_for, unlock
 from .privsep import RelayChildFailed, RelayUser, SeparateRelay, resolve_relay_user
 from .proxy_env import proxy_environment, user_ca_files
@@ -281,6 +281,8 @@ def _run_locked(
     try:
         config = _relay_config(options, token_file.token)
         user = resolve_relay_user(options.relay_user, options.relay_uid)
+        if user is None and os.geteuid() != 0:
+            _warn_same_uid()
         bundle, merged = _prepare_bundle(options, paths)
         with _network_lock(options, user):
             return asyncio.run(_serve(options, paths, config, user, bundle, merged, notify))
@@ -308,6 +310,21 @@ def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
     )
     config.validate()
     return config
+
+
+def _warn_same_uid() -> None:
+    """Started as the sandbox's own user: say what remains open, and what would close it."""
+    scope = ptrace_scope()
+    if scope is not None and scope >= 1:
+        log.info("relay runs as uid %d; Yama ptrace_scope=%d", os.geteuid(), scope)
+        return
+    log.warning(
+        "the relay runs as uid %d, like the sandbox's tools, and %s: a process of that uid "
+        "that attached during start-up could read the token; run start as root (the relay "
+        "then gets its own user) or set kernel.yama.ptrace_scope=1",
+        os.geteuid(),
+        "Yama is absent" if scope is None else "Yama ptrace_scope=0",
+    )
 
 
 @contextlib.contextmanager
