@@ -318,3 +318,20 @@ def test_start_as_the_sandbox_user_runs_in_process_and_names_the_residual_risk(
     else:
         assert f"Yama ptrace_scope={scope}" in err, err
     assert TOKEN not in err
+
+
+def test_a_token_file_a_sandbox_user_owns_is_flagged(
+    world: World, sandbox_user: User, names: list[str], tmp_path: Path
+) -> None:
+    relay = relay_name()
+    names.append(relay)
+    base = tmp_path / "s"
+    base.mkdir()
+    token = tools_fixtures.write_token(base / "token")
+    os.chown(token, sandbox_user.uid, sandbox_user.gid)
+    session = start_session(world, base, "--relay-user", relay, token=None)
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+    finally:
+        log = session.stop()
+    assert f"belongs to uid {sandbox_user.uid}" in log and "make it root's" in log

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 from conftest import SESSION, TOKEN, Origin, TLSFiles, curl_via, run
 
-from upstreamproxy.bootstrap.hardening import HardeningError, is_dumpable, refuse_if_traced
+from upstreamproxy.bootstrap.hardening import (
+    HardeningError,
+    is_dumpable,
+    refuse_if_traced,
+    tracer_pid,
+)
 from upstreamproxy.egress.server import EgressServer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
@@ -129,7 +134,8 @@ async def test_relay_command_with_a_bad_token_file_says_why(
 
 
 def test_untraced_process_passes_the_check() -> None:
-    refuse_if_traced()  # pytest is not being traced
+    assert tracer_pid() == 0  # pytest is not being traced
+    refuse_if_traced()
 
 
 GDB = shutil.which("gdb")

@@ -283,6 +283,13 @@ def _run_locked(
         user = resolve_relay_user(options.relay_user, options.relay_uid)
         if user is None and os.geteuid() != 0:
             _warn_same_uid()
+        if user is not None and token_file.owner_uid not in (0, user.uid):
+            log.warning(
+                "the token file %s belongs to uid %s, who could read it before start deleted "
+                "it; for the hardened deployment make it root's, mode 0600",
+                options.token_file,
+                token_file.owner_uid,
+            )
         bundle, merged = _prepare_bundle(options, paths)
         with _network_lock(options, user):
             return asyncio.run(_serve(options, paths, config, user, bundle, merged, notify))

@@ -4,7 +4,7 @@ Public API::
 
     read_token(path: str | os.PathLike[str]) -> TokenFile     # raises ConfigError if malformed
     delete_token_file(path: str | os.PathLike[str]) -> bool   # True if deleted, False if gone
-    class TokenFile: token: Secret | None, reason: str | None, warnings: tuple[str, ...]
+    class TokenFile: token: Secret | None, reason, warnings: tuple[str, ...], owner_uid
     MAX_TOKEN_FILE_SIZE = 64 KiB
 
 Outcomes of :func:`read_token`, matching the bootstrap's policy:
@@ -56,6 +56,8 @@ class TokenFile:
     token: Secret | None
     reason: str | None = None
     warnings: tuple[str, ...] = field(default=())
+    #: The file's owner (None when there was no file).
+    owner_uid: int | None = None
 
 
 def _field(path: str | os.PathLike[str]) -> str:
@@ -111,11 +113,11 @@ def read_token(path: str | os.PathLike[str]) -> TokenFile:
     token = data.strip(_SURROUNDING_WHITESPACE)
     if not token:
         reason = "is empty" if not data else "contains only whitespace"
-        return TokenFile(None, f"{name} {reason}", tuple(warnings))
+        return TokenFile(None, f"{name} {reason}", tuple(warnings), info.st_uid)
     # Printable ASCII only, checked without ever echoing the offending character or position.
     if any(byte < 0x21 or byte > 0x7E for byte in token):
         raise ConfigError(name, "token contains whitespace, a control character or non-ASCII data")
-    return TokenFile(Secret(token.decode("ascii")), None, tuple(warnings))
+    return TokenFile(Secret(token.decode("ascii")), None, tuple(warnings), info.st_uid)
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
