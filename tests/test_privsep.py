@@ -73,7 +73,7 @@ def test_same_uid_attacker_started_first_gets_nothing(
             str(stop_file),
             "90",
             str(shared_base / "session" / "token"),
-            str(shared_base),
+            str(shared_base / "session" / "token"),  # the marker: in start's command line
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -105,17 +105,35 @@ def test_same_uid_attacker_started_first_gets_nothing(
             assert is_dumpable(child) is False
             for name in ("cmdline", "environ"):
                 assert TOKEN.encode() not in Path(f"/proc/{child}/{name}").read_bytes()
-            # The sandbox user still gets the environment and a working relay.
-            env = session.tool_env(shared_base)
-            done = subprocess.run(
-                as_user(sandbox_user, "curl", "-sS", "--max-time", "20", world.url()),
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd="/",
-            )
-            assert done.stdout == HELLO, done.stderr
+            # The sandbox user still finds the session (root's state directory) and its relay:
+            # by sourcing env.sh, and through `upstreamproxy exec`.
+            env_sh = session.state_dir / "env.sh"
+            for command in (
+                ["sh", "-c", f'. "{env_sh}" && exec curl -sS --max-time 20 "{world.url()}"'],
+                [
+                    sys.executable,
+                    "-m",
+                    "upstreamproxy",
+                    "exec",
+                    "--state-dir",
+                    str(session.state_dir),
+                    "--",
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    world.url(),
+                ],
+            ):
+                done = subprocess.run(
+                    as_user(sandbox_user, *command),
+                    env=clean_env(shared_base),
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    cwd="/",
+                )
+                assert done.stdout == HELLO, (command, done.stderr)
             time.sleep(1.0)  # let the attacker take a few more passes at the running relay
         finally:
             log = session.stop()
