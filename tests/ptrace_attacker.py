@@ -6,8 +6,8 @@ one JSON report.
 It does what issue 9 describes: watch ``/proc`` for the session's processes (an upstreamproxy
 command line mentioning MARKER, the token file's path that ``start`` is given, and their
 children; the machine may run other sessions, and the sandbox user's own ``upstreamproxy
-exec`` would be fair game but holds no token) and, from the moment each appears and again on every pass, try everything an
-unprivileged process of our uid can do to lift the secret:
+exec`` would be fair game but holds no token) and, from the moment each appears and again on
+every pass, try everything an unprivileged process of our uid can do to lift the secret:
 
 * ``ptrace(PTRACE_SEIZE)`` (the start-up race: a tracer that gets in before ``prctl`` keeps
   control, and could then read the token with PEEKDATA once it is read);

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import users_fixtures
+from hypothesis import given
+from hypothesis import strategies as st
 from users_fixtures import User, as_user, relay_name
 
 from upstreamproxy.bootstrap.netlock import (
@@ -397,3 +399,21 @@ def test_start_lock_without_root_fails_clearly(
     assert done.returncode == 1
     assert "--lock needs start to run as root" in done.stderr
     assert token.exists()
+
+
+@given(
+    uid=st.integers(min_value=0, max_value=2**32 - 2),
+    addresses=st.lists(
+        st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), min_size=1, max_size=5
+    ),
+    port=st.integers(min_value=1, max_value=65535),
+)
+def test_any_spec_renders_every_destination_once_and_rejects_the_rest(
+    uid: int, addresses: list[object], port: int
+) -> None:
+    destinations = tuple(Destination(str(a), port) for a in addresses)
+    script = render_ruleset(LockSpec(uid, destinations))
+    for dest in set(destinations):
+        rule = f"meta skuid {uid} {dest.family} daddr {dest.address} tcp dport {port} accept"
+        assert script.count(rule + "\n") == 1
+    assert script.rstrip().endswith("reject with icmpx admin-prohibited\n\t}\n}")
