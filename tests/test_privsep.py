@@ -353,3 +353,76 @@ def test_a_token_file_a_sandbox_user_owns_is_flagged(
     finally:
         log = session.stop()
     assert f"belongs to uid {sandbox_user.uid}" in log and "make it root's" in log
+
+
+def test_same_uid_start_refuses_the_token_to_an_attacker_that_wins_the_race(
+    world: World, sandbox_user: User, shared_base: Path
+) -> None:
+    """Started as the sandbox user, `start` races a same-uid attacker: whoever wins, the token
+    never sits in a traced process (the attacker either gets EPERM, or `start` sees the tracer
+    and refuses the token, keeping the file for a retry)."""
+    outcomes = []
+    for trial in range(3):
+        base = shared_base / f"trial{trial}"
+        base.mkdir()
+        token = tools_fixtures.write_token(base / "token")
+        os.chown(base, sandbox_user.uid, sandbox_user.gid)
+        os.chown(token, sandbox_user.uid, sandbox_user.gid)
+        stop_file = base / "stop"
+        racer = subprocess.Popen(
+            as_user(
+                sandbox_user,
+                sys.executable,
+                str(HERE / "ptrace_racer.py"),
+                str(token),
+                str(stop_file),
+                "60",
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+            env={"PATH": os.environ["PATH"]},
+        )
+        assert racer.stdout is not None and racer.stdout.readline() == "watching\n"
+        start = subprocess.Popen(
+            as_user(
+                sandbox_user,
+                sys.executable,
+                "-m",
+                "upstreamproxy",
+                "start",
+                "--token-file",
+                str(token),
+                "--session-id",
+                "s",
+                "--egress-url",
+                world.egress_url,
+                "--state-dir",
+                str(base / "state"),
+            ),
+            env=clean_env(base),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+        try:
+            assert start.stdout is not None
+            line = start.stdout.readline()  # the ready line, or EOF once start gave up
+        finally:
+            stop_file.touch()  # the racer detaches (exits) before start is signalled
+            report = json.loads(racer.communicate(timeout=60)[0].strip().splitlines()[-1])
+            start.terminate()
+            _, err = start.communicate(timeout=30)
+        assert report["pid"] == start.pid, report
+        if report["errno"] == 0:  # the attacker got in before PR_SET_DUMPABLE
+            assert line == "", line
+            assert "is tracing this one (TracerPid)" in err, err
+            assert token.exists()
+        else:  # too late: the process was already non-dumpable
+            assert report["errno"] == 1, report  # EPERM
+            assert line.startswith(READY_PREFIX), err
+            assert not token.exists()
+        assert TOKEN not in err
+        outcomes.append(report["errno"])
+    print(f"attacker won the race {outcomes.count(0)} of {len(outcomes)} times")
