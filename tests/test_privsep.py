@@ -426,3 +426,26 @@ def test_same_uid_start_refuses_the_token_to_an_attacker_that_wins_the_race(
         assert TOKEN not in err
         outcomes.append(report["errno"])
     print(f"attacker won the race {outcomes.count(0)} of {len(outcomes)} times")
+
+
+def test_start_hook_as_root_defaults_the_state_dir_to_run(
+    sandbox_user: User, shared_base: Path
+) -> None:
+    """The hook passes the environment to `start`; a stand-in binary records what it got."""
+    hook = HERE.parent / "env" / "upstreamproxy-start.sh"
+    fake = shared_base / "fake-upstreamproxy"
+    seen = shared_base / "seen"
+    fake.write_text(f'#!/bin/sh\necho "${{UPSTREAMPROXY_STATE_DIR:-unset}}" >> "{seen}"\n')
+    fake.chmod(0o755)
+    seen.touch()
+    seen.chmod(0o666)
+    env = {"PATH": os.environ["PATH"], "UPSTREAMPROXY_BIN": str(fake)}
+    script = f'. "{hook}"'
+    for prefix in ([], as_user(sandbox_user)):
+        done = subprocess.run(
+            [*prefix, "sh", "-c", script], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+    given = {**env, "UPSTREAMPROXY_STATE_DIR": "/somewhere"}
+    subprocess.run(["sh", "-c", script], env=given, check=True, timeout=30)
+    assert seen.read_text().splitlines() == ["/run/upstreamproxy", "unset", "/somewhere"]
