@@ -224,6 +224,7 @@ class SeparateRelay:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # no current directory on sys.path
                 "-m",
                 CHILD_MODULE,
                 stdin=asyncio.subprocess.PIPE,
