@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,11 +79,18 @@ def test_ruleset_allows_only_the_relay_uid_to_the_destinations() -> None:
     ]
     assert "type filter hook output priority filter; policy accept;" in lines
     rules = lines[lines.index("type filter hook output priority filter; policy accept;") + 1 :]
-    assert rules[:2] == ['oifname "lo" accept', "ct direction reply accept"]
-    assert "meta skuid 1234 ip daddr 192.0.2.7 tcp dport 443 accept" in rules
+    dns = "ct original ip daddr 192.0.2.53 ct original proto-dst 53 accept"
+    assert rules[:7] == [
+        "ct direction reply accept",
+        # DNS by original destination port (before DNAT), before loopback is let through.
+        f"meta skuid 1234 meta l4proto udp {dns}",
+        f"meta skuid 1234 meta l4proto tcp {dns}",
+        "meta l4proto tcp ct original proto-dst 53 reject with tcp reset",
+        "meta l4proto udp ct original proto-dst 53 reject with icmpx admin-prohibited",
+        'oifname "lo" accept',
+        "meta skuid 1234 ip daddr 192.0.2.7 tcp dport 443 accept",
+    ]
     assert "meta skuid 1234 ip6 daddr 2001:db8::5 tcp dport 443 accept" in rules
-    assert "meta skuid 1234 ip daddr 192.0.2.53 udp dport 53 accept" in rules
-    assert "meta skuid 1234 ip daddr 192.0.2.53 tcp dport 53 accept" in rules
     # Everything else is rejected with an error, never dropped.
     assert rules[-4:-2] == [
         "meta l4proto tcp reject with tcp reset",
@@ -94,7 +102,8 @@ def test_ruleset_allows_only_the_relay_uid_to_the_destinations() -> None:
 
 def test_dns_for_everyone_only_when_asked() -> None:
     spec = LockSpec(7, (Destination("192.0.2.7", 443),), ("192.0.2.53",), allow_dns=True)
-    assert "\t\tip daddr 192.0.2.53 udp dport 53 accept" in render_ruleset(spec)
+    script = render_ruleset(spec)
+    assert "\t\tmeta l4proto udp ct original ip daddr 192.0.2.53 ct original proto-dst 53" in script
 
 
 @pytest.mark.parametrize(
@@ -417,3 +426,84 @@ def test_any_spec_renders_every_destination_once_and_rejects_the_rest(
         rule = f"meta skuid {uid} {dest.family} daddr {dest.address} tcp dport {port} accept"
         assert script.count(rule + "\n") == 1
     assert script.rstrip().endswith("reject with icmpx admin-prohibited\n\t}\n}")
+
+
+LOOPBACK_ECHO = """
+import socket, sys
+socks = []
+for host, port in (("127.0.0.53", 53), ("127.0.0.11", 5353)):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, port))
+    socks.append(s)
+print("ready", flush=True)
+import select
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, addr = s.recvfrom(512)
+        s.sendto(data, addr)
+"""
+
+
+@pytest.fixture
+def loopback_dns(net: Net) -> Iterator[None]:
+    """Resolvers *on loopback* in the sandbox, as containers have them: one on 127.0.0.53:53
+    (systemd-resolved's stub) and Docker's 127.0.0.11:53, DNAT-ed to another port."""
+    net.nft("add", "table", "ip", "dockerlike")
+    net.nft("add", "chain", "ip", "dockerlike", "out", "{ type nat hook output priority -100; }")
+    net.nft(
+        "add", "rule", "ip", "dockerlike", "out",
+        "ip", "daddr", "127.0.0.11", "udp", "dport", "53", "dnat", "to", "127.0.0.11:5353",
+    )  # fmt: skip
+    echo = subprocess.Popen(
+        ["ip", "netns", "exec", net.inside, sys.executable, "-c", LOOPBACK_ECHO],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert echo.stdout is not None and echo.stdout.readline() == "ready\n"
+        yield
+    finally:
+        echo.kill()
+        echo.wait()
+
+
+@linux_root
+def test_dns_through_a_loopback_resolver_is_refused_too(
+    net: Net, loopback_dns: None, sandbox_user: User, names: list[str]
+) -> None:
+    relay = relay_name()
+    names.append(relay)
+    dns = ("udp:127.0.0.53:53", "udp:127.0.0.11:53")
+    before = net.probe(*dns, "udp:127.0.0.11:5353", user=sandbox_user)
+    assert all(r["ok"] for r in before), before  # the resolvers answer without the lock
+    locked = net.cli("lock", "--relay-user", relay, "--egress-url", EGRESS_URL)
+    assert locked.returncode == 0, locked.stderr
+    # A loopback resolver forwards queries out, so DNS to it is refused like any other, also
+    # when DNAT has rewritten the port; other loopback traffic still passes.
+    assert_refused_promptly(net.probe(*dns, user=sandbox_user))
+    assert net.probe("udp:127.0.0.11:5353", user=sandbox_user)[0]["ok"] is True
+
+
+@linux_root
+def test_allow_dns_opens_only_the_configured_resolvers(
+    net: Net, loopback_dns: None, sandbox_user: User, names: list[str]
+) -> None:
+    relay = relay_name()
+    names.append(relay)
+    # `ip netns exec` shows /etc/netns/NAME/resolv.conf as the namespace's /etc/resolv.conf.
+    conf_dir = Path("/etc/netns") / net.inside
+    conf_dir.mkdir(parents=True)
+    try:
+        (conf_dir / "resolv.conf").write_text("nameserver 127.0.0.53\n")
+        args = ("lock", "--relay-user", relay, "--egress-url", EGRESS_URL, "--lock-allow-dns")
+        locked = net.cli(*args)
+        assert locked.returncode == 0, locked.stderr
+        assert "127.0.0.53" in net.nft("list", "table", "inet", "upstreamproxy")
+        assert net.probe("udp:127.0.0.53:53", user=sandbox_user)[0]["ok"] is True
+        assert_refused_promptly(
+            net.probe(
+                "udp:127.0.0.11:53", f"udp:{V4_OUT}:53", f"udp:[{V6_OUT}]:53", user=sandbox_user
+            )
+        )
+    finally:
+        shutil.rmtree(conf_dir, ignore_errors=True)

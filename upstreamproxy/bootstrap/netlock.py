@@ -16,14 +16,16 @@ Public API::
 What the rules say (one ``output`` chain, ``policy accept``, in a table of our own, so they
 never touch the platform's tables and ``unlock`` is one ``delete table``):
 
-* loopback (``oifname "lo"``) is allowed: the relay listens there, and a sandbox's local
-  services keep working;
 * packets that answer a connection someone *else* opened (``ct direction reply``) are allowed,
   so servers in the sandbox still answer;
+* DNS, i.e. UDP or TCP whose *original* destination port is 53 (so also a loopback resolver
+  such as Docker's ``127.0.0.11``, whose queries are DNAT-ed and forwarded out), is allowed
+  only to the system's resolvers, and only for the relay's uid when it must resolve the
+  egress's name, or for every uid with ``allow_dns``; any other DNS is rejected;
+* loopback (``oifname "lo"``) is allowed: the relay listens there, and a sandbox's local
+  services keep working;
 * the relay's uid (``meta skuid``) may open TCP connections to each destination (the egress's
-  addresses and port; with an egress proxy, the proxy's), and DNS (UDP and TCP 53) to the
-  system's resolvers when it needs to resolve the egress's name;
-* with ``allow_dns``, every uid may also query those resolvers;
+  addresses and port; with an egress proxy, the proxy's);
 * everything else is **rejected, not dropped**: TCP with a reset (``connect()`` fails at once
   with ECONNREFUSED), anything else (UDP, ICMP, IPv4 and IPv6 alike) with ICMP
   administratively-prohibited, so no tool waits for a timeout.
@@ -172,15 +174,27 @@ def render_ruleset(spec: LockSpec) -> str:
     """The nft script for ``spec``; pure, so tests can read exactly what will be applied."""
     if spec.relay_uid < 0:
         raise NetLockError("relay uid must not be negative")
-    rules = ['oifname "lo" accept', "ct direction reply accept"]
     uid = f"meta skuid {spec.relay_uid}"
-    for dest in sorted(set(spec.destinations)):
-        rules.append(f"{uid} {dest.family} daddr {dest.address} tcp dport {dest.port} accept")
+    # Replies to connections opened from outside (servers in the sandbox) always pass.
+    rules = ["ct direction reply accept"]
+    # DNS is judged by the *original* destination port, before any DNAT (Docker's 127.0.0.11
+    # redirects port 53 to another port), and before loopback is let through: a resolver on
+    # loopback (127.0.0.11, systemd-resolved's 127.0.0.53, dnsmasq) forwards queries out.
+    who = "" if spec.allow_dns else f"{uid} "
     for resolver in spec.resolvers:
         family = Destination(resolver, DNS_PORT).family
-        who = "" if spec.allow_dns else f"{uid} "
         for proto in ("udp", "tcp"):
-            rules.append(f"{who}{family} daddr {resolver} {proto} dport {DNS_PORT} accept")
+            rules.append(
+                f"{who}meta l4proto {proto} ct original {family} daddr {resolver} "
+                f"ct original proto-dst {DNS_PORT} accept"
+            )
+    rules.append(f"meta l4proto tcp ct original proto-dst {DNS_PORT} reject with tcp reset")
+    rules.append(
+        f"meta l4proto udp ct original proto-dst {DNS_PORT} reject with icmpx admin-prohibited"
+    )
+    rules.append('oifname "lo" accept')
+    for dest in sorted(set(spec.destinations)):
+        rules.append(f"{uid} {dest.family} daddr {dest.address} tcp dport {dest.port} accept")
     rules.append("meta l4proto tcp reject with tcp reset")
     rules.append("reject with icmpx admin-prohibited")
     body = "\n".join(f"\t\t{rule}" for rule in rules)
