@@ -4,7 +4,8 @@ Usage: ``python netns_outside.py V4 V6``. Serves, on both addresses:
 
 * an HTTP origin on port 8080 (``GET /`` -> HELLO);
 * a UDP echo on port 5300 and a UDP "resolver" on port 53 (echo too);
-* the real egress on V4 port 9000, holding TOKEN for SESSION, allowing only the origin.
+* the real egress on port 9000 of both addresses, holding TOKEN for SESSION, allowing only
+  the origin.
 
 Prints ``ready`` once everything listens, and runs until stdin closes.
 """
@@ -54,15 +55,21 @@ async def main(v4: str, v6: str) -> None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             await loop.create_datagram_endpoint(Echo, local_addr=(host, port), family=family)
     allowed = [f"{v4}:{ORIGIN_PORT}", f"[{v6}]:{ORIGIN_PORT}"]
-    egress = EgressServer(
-        EgressConfig(host=v4, port=EGRESS_PORT, ca_cert_pem=create_ca("netlock CA").cert_pem()),
-        StaticTokens({TOKEN: Session(SESSION)}),
-        PolicyStore(policy_from_allow_list(allowed, [f"{v4}/32", f"{v6}/128"])),
-    )
-    await egress.start()
+    ca = create_ca("netlock CA").cert_pem()
+    egresses = [
+        EgressServer(
+            EgressConfig(host=host, port=EGRESS_PORT, ca_cert_pem=ca),
+            StaticTokens({TOKEN: Session(SESSION)}),
+            PolicyStore(policy_from_allow_list(allowed, [f"{v4}/32", f"{v6}/128"])),
+        )
+        for host in (v4, v6)
+    ]
+    for egress in egresses:
+        await egress.start()
     print("ready", flush=True)
     await loop.run_in_executor(None, sys.stdin.read)
-    await egress.stop()
+    for egress in egresses:
+        await egress.stop()
     await runner.cleanup()
 
 

@@ -80,8 +80,10 @@ def test_ruleset_allows_only_the_relay_uid_to_the_destinations() -> None:
     assert "type filter hook output priority filter; policy accept;" in lines
     rules = lines[lines.index("type filter hook output priority filter; policy accept;") + 1 :]
     dns = "ct original ip daddr 192.0.2.53 ct original proto-dst 53 accept"
-    assert rules[:7] == [
+    assert rules[:8] == [
         "ct direction reply accept",
+        "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, "
+        "mld-listener-report, mld2-listener-report } accept",
         # DNS by original destination port (before DNAT), before loopback is let through.
         f"meta skuid 1234 meta l4proto udp {dns}",
         f"meta skuid 1234 meta l4proto tcp {dns}",
@@ -507,3 +509,21 @@ def test_allow_dns_opens_only_the_configured_resolvers(
         )
     finally:
         shutil.rmtree(conf_dir, ignore_errors=True)
+
+
+@linux_root
+def test_an_ipv6_egress_is_reachable_through_the_lock(
+    net: Net, sandbox_user: User, names: list[str]
+) -> None:
+    """IPv6 needs neighbour discovery, which the kernel sends without a socket (no uid): the
+    lock must let it out, or a relay could never reach an IPv6 egress on its link."""
+    relay = relay_name()
+    names.append(relay)
+    locked = net.cli("lock", "--relay-user", relay, "--egress-url", f"ws://[{V6_OUT}]:9000/x")
+    assert locked.returncode == 0, locked.stderr
+    entry = subprocess.run(["id", relay], capture_output=True, text=True, check=True).stdout
+    uid, gid = (int(re.search(rf"{k}=(\d+)", entry).group(1)) for k in ("uid", "gid"))  # type: ignore[union-attr]
+    relay_user = User(relay, uid, gid)
+    reached = net.probe(f"tcp:[{V6_OUT}]:9000", user=relay_user)
+    assert reached[0]["ok"] is True, reached
+    assert_refused_promptly(net.probe(f"tcp:[{V6_OUT}]:9000", user=sandbox_user))

@@ -17,7 +17,8 @@ What the rules say (one ``output`` chain, ``policy accept``, in a table of our o
 never touch the platform's tables and ``unlock`` is one ``delete table``):
 
 * packets that answer a connection someone *else* opened (``ct direction reply``) are allowed,
-  so servers in the sandbox still answer;
+  so servers in the sandbox still answer, and so is IPv6 neighbour discovery and MLD (sent by
+  the kernel, with no uid; without it no IPv6 destination on the link is reachable at all);
 * DNS, i.e. UDP or TCP whose *original* destination port is 53 (so also a loopback resolver
   such as Docker's ``127.0.0.11``, whose queries are DNAT-ed and forwarded out), is allowed
   only to the system's resolvers, and only for the relay's uid when it must resolve the
@@ -54,6 +55,14 @@ from ..errors import UpstreamProxyError
 TABLE: Final = "upstreamproxy"
 CHAIN: Final = "output"
 DNS_PORT: Final = 53
+#: ICMPv6 that IPv6 needs on the link (RFC 4861 neighbour discovery, MLD for its multicast).
+_IPV6_LINK: Final = (
+    "nd-router-solicit",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "mld-listener-report",
+    "mld2-listener-report",
+)
 NFT_TIMEOUT: Final = 30.0
 
 
@@ -175,8 +184,10 @@ def render_ruleset(spec: LockSpec) -> str:
     if spec.relay_uid < 0:
         raise NetLockError("relay uid must not be negative")
     uid = f"meta skuid {spec.relay_uid}"
-    # Replies to connections opened from outside (servers in the sandbox) always pass.
-    rules = ["ct direction reply accept"]
+    # Replies to connections opened from outside (servers in the sandbox) always pass, and so
+    # does IPv6's link plumbing, which the kernel sends with no socket (so no uid): without
+    # neighbour discovery not even the relay could reach an IPv6 egress.
+    rules = ["ct direction reply accept", f"icmpv6 type {{ {', '.join(_IPV6_LINK)} }} accept"]
     # DNS is judged by the *original* destination port, before any DNAT (Docker's 127.0.0.11
     # redirects port 53 to another port), and before loopback is let through: a resolver on
     # loopback (127.0.0.11, systemd-resolved's 127.0.0.53, dnsmasq) forwards queries out.
