@@ -57,8 +57,6 @@ DEFAULT_RELAY_USER: Final = "upstreamproxy"
 #: Values of ``--relay-user`` that mean "no separate user" (the relay runs as ``start`` does).
 NO_SEPARATION: Final = ("root", "0")
 CHILD_MODULE: Final = "upstreamproxy.bootstrap.relay_child"
-#: The configuration line the child accepts on stdin (a token is at most 64 KiB).
-MAX_CHILD_INPUT: Final = 1024 * 1024
 #: Environment variables passed on to the child; nothing else (no token variables).
 _CHILD_ENV: Final = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
@@ -152,6 +150,8 @@ def _create_user(name: str, uid: int | None) -> pwd.struct_passwd:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ConfigError("relay_user", f"cannot create user {name}: {exc}") from None
     if done.returncode != 0:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)  # another start created it at the same moment
         detail = (done.stderr or done.stdout).strip().splitlines()
         raise ConfigError(
             "relay_user",
