@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -449,3 +450,74 @@ def test_start_hook_as_root_defaults_the_state_dir_to_run(
     given = {**env, "UPSTREAMPROXY_STATE_DIR": "/somewhere"}
     subprocess.run(["sh", "-c", script], env=given, check=True, timeout=30)
     assert seen.read_text().splitlines() == ["/run/upstreamproxy", "unset", "/somewhere"]
+
+
+def test_out_of_range_relay_uid_is_refused() -> None:
+    # (uid_t)-1 means "unchanged" to setresuid: the relay would have stayed root.
+    for spec in ("4294967295", "99999999999"):
+        with pytest.raises(ConfigError, match="out of range"):
+            resolve_relay_user(spec)
+
+
+def test_a_relay_uid_the_namespace_cannot_switch_to_is_a_clear_failure(
+    world: World, tmp_path: Path
+) -> None:
+    """Root in a user namespace (rootless containers) without the relay's ids mapped, and
+    with setgroups denied: start says so instead of "cannot listen" or a traceback."""
+    unshare = shutil.which("unshare")
+    assert unshare is not None, "unshare (util-linux) is needed"
+    token = tools_fixtures.write_token(tmp_path / "token")
+    done = subprocess.run(
+        [
+            unshare,
+            "--user",
+            "--map-root-user",
+            sys.executable,
+            "-m",
+            "upstreamproxy",
+            "start",
+            "--fail-closed",
+            "--relay-user",
+            "12345",
+            "--token-file",
+            str(token),
+            "--session-id",
+            "s",
+            "--egress-url",
+            world.egress_url,
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "cannot start the relay process as 12345 (uid 12345, gid 12345)" in done.stderr
+    assert "user namespace" in done.stderr
+    assert token.exists()
+    assert TOKEN not in done.stderr
+
+
+def test_spawn_failures_name_their_cause() -> None:
+    from upstreamproxy.bootstrap.privsep import RelayUser, SeparateRelay
+    from upstreamproxy.relay import RelayConfig
+    from upstreamproxy.secret import Secret
+
+    relay = SeparateRelay(
+        RelayConfig(egress_url="ws://127.0.0.1:1/x", session_id="s", token=Secret(TOKEN)),
+        RelayUser("relayer", 4321, 4321),
+    )
+    # execve refused (an interpreter under a private /root): subprocess names the executable.
+    unreadable = relay._spawn_failure(PermissionError(13, "Permission denied", sys.executable))
+    assert "cannot run" in unreadable and "not under a private home directory" in unreadable
+    # setgroups/setresuid refused before the exec (subprocess names the cwd, or nothing).
+    for exc in (
+        PermissionError(1, "Operation not permitted", "/"),
+        OSError(22, "Invalid argument"),
+    ):
+        message = relay._spawn_failure(exc)
+        assert "cannot start the relay process as relayer (uid 4321, gid 4321)" in message
+        assert "user namespace" in message
+    assert TOKEN not in unreadable + message

@@ -57,6 +57,8 @@ DEFAULT_RELAY_USER: Final = "upstreamproxy"
 #: Values of ``--relay-user`` that mean "no separate user" (the relay runs as ``start`` does).
 NO_SEPARATION: Final = ("root", "0")
 CHILD_MODULE: Final = "upstreamproxy.bootstrap.relay_child"
+#: (uid_t)-1 / (gid_t)-1: "no change" to the kernel, so never a valid relay uid or gid.
+_NO_ID: Final = 2**32 - 1
 #: Environment variables passed on to the child; nothing else (no token variables).
 _CHILD_ENV: Final = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
@@ -92,6 +94,8 @@ def resolve_relay_user(
         return None
     if spec.isdigit():
         number = int(spec)
+        if number >= _NO_ID:
+            raise ConfigError("relay_user", f"uid out of range: {spec}")
         try:
             entry = pwd.getpwuid(number)
         except KeyError:
@@ -106,6 +110,9 @@ def resolve_relay_user(
                 raise ConfigError("relay_user", f"no such user: {spec}") from None
             entry = _create_user(spec, uid)
         user = RelayUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
+    if not 0 <= user.uid < _NO_ID or not 0 <= user.gid < _NO_ID:
+        # (uid_t)-1 means "leave unchanged" to setresuid(2): the relay would stay root.
+        raise ConfigError("relay_user", f"uid/gid out of range: {user.uid}/{user.gid}")
     if uid is not None and user.uid != uid:
         raise ConfigError(
             "relay_uid", f"user {user.name} exists with uid {user.uid}, not the requested {uid}"
@@ -237,13 +244,8 @@ class SeparateRelay:
                 extra_groups=[],
                 close_fds=True,
             )
-        except PermissionError as exc:
-            raise RelayChildFailed(
-                f"the relay user {self.user.name} (uid {self.user.uid}) cannot run "
-                f"{sys.executable}: {exc.strerror}; install Python and upstreamproxy where "
-                "other users can read them (not under a private home directory such as "
-                "/root), or pass --relay-user root to run the relay in start itself"
-            ) from None
+        except OSError as exc:
+            raise RelayChildFailed(self._spawn_failure(exc)) from None
         # Only now, after the exec under the relay uid succeeded, does the token leave us.
         document = {
             "config": child_config(self.config),
@@ -281,6 +283,23 @@ class SeparateRelay:
             self.user.uid,
             self.user.gid,
             proc.pid,
+        )
+
+    def _spawn_failure(self, exc: OSError) -> str:
+        who = f"{self.user.name} (uid {self.user.uid}, gid {self.user.gid})"
+        if exc.filename == sys.executable and isinstance(exc, PermissionError):  # execve refused
+            return (
+                f"the relay user {who} cannot run {sys.executable}: {exc.strerror}; install "
+                "Python and upstreamproxy where other users can read them (not under a private "
+                "home directory such as /root), or pass --relay-user root to run the relay in "
+                "start itself"
+            )
+        # setgroups/setresgid/setresuid refused: EINVAL for a uid not mapped in this user
+        # namespace, EPERM without CAP_SETUID/CAP_SETGID (or setgroups denied in a userns).
+        return (
+            f"cannot start the relay process as {who}: {exc.strerror or exc}; in a user "
+            "namespace the relay's uid and gid must be mapped and setgroups allowed "
+            "(--relay-uid picks another uid), or pass --relay-user root"
         )
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -54,6 +54,8 @@ def main() -> int:
     # The supervisor stops us on its way out anyway; this covers a supervisor killed -9.
     with contextlib.suppress(OSError, AttributeError):
         _libc_prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getuid() == 0 or os.geteuid() == 0:  # never: the supervisor runs a root relay itself
+        return _fail("the relay process still runs as root; refusing")
     if not hardening.ok:
         return _fail(f"process hardening incomplete: {hardening.describe()}")
     try:
