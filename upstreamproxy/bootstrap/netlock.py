@@ -75,6 +75,10 @@ class Destination:
     address: str  # an IP literal, canonical form
     port: int
 
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
     @property
     def family(self) -> str:
         return "ip6" if ipaddress.ip_address(self.address).version == 6 else "ip"

@@ -358,7 +358,7 @@ def _network_lock(options: StartOptions, user: RelayUser | None) -> Iterator[Non
     log.info(
         "network lock installed: only uid %d may leave, to %s",
         uid,
-        ", ".join(f"[{d.address}]:{d.port}" for d in spec.destinations),
+        ", ".join(str(d) for d in spec.destinations),
     )
     try:
         yield

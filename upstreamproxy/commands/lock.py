@@ -67,7 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def relay_uid(args: argparse.Namespace) -> int:
-    user = resolve_relay_user(args.relay_user, args.relay_uid)
+    user = resolve_relay_user(args.relay_user, args.relay_uid, create=not args.print)
     return os.geteuid() if user is None else user.uid
 
 
@@ -92,6 +92,6 @@ def run(args: argparse.Namespace) -> int:
     except NetLockError as exc:
         print(f"upstreamproxy lock: {exc}", file=sys.stderr)
         return 1
-    allowed = ", ".join(f"[{d.address}]:{d.port}" for d in spec.destinations)
+    allowed = ", ".join(str(d) for d in spec.destinations)
     print(f"locked: only uid {spec.relay_uid} may leave, to {allowed}", file=sys.stderr)
     return 0
