@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,3 +193,25 @@ def rss_kib(pid: int) -> int:
 async def curl_via(proxy_url: str, url: str, ca_file: Path | str, *extra: str) -> Completed:
     """Real curl through the relay (``-x ... -p``), trusting ``ca_file``."""
     return await run("curl", "-sS", "--cacert", str(ca_file), "-x", proxy_url, "-p", *extra, url)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _relay_user_can_run_python() -> Iterator[None]:
+    """As root, ``start`` runs the relay as the unprivileged ``upstreamproxy`` user, which must
+    be able to run this interpreter. A pyenv under a private ``/root`` (0700) is not: grant
+    search (x, not read) on the private directories on the way for the session, then restore."""
+    import os
+    import stat
+    import sys
+
+    changed: list[tuple[Path, int]] = []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        for path in (Path(sys.executable).resolve(), Path(__file__).resolve()):
+            for parent in reversed(path.parents):
+                mode = stat.S_IMODE(parent.stat().st_mode)
+                if not mode & stat.S_IXOTH:
+                    parent.chmod(mode | stat.S_IXOTH)
+                    changed.append((parent, mode))
+    yield
+    for parent, mode in reversed(changed):
+        parent.chmod(mode)

@@ -230,8 +230,12 @@ def test_second_start_reports_the_running_session(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == started.ready_line
-    assert token.exists()  # not used, so not deleted
+    # Not used, so deleted (a live credential nobody would clean up), and said so on stderr.
+    assert not token.exists()
     assert "already running" in done.stderr
+    assert f"the token file {token} was not used" in done.stderr
+    assert "was deleted" in done.stderr
+    assert TOKEN not in done.stderr
 
 
 # -- env and exec -------------------------------------------------------------------------------

@@ -143,13 +143,36 @@ def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     assert isinstance(outcome[0], ConfigError)
 
 
-def test_symlink_is_followed(tmp_path: Path) -> None:
-    # Kubernetes secret volumes: token -> ..data/token
-    (tmp_path / "..data").mkdir()
-    write(tmp_path / "..data" / "token", TOKEN.encode())
+def test_symlink_is_refused_and_nothing_is_deleted(tmp_path: Path) -> None:
+    # Deleting the link would leave the target (a copy of the token) behind; deleting the
+    # target would let whoever writes the link's directory aim a root start at any file.
+    target = write(tmp_path / "real-token", TOKEN.encode())
+    (tmp_path / "token").symlink_to("real-token")
+    with pytest.raises(ConfigError, match="is a symbolic link") as info:
+        read_token(tmp_path / "token")
+    assert "real-token" in str(info.value) and TOKEN not in str(info.value)
+    assert target.exists() and (tmp_path / "token").is_symlink()
+
+
+def test_kubernetes_layout_works_through_the_data_directory(tmp_path: Path) -> None:
+    # Kubernetes secret volumes: token -> ..data/token, ..data -> ..2026_01_01_00_00_00.1
+    # A link among the *directories* is fine: <mount>/..data/token is a regular file.
+    (tmp_path / "..2026_01_01").mkdir()
+    write(tmp_path / "..2026_01_01" / "token", TOKEN.encode())
+    (tmp_path / "..data").symlink_to("..2026_01_01")
     (tmp_path / "token").symlink_to("..data/token")
-    result = read_token(tmp_path / "token")
+    with pytest.raises(ConfigError, match=r"\.\.data/<key>"):
+        read_token(tmp_path / "token")
+    result = read_token(tmp_path / "..data" / "token")
     assert result.token is not None and result.token.reveal() == TOKEN
+
+
+def test_hard_links_warn(tmp_path: Path) -> None:
+    path = write(tmp_path / "token", TOKEN.encode())
+    os.link(path, tmp_path / "copy")
+    result = read_token(path)
+    assert result.token is not None
+    assert any("2 hard links" in w for w in result.warnings)
 
 
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
@@ -213,7 +236,7 @@ def test_delete_token_file(tmp_path: Path) -> None:
     assert delete_token_file(tmp_path / "nope" / "token") is False
 
 
-def test_delete_removes_the_link_not_the_target(tmp_path: Path) -> None:
+def test_delete_removes_a_link_not_its_target(tmp_path: Path) -> None:
     target = write(tmp_path / "real", TOKEN.encode())
     (tmp_path / "token").symlink_to(target)
     assert delete_token_file(tmp_path / "token") is True

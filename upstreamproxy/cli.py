@@ -17,7 +17,19 @@ from typing import Final
 from . import __version__
 from .errors import ConfigError
 
-COMMANDS: Final = ("egress", "relay", "start", "exec", "env", "token", "ca", "doctor", "demo")
+COMMANDS: Final = (
+    "egress",
+    "relay",
+    "start",
+    "exec",
+    "env",
+    "token",
+    "ca",
+    "doctor",
+    "demo",
+    "lock",
+    "unlock",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +68,22 @@ def configure_logging(level: str | None) -> None:
     )
 
 
+#: Commands that hold the session token: made non-dumpable before anything else is imported.
+_HOLD_THE_TOKEN: Final = ("start", "relay")
+
+
+def _harden_early(argv: Sequence[str]) -> None:
+    """``start``/``relay``: PR_SET_DUMPABLE 0 now, before the parser imports every subcommand
+    (aiohttp, cryptography, ...): that shrinks the window in which a same-uid process can
+    attach from about a second to the interpreter's own start-up (THREAT_MODEL.md)."""
+    if any(arg in _HOLD_THE_TOKEN for arg in argv):
+        from .bootstrap.hardening import make_non_dumpable
+
+        make_non_dumpable()  # the command hardens again and reports the outcome
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _harden_early(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)

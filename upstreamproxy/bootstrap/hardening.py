@@ -4,6 +4,9 @@ Public API::
 
     make_non_dumpable() -> HardeningResult
     is_dumpable(pid: int | None = None) -> bool      # raises HardeningError if it cannot tell
+    tracer_pid() -> int | None                       # TracerPid of this process (None: unknown)
+    refuse_if_traced() -> None                       # HardeningError if a tracer is attached
+    ptrace_scope() -> int | None                     # kernel.yama.ptrace_scope; None: no Yama
     class HardeningResult                             # what was done, by which mechanism
     class HardeningError(UpstreamProxyError)
 
@@ -35,6 +38,19 @@ even a thread's fsuid would reset the *caller's* dumpable flag, so no credential
    process's effective uid. Works on any kernel, but only for targets not running as root.
 
 If neither can answer (an older kernel *and* a root target) HardeningError says so.
+
+**The start-up window.** The flag protects a process only from the moment it is set. A process
+of the same uid that attaches (``PTRACE_SEIZE``) between ``execve`` and the ``prctl`` stays
+attached afterwards and controls the process: it can even fake the read-back. One check narrows
+this, and one deployment closes it:
+
+* :func:`refuse_if_traced` is called after hardening and before the token is read: a process
+  with a tracer (``TracerPid`` in ``/proc/self/status``) refuses to read the token.
+  A tracer that also fakes that read can still win; so
+* the recommended deployment (``start`` as root, the relay under its own uid, see
+  :mod:`.privsep`) leaves no window at all: no sandbox uid may ever trace a process that is
+  root or another uid, whatever its dumpable flag. Same-uid sessions should have Yama
+  ``kernel.yama.ptrace_scope >= 1`` (THREAT_MODEL.md).
 """
 
 from __future__ import annotations
@@ -187,6 +203,43 @@ def make_non_dumpable() -> HardeningResult:
     if dumpable:
         problems.append("process is still dumpable after PR_SET_DUMPABLE 0")
     return HardeningResult(mechanism, dumpable, core_limit, tuple(problems))
+
+
+def tracer_pid() -> int | None:
+    """The pid tracing this process (0: none), from ``/proc/self/status``; None if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def ptrace_scope() -> int | None:
+    """``kernel.yama.ptrace_scope`` (0 classic, 1 ancestors only, 2 admin only, 3 none), or
+    None when Yama is absent (then any process of the same uid may attach)."""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope", encoding="ascii") as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def refuse_if_traced() -> None:
+    """Raise HardeningError if a tracer is attached to this process.
+
+    Called *after* :func:`make_non_dumpable` and before the token is read: from then on no
+    process of our uid can attach any more (the flag refuses it), so one attached during the
+    start-up window is seen here. Off Linux, or without ``/proc``, there is nothing to check.
+    """
+    tracer = tracer_pid() if _is_linux() else 0
+    if tracer:
+        raise HardeningError(
+            f"refusing to read the token: process {tracer} is tracing this one (TracerPid), "
+            "so it could read the token from memory; was a debugger attached during start-up?"
+        )
 
 
 def is_dumpable(pid: int | None = None) -> bool:

@@ -13,10 +13,16 @@ Order (each step's module documents the step itself):
    *before* the token is read, one step earlier than DESIGN.md's list, so the token is never
    in the memory of a dumpable process; it cannot fail in a way that loses anything;
 1. the state directory and its lock (one ``start`` per state directory; a second one reports
-   the running session instead of starting another);
-2. read the token (:mod:`.token_file`); none means "proxy disabled";
-3. the CA super bundle (:mod:`.ca_bundle`), with the user's own CA files merged in;
-4. start the relay on loopback;
+   the running session instead of starting another, and deletes its own unused token file);
+2. refuse if a tracer is attached, then read the token (:mod:`.token_file`); none means
+   "proxy disabled";
+3. the relay user (:mod:`.privsep`): as root, the relay runs as a dedicated unprivileged user
+   (``--relay-user``, default ``upstreamproxy``, created if missing); otherwise in-process;
+4. the CA super bundle (:mod:`.ca_bundle`), with the user's own CA files merged in;
+4b. with ``lock``, the network lock (:mod:`.netlock`): only the relay's uid may leave; removed
+   again when ``start`` stops or fails;
+4c. start the relay on loopback: in this process, or as the relay user's process, which gets
+   the token over a pipe only after it dropped privileges and hardened itself;
 5. write env.sh / env.json / start.pid atomically (:mod:`.state`);
 6. delete the token file, now that the relay listens and nothing else can fail;
 7. report readiness (``notify`` and one line on stdout), serve until SIGTERM/SIGINT/SIGHUP,
@@ -46,7 +52,7 @@ import signal
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -55,7 +61,9 @@ from ..errors import ConfigError, UpstreamProxyError
 from ..relay import Relay, RelayConfig
 from ..secret import Secret
 from .ca_bundle import prepare_ca_bundle, redact_url
-from .hardening import make_non_dumpable
+from .hardening import HardeningError, make_non_dumpable, ptrace_scope, refuse_if_traced
+from .netlock import NetLockError, lock, spec_for, unlock
+from .privsep import RelayChildFailed, RelayUser, SeparateRelay, resolve_relay_user
 from .proxy_env import proxy_environment, user_ca_files
 from .state import (
     NoSession,
@@ -91,6 +99,13 @@ class StartOptions:
     fail_closed: bool = False
     #: How long to wait for another ``start`` holding the state directory to become ready.
     wait_for_other: float = 30.0
+    #: The relay's user when ``start`` runs as root (None: the default, see privsep).
+    relay_user: str | None = None
+    relay_uid: int | None = None
+    #: Install the network lock (root only) and remove it when ``start`` stops.
+    lock: bool = False
+    lock_allow_to: tuple[str, ...] = ()
+    lock_allow_dns: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,8 @@ class Readiness:
     env_file: str | None = None
     proxy_url: str | None = None
     pid: int = field(default_factory=os.getpid)
+    #: Things the caller must also see on stderr (e.g. an unused token file deleted).
+    notes: tuple[str, ...] = ()
 
 
 Notify = Callable[[Readiness], None]
@@ -185,6 +202,7 @@ def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | Non
                 f"(pid {loaded.info.pid}, relay {loaded.info.proxy_url})"
             )
             log.info("%s", message)
+            notes = _discard_unused_token(options)
             _announce(
                 Readiness(
                     "ready",
@@ -193,6 +211,7 @@ def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | Non
                     loaded.info.env_file,
                     loaded.info.proxy_url,
                     loaded.info.pid,
+                    notes=notes,
                 ),
                 notify,
             )
@@ -208,6 +227,31 @@ def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | Non
         time.sleep(0.1)
 
 
+def _discard_unused_token(options: StartOptions) -> tuple[str, ...]:
+    """A second ``start`` on a running session does not use its token: delete it, and say so.
+
+    Left on disk it would be a live credential nobody holds responsible for. The note goes to
+    the log and, through :class:`Readiness`, to the caller's stderr.
+    """
+    if not options.token_file:
+        return ()
+    path = options.token_file
+    try:
+        deleted = delete_token_file(path)
+    except OSError as exc:
+        note = (
+            f"the token file {path} was not used (a session is already running) and could "
+            f"not be deleted ({exc.strerror or exc}): delete it yourself"
+        )
+        log.warning("%s", note)
+        return (note,)
+    if not deleted:
+        return ()
+    note = f"the token file {path} was not used (a session is already running) and was deleted"
+    log.warning("%s", note)
+    return (note,)
+
+
 def _run_locked(
     options: StartOptions, paths: StatePaths, hardened: bool, hardening: str, notify: Notify | None
 ) -> int:
@@ -216,8 +260,9 @@ def _run_locked(
             options, "no token file configured (--token-file or UPSTREAMPROXY_TOKEN_FILE)", notify
         )
     try:
+        refuse_if_traced()
         token_file = read_token(options.token_file)
-    except ConfigError as exc:
+    except (ConfigError, HardeningError) as exc:
         return _give_up(options, str(exc), notify)
     for warning in token_file.warnings:
         log.warning("%s", warning)
@@ -235,8 +280,19 @@ def _run_locked(
 
     try:
         config = _relay_config(options, token_file.token)
+        user = resolve_relay_user(options.relay_user, options.relay_uid)
+        if user is None and os.geteuid() != 0:
+            _warn_same_uid()
+        if user is not None and token_file.owner_uid not in (0, user.uid):
+            log.warning(
+                "the token file %s belongs to uid %s, who could read it before start deleted "
+                "it; for the hardened deployment make it root's, mode 0600",
+                options.token_file,
+                token_file.owner_uid,
+            )
         bundle, merged = _prepare_bundle(options, paths)
-        return asyncio.run(_serve(options, paths, config, bundle, merged, notify))
+        with _network_lock(options, user):
+            return asyncio.run(_serve(options, paths, config, user, bundle, merged, notify))
     except _Failure as exc:
         return _give_up(options, exc.reason, notify)
     except UpstreamProxyError as exc:  # ConfigError and friends from any step
@@ -261,6 +317,58 @@ def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
     )
     config.validate()
     return config
+
+
+def _warn_same_uid() -> None:
+    """Started as the sandbox's own user: say what remains open, and what would close it."""
+    scope = ptrace_scope()
+    if scope is not None and scope >= 1:
+        log.info("relay runs as uid %d; Yama ptrace_scope=%d", os.geteuid(), scope)
+        return
+    log.warning(
+        "the relay runs as uid %d, like the sandbox's tools, and %s: a process of that uid "
+        "that attached during start-up could read the token; run start as root (the relay "
+        "then gets its own user) or set kernel.yama.ptrace_scope=1",
+        os.geteuid(),
+        "Yama is absent" if scope is None else "Yama ptrace_scope=0",
+    )
+
+
+@contextlib.contextmanager
+def _network_lock(options: StartOptions, user: RelayUser | None) -> Iterator[None]:
+    """With ``options.lock``: only the relay's uid may leave while ``start`` runs."""
+    if not options.lock:
+        yield
+        return
+    if os.geteuid() != 0:
+        raise _Failure("--lock needs start to run as root")
+    assert options.egress_url is not None
+    uid = user.uid if user is not None else os.geteuid()
+    if user is None:
+        log.warning("network lock: the relay runs as root, so every root process may leave")
+    try:
+        # egress_proxy: the relay's own outbound proxy, when StartOptions has one (issue 10).
+        egress_proxy: str | None = getattr(options, "egress_proxy", None)
+        spec = spec_for(
+            uid, options.egress_url, egress_proxy, options.lock_allow_to, options.lock_allow_dns
+        )
+        lock(spec)
+    except NetLockError as exc:
+        raise _Failure(str(exc)) from None
+    log.info(
+        "network lock installed: only uid %d may leave, to %s",
+        uid,
+        ", ".join(str(d) for d in spec.destinations),
+    )
+    try:
+        yield
+    finally:
+        try:
+            unlock()
+        except NetLockError as exc:
+            log.warning("%s", exc)
+        else:
+            log.info("network lock removed")
 
 
 def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tuple[str, ...]]:
@@ -295,6 +403,7 @@ async def _serve(
     options: StartOptions,
     paths: StatePaths,
     config: RelayConfig,
+    user: RelayUser | None,
     bundle: Path,
     merged: tuple[str, ...],
     notify: Notify | None,
@@ -311,8 +420,12 @@ async def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, _stop, signum)
 
+    relay: Relay | SeparateRelay
     try:
-        relay = Relay(config)
+        if user is None:
+            relay = Relay(config)
+        else:
+            relay = SeparateRelay(config, user, log_level=logging.getLogger().getEffectiveLevel())
     except (OSError, ssl.SSLError) as exc:  # the wss context loads --egress-ca-file
         raise _Failure(f"egress_ca_file: cannot load {config.egress_ca_file}: {exc}") from None
     try:
@@ -321,7 +434,10 @@ async def _serve(
         raise _Failure(
             f"relay cannot listen on 127.0.0.1:{options.port}: {exc.strerror or exc}"
         ) from None
+    except RelayChildFailed as exc:
+        raise _Failure(exc.reason) from None
     pid = os.getpid()
+    status = 0
     try:
         plan = proxy_environment(
             relay.proxy_url, bundle, options.no_proxy, base_env=os.environ, merged_ca_files=merged
@@ -359,14 +475,21 @@ async def _serve(
         message = f"relay {relay.proxy_url} -> {info.egress_url}, environment in {paths.env_sh}"
         _announce(Readiness("ready", 0, message, str(paths.env_sh), relay.proxy_url, pid), notify)
         print(f"{READY_PREFIX}{paths.env_sh}", flush=True)
-        signum = await stop
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        ended = relay.ended if isinstance(relay, SeparateRelay) else None
+        waiting = [f for f in (stop, ended) if f is not None]
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
+            log.info("received %s, stopping", signal.Signals(stop.result()).name)
+        else:
+            assert ended is not None
+            log.error("the relay process exited (status %s); stopping", ended.result())
+            status = 1
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         remove_session_files(paths, pid)
         await relay.stop()
-    return 0
+    return status
 
 
 def _delete_token(options: StartOptions) -> None:

@@ -1,12 +1,21 @@
-"""``upstreamproxy relay``: the local CONNECT listener only (no bootstrap steps)."""
+"""``upstreamproxy relay``: the local CONNECT listener only (no CA bundle, no environment).
+
+It treats the token as ``start`` does: the process makes itself non-dumpable (core dumps off)
+before anything else, refuses to read the token if a tracer is attached, reads it with the
+bootstrap's reader (:mod:`..bootstrap.token_file`: size, mode, symlink and character checks)
+and deletes the token file once the relay listens, unless ``--keep-token-file``. Incomplete
+hardening is a warning, or fatal with ``--fail-closed``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
-from pathlib import Path
 
+from ..bootstrap.hardening import HardeningError, make_non_dumpable, refuse_if_traced
+from ..bootstrap.token_file import delete_token_file, read_token
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
 from ..options import add_option, env_flag
@@ -15,6 +24,8 @@ from ..secret import Secret
 from ._serving import serve
 
 HELP = "run the local CONNECT relay that tunnels to the egress over WebSocket"
+
+log = logging.getLogger("upstreamproxy.relay")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +36,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "egress WebSocket URL, e.g. wss://egress.example/v1/code/upstreamproxy/ws",
     )
     add_option(parser, "--session-id", "SESSION_ID", "session id sent in Proxy-Authorization")
-    add_option(parser, "--token-file", "TOKEN_FILE", "file holding the session token")
+    add_option(
+        parser,
+        "--token-file",
+        "TOKEN_FILE",
+        "file holding the session token; deleted once the relay listens",
+    )
+    parser.add_argument(
+        "--keep-token-file",
+        action="store_true",
+        default=env_flag("KEEP_TOKEN_FILE"),
+        help="do not delete the token file (env UPSTREAMPROXY_KEEP_TOKEN_FILE=1)",
+    )
+    parser.add_argument(
+        "--fail-closed",
+        action="store_true",
+        default=env_flag("FAIL_CLOSED"),
+        help="refuse to run if the process cannot be made non-dumpable "
+        "(env UPSTREAMPROXY_FAIL_CLOSED=1)",
+    )
     add_option(parser, "--listen-host", "LISTEN_HOST", "address to listen on", default="127.0.0.1")
     add_option(
         parser, "--port", "PORT", "port to listen on (0: any free port)", default=0, type=int
@@ -88,20 +117,51 @@ def config_from_args(args: argparse.Namespace, token: Secret) -> RelayConfig:
 def _read_token(path: str | None) -> Secret:
     if not path:
         raise ConfigError("token_file", "required (--token-file or UPSTREAMPROXY_TOKEN_FILE)")
+    result = read_token(path)  # ConfigError for anything malformed, symlinks included
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    if result.token is None:
+        raise ConfigError("token_file", result.reason or "no token")
+    return result.token
+
+
+def _harden(fail_closed: bool) -> None:
+    hardening = make_non_dumpable()
+    if hardening.ok:
+        log.info("process hardened: %s", hardening.describe())
+    elif fail_closed:
+        raise ConfigError("hardening", f"incomplete (--fail-closed): {hardening.describe()}")
+    else:
+        log.warning(
+            "process hardening incomplete, continuing (--fail-closed would refuse): %s",
+            hardening.describe(),
+        )
     try:
-        value = Path(path).read_text().strip()
+        refuse_if_traced()
+    except HardeningError as exc:
+        raise ConfigError("token_file", str(exc)) from None
+
+
+def _delete(path: str) -> None:
+    try:
+        if delete_token_file(path):
+            log.info("token file %s deleted", path)
     except OSError as exc:
-        raise ConfigError("token_file", f"cannot read {path}: {exc.strerror}") from None
-    if not value:
-        raise ConfigError("token_file", f"{path} is empty")
-    return Secret(value)
+        log.warning(
+            "could not delete the token file %s (%s); the token stays on disk",
+            path,
+            exc.strerror or exc,
+        )
 
 
 def run(args: argparse.Namespace) -> int:
+    _harden(args.fail_closed)
     relay = Relay(config_from_args(args, _read_token(args.token_file)))
     raise_nofile_limit("relay")
 
     def ready() -> None:
+        if not args.keep_token_file:
+            _delete(args.token_file)
         print(f"relay listening on {relay.proxy_url}", flush=True)
 
     try:

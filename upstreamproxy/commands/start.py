@@ -25,6 +25,7 @@ from ..bootstrap.start import Readiness, StartOptions, run_session
 from ..bootstrap.state import default_state_dir
 from ..fdlimit import raise_nofile_limit
 from ..options import add_list_option, add_option, add_state_dir_option, env_flag
+from .lock import add_lock_options, add_relay_user_options
 
 HELP = "bootstrap the sandbox: token, hardening, CA bundle, relay, environment for tools"
 
@@ -99,6 +100,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="daemonize once ready; print the env file path and exit "
         "(env UPSTREAMPROXY_BACKGROUND=1)",
     )
+    add_relay_user_options(parser)
+    parser.add_argument(
+        "--lock",
+        action="store_true",
+        default=env_flag("LOCK"),
+        help="root: install the network lock (see `upstreamproxy lock`) while the session runs, "
+        "removed when it stops (env UPSTREAMPROXY_LOCK=1)",
+    )
+    add_lock_options(parser)
     add_option(
         parser,
         "--ready-timeout",
@@ -137,6 +147,11 @@ def options_from_args(args: argparse.Namespace) -> StartOptions:
         port=args.port,
         egress_ca_file=args.egress_ca_file,
         fail_closed=args.fail_closed,
+        relay_user=args.relay_user or None,
+        relay_uid=args.relay_uid,
+        lock=args.lock,
+        lock_allow_to=tuple(args.lock_allow_to or ()),
+        lock_allow_dns=args.lock_allow_dns,
     )
 
 
@@ -144,8 +159,14 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     raise_nofile_limit("start")
     if not args.background:
-        return run_session(options)
+        return run_session(options)  # its log (with any notes) is on stderr already
     return _background(options, args.ready_timeout)
+
+
+def _notes_to_stderr(readiness: Readiness) -> None:
+    """What the caller must see even when the log goes elsewhere (e.g. an unused token)."""
+    for note in readiness.notes:
+        print(f"upstreamproxy start: {note}", file=sys.stderr, flush=True)
 
 
 # -- daemon mode ---------------------------------------------------------------------------------
@@ -179,6 +200,7 @@ def _background(options: StartOptions, ready_timeout: float) -> int:
             else f"the daemon (pid {pid}) exited without reporting"
         )
         return _parent_give_up(options, reason)
+    _notes_to_stderr(report)
     if report.status == "ready":
         _reap_if_exited(pid)
         print(report.env_file, flush=True)
@@ -248,7 +270,9 @@ def _wait_for_report(fd: int, timeout: float) -> Readiness | None:
     if b"\n" not in data:
         return None
     try:
-        return Readiness(**json.loads(data.split(b"\n", 1)[0]))
+        fields = json.loads(data.split(b"\n", 1)[0])
+        fields["notes"] = tuple(fields.get("notes", ()))
+        return Readiness(**fields)
     except (ValueError, TypeError):
         return None
 
