@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ..connect_head import parse_basic_credentials
 from ..errors import AuthError, ConfigError, HeadError
-from ..tokens import TokenVerifier
+from ..tokens import TokenVerifier, public_keys_fingerprint
+from .policy import file_fingerprint
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Authenticator(Protocol):
     def reload(self) -> ConfigError | None:
         """Re-read keys/tokens from their source; on error keep the old ones, return the error."""
 
+    def fingerprint(self) -> str | None:
+        """A digest of the source files' content (None: nothing to watch), to see changes."""
+
 
 class StaticTokens:
     """A fixed token -> session table (development and tests; production uses signed tokens)."""
@@ -39,6 +43,9 @@ class StaticTokens:
     def __init__(self, tokens: Mapping[str, Session], path: Path | None = None) -> None:
         self._tokens = dict(tokens)
         self._path = path
+
+    def fingerprint(self) -> str | None:
+        return None if self._path is None else file_fingerprint(self._path)
 
     def reload(self) -> ConfigError | None:
         if self._path is None:
@@ -114,10 +121,15 @@ class SignedTokens:
         self,
         verifier: TokenVerifier | Callable[[], TokenVerifier],
         clock: Callable[[], float] = time.time,
+        sources: Sequence[Path | str] = (),
     ) -> None:
+        self._sources = tuple(sources)
         self._factory = verifier if callable(verifier) else None
         self._verifier = verifier() if callable(verifier) else verifier
         self._clock = clock
+
+    def fingerprint(self) -> str | None:
+        return public_keys_fingerprint(self._sources) if self._sources else None
 
     def reload(self) -> ConfigError | None:
         if self._factory is None:
