@@ -33,8 +33,8 @@ class Authenticator(Protocol):
     def reload(self) -> ConfigError | None:
         """Re-read keys/tokens from their source; on error keep the old ones, return the error."""
 
-    def fingerprint(self) -> str | None:
-        """A digest of the source files' content (None: nothing to watch), to see changes."""
+    def changed(self) -> bool:
+        """Whether the source files differ from what was last loaded (or tried)."""
 
 
 class StaticTokens:
@@ -43,13 +43,15 @@ class StaticTokens:
     def __init__(self, tokens: Mapping[str, Session], path: Path | None = None) -> None:
         self._tokens = dict(tokens)
         self._path = path
+        self._seen = file_fingerprint(path) if path is not None else ""
 
-    def fingerprint(self) -> str | None:
-        return None if self._path is None else file_fingerprint(self._path)
+    def changed(self) -> bool:
+        return self._path is not None and file_fingerprint(self._path) != self._seen
 
     def reload(self) -> ConfigError | None:
         if self._path is None:
             return None
+        self._seen = file_fingerprint(self._path)
         try:
             self._tokens = StaticTokens.from_file(self._path)._tokens
         except ConfigError as exc:
@@ -123,17 +125,19 @@ class SignedTokens:
         clock: Callable[[], float] = time.time,
         sources: Sequence[Path | str] = (),
     ) -> None:
-        self._sources = tuple(sources)
+        self._sources = tuple(sources)  # the key files and directories, to see changes
+        self._seen = public_keys_fingerprint(self._sources)
         self._factory = verifier if callable(verifier) else None
         self._verifier = verifier() if callable(verifier) else verifier
         self._clock = clock
 
-    def fingerprint(self) -> str | None:
-        return public_keys_fingerprint(self._sources) if self._sources else None
+    def changed(self) -> bool:
+        return bool(self._sources) and public_keys_fingerprint(self._sources) != self._seen
 
     def reload(self) -> ConfigError | None:
         if self._factory is None:
             return None
+        self._seen = public_keys_fingerprint(self._sources)
         try:
             self._verifier = self._factory()
         except ConfigError as exc:

@@ -188,20 +188,16 @@ class EgressServer:
         self._started = True
         if self.interception is not None:
             self.interception.start()
-        watched = self.policies.path is not None or self.authenticator.fingerprint() is not None
-        if self.config.reload_interval > 0 and watched:
+        if self.config.reload_interval > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_files())
         log.info("egress listening on %s", self.url)
 
     async def _watch_files(self) -> None:
         """Reload when the policy file or a key file changes (a ConfigMap or Secret update swaps
         them underneath us), as SIGHUP would."""
-        keys = self.authenticator.fingerprint()
         while True:
             await asyncio.sleep(self.config.reload_interval)
-            now = self.authenticator.fingerprint()
-            if self.policies.changed() or now != keys:
-                keys = now
+            if self.policies.changed() or self.authenticator.changed():
                 self.reload()
 
     async def stop(self, grace: float = 0.0, delay: float = 0.0) -> None:
