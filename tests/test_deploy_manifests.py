@@ -36,6 +36,8 @@ from unittest import mock
 import aiohttp
 import pytest
 import yaml
+from containers import build_command
+from fleet import FleetConfig, ProjectedDir, container_run_args
 
 from upstreamproxy.certs import create_ca
 from upstreamproxy.cli import build_parser
@@ -902,3 +904,28 @@ def test_token_audience_agrees_everywhere() -> None:
         f"UPSTREAMPROXY_AUDIENCE={img.env['UPSTREAMPROXY_AUDIENCE']}"
         in (ROOT / "README.md").read_text()
     )
+
+
+def test_readme_gives_the_build_and_run_commands_the_tests_use(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    # tests/test_egress_image.py builds with exactly this line (offline: base + wheels/).
+    command = build_command(Path("."), "upstreamproxy:0.1.0", "my-debian-python:bookworm")
+    assert " ".join(command) in readme
+    assert "python3 -m pip wheel --wheel-dir wheels ." in readme
+    assert "docker build -t upstreamproxy:0.1.0 ." in readme
+    # ... and runs it with these options and mounts, as the README's `docker run` shows.
+    config = FleetConfig(tmp_path, *(ProjectedDir(tmp_path / d) for d in ("p", "k", "c")), [])
+    args = container_run_args("IMAGE", "NAME", config, 1, 2, [])
+    joined = " ".join(args)
+    for option in (
+        "--read-only",
+        "--user 10001:10001",
+        "--cap-drop ALL",
+        "--security-opt no-new-privileges",
+        "--network host",
+    ):
+        assert option in joined and option in readme, option
+    for sub in ("policy", "keys", "ca"):
+        assert f"{tmp_path}/{sub}:{ETC}/{sub}:ro" in joined
+        assert f'-v "$PWD/{"ca-public" if sub == "ca" else sub}:{ETC}/{sub}:ro"' in readme
+    assert f"--ca-cert {ETC}/ca/ca.pem" in readme

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TLSFiles, run
-from containers import ROOT, build_command, docker, docker_engine, egress_image  # noqa: F401
+from containers import docker, docker_engine, egress_image  # noqa: F401
 from fleet import (
     ETC,
     FleetConfig,
@@ -39,18 +39,6 @@ DRAIN_GRACE = 15
 @pytest.fixture(scope="module")
 def image_tag() -> str:
     return egress_image()
-
-
-def test_readme_gives_the_build_commands_the_test_uses() -> None:
-    readme = (ROOT / "README.md").read_text()
-    command = build_command(Path("."), "upstreamproxy:0.1.0", "my-debian-python:bookworm")
-    assert " ".join(command) in readme
-    assert "python3 -m pip wheel --wheel-dir wheels ." in readme
-    assert "docker build -t upstreamproxy:0.1.0 ." in readme
-    code = [
-        line for line in (ROOT / "Dockerfile").read_text().splitlines() if not line.startswith("#")
-    ]
-    assert not any("--mount" in line for line in code)  # the classic builder has no RUN --mount
 
 
 def test_image_is_non_root_and_has_only_the_venv(image_tag: str) -> None:
