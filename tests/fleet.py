@@ -532,13 +532,14 @@ class RelayProcess:
         self.port = 0
 
     async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            cwd=ROOT,
-            env=clean_env(),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=self.log_path.open("ab"),
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                cwd=ROOT,
+                env=clean_env(),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+            )
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
         match = re.search(rb"http://127\.0\.0\.1:(\d+)", line)

@@ -97,7 +97,7 @@ def make_replica_factory(kind: str, base: Path) -> Callable[[str, FleetConfig, l
         image_env = dockerfile_image().env
         return lambda name, config, flags: ProcessReplica(name, config, flags, base, image_env)
     tag = egress_image()
-    prefix = f"upstreamproxy-fleet-{base.name[-12:]}"
+    prefix = f"upstreamproxy-fleet-{os.getpid()}-{base.name[-12:]}"
     return lambda name, config, flags: ContainerReplica(f"{prefix}-{name}", tag, config, flags)
 
 

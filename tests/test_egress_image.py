@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import time
@@ -78,7 +79,7 @@ async def test_image_runs_read_only_non_root_tunnels_and_drains(
     tmp_path.chmod(0o755)
     config = FleetConfig.create(tmp_path, tls.ca.cert_pem(), "localhost")
     port, metrics_port = free_port(), free_port()
-    name = f"upstreamproxy-image-{tmp_path.name[-12:]}"
+    name = f"upstreamproxy-image-{os.getpid()}"
     args = container_run_args(
         image_tag,
         name,
