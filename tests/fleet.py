@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from upstreamproxy.tokens import generate_key, issue_token, key_fingerprint, public_key_pem
@@ -725,9 +726,16 @@ class Load:
         return self.figures
 
 
-def figures_report(title: str, figures: Figures, extra: Callable[[], str] | None = None) -> str:
+def figures_report(
+    capsys: pytest.CaptureFixture[str],
+    title: str,
+    figures: Figures,
+    extra: Callable[[], str] | None = None,
+) -> str:
+    """Print the figures to the terminal even when pytest captures output (CI logs show them)."""
     text = f"[{title}] {figures.line()}"
     if extra is not None:
         text += f"; {extra()}"
-    print(text)
+    with capsys.disabled():
+        print(f"\n{text}")
     return text

@@ -40,6 +40,7 @@ from fleet import (
     figures_report,
     http_status,
     https_origin,
+    pattern,
     policy_yaml,
     relay_pool_flags,
     replica_flags,
@@ -141,7 +142,7 @@ async def roll(fleet: Fleet, replica: Replica) -> dict[str, float]:
 
 
 async def test_rolling_restart_under_load_fails_no_tunnel(
-    replica_kind: str, tmp_path: Path, tls: TLSFiles
+    replica_kind: str, tmp_path: Path, tls: TLSFiles, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with (
         https_origin(tls.server_context()) as origin_port,
@@ -163,6 +164,7 @@ async def test_rolling_restart_under_load_fails_no_tunnel(
         served = {name: int(row["stot"]) for name, row in stats.items()}
         pool = relay_pool_flags()
         figures_report(
+            capsys,
             f"fleet/{replica_kind}",
             figures,
             lambda: (
@@ -247,7 +249,7 @@ async def every_replica(
 
 
 async def test_policy_and_key_updates_reach_every_replica_without_restart(
-    replica_kind: str, tmp_path: Path, tls: TLSFiles
+    replica_kind: str, tmp_path: Path, tls: TLSFiles, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with (
         https_origin(tls.server_context()) as origin_port,
@@ -272,11 +274,28 @@ async def test_policy_and_key_updates_reach_every_replica_without_restart(
         fleet.config.publish_keys([old, new])
         key_s = await every_replica(fleet, new_token, "new-key-session", by_ip, 200)
         figures = await load.stop()
-        # 3. The old key retired: its tokens are refused everywhere, new ones still work.
+        # 3. The old key retired: its tokens are refused everywhere, new ones still work, and a
+        #    tunnel opened before (checked when it opened) runs on.
+        target = f"localhost:{origin_port}"
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)).startswith(
+            b"HTTP/1.1 200"
+        )
+        await asyncio.wait_for(
+            writer.start_tls(tls.client_context(), server_hostname="localhost"), 10
+        )
         fleet.config.publish_keys([new])
         retire_s = await every_replica(fleet, session_token, "rotating-session", by_ip, 502)
         await every_replica(fleet, new_token, "new-key-session", by_ip, 200, deadline=1)
+        writer.write(
+            f"GET /bytes/1000 HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = await asyncio.wait_for(reader.read(-1), 20)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(pattern(1000)), answer[:200]
         figures_report(
+            capsys,
             f"rotation/{replica_kind}",
             figures,
             lambda: (
@@ -295,7 +314,9 @@ async def test_policy_and_key_updates_reach_every_replica_without_restart(
             assert replica.logs().count("metrics on http") == 1, "the replica restarted"
 
 
-async def test_session_limits_add_up_across_replicas(tmp_path: Path, tls: TLSFiles) -> None:
+async def test_session_limits_add_up_across_replicas(
+    tmp_path: Path, tls: TLSFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Limits are per replica: behind a balancer spreading tunnels evenly, a session holds up
     to N x --max-session-tunnels at once (README: "Per-session limits in a fleet")."""
     per_replica = 2
@@ -321,7 +342,8 @@ async def test_session_limits_add_up_across_replicas(tmp_path: Path, tls: TLSFil
                 writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
                 heads.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20))
             statuses = [int(h.split()[1]) for h in heads]
-            print(f"[limits] {REPLICAS} replicas x {per_replica}: statuses {statuses}")
+            with capsys.disabled():
+                print(f"\n[limits] {REPLICAS} replicas x {per_replica}: statuses {statuses}")
             assert statuses[:-1] == [200] * (REPLICAS * per_replica)
             assert statuses[-1] == 429 and b"session-concurrency-limit" in heads[-1]
         finally:

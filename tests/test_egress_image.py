@@ -74,7 +74,7 @@ def container_pid_uid(name: str) -> int:
 
 
 async def test_image_runs_read_only_non_root_tunnels_and_drains(
-    image_tag: str, tmp_path: Path, tls: TLSFiles
+    image_tag: str, tmp_path: Path, tls: TLSFiles, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tmp_path.chmod(0o755)
     config = FleetConfig.create(tmp_path, tls.ca.cert_pem(), "localhost")
@@ -188,7 +188,8 @@ async def test_image_runs_read_only_non_root_tunnels_and_drains(
             assert result.stdout == b"200 300000", result.stderr
             code = docker("wait", name, timeout=DRAIN_GRACE + 30).stdout.strip()
             took = time.monotonic() - started
-            print(f"[image] drained and exited {code} in {took:.1f}s after SIGTERM")
+            with capsys.disabled():
+                print(f"\n[image] drained and exited {code} in {took:.1f}s after SIGTERM")
             assert code == "0" and took < DRAIN_GRACE
             logs = docker("logs", name).stderr
             assert "draining" in logs
