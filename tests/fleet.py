@@ -396,7 +396,7 @@ defaults
     timeout connect 2s
     timeout client 60s
     timeout server 60s
-    timeout check 1s
+    timeout check 2s
     # A connection refused (a replica restarting) is retried on another server.
     retries 3
     option redispatch 1
@@ -410,9 +410,10 @@ backend egress
     balance leastconn
     option httpchk GET /readyz
     http-check expect status 200
-    # A replica is out after one failed check and back after two good ones. Its open
-    # connections are left alone when it is marked down: they drain on the replica itself.
-    default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 1 rise 2
+    # A replica is out after two failed checks (one slow answer on a busy machine must not
+    # take it out) and back after two good ones. Its open connections are left alone when it
+    # is marked down: they drain on the replica itself.
+    default-server inter {inter}ms fastinter {inter}ms downinter {inter}ms fall 2 rise 2
 {servers}
 """
 

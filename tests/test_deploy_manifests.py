@@ -37,7 +37,7 @@ import aiohttp
 import pytest
 import yaml
 from containers import build_command
-from fleet import FleetConfig, ProjectedDir, container_run_args
+from fleet import HAPROXY_CFG, FleetConfig, ProjectedDir, container_run_args
 
 from upstreamproxy.certs import create_ca
 from upstreamproxy.cli import build_parser
@@ -929,3 +929,14 @@ def test_readme_gives_the_build_and_run_commands_the_tests_use(tmp_path: Path) -
         assert f"{tmp_path}/{sub}:{ETC}/{sub}:ro" in joined
         assert f'-v "$PWD/{"ca-public" if sub == "ca" else sub}:{ETC}/{sub}:ro"' in readme
     assert f"--ca-cert {ETC}/ca/ca.pem" in readme
+
+
+def test_readme_haproxy_backend_is_the_one_the_fleet_test_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("backend egress\n", 1)[1].split("```", 1)[0]
+    rendered = HAPROXY_CFG.format(sock="S", port=1, inter=300, servers="")
+    lines = {" ".join(line.split()) for line in rendered.splitlines()}
+    for line in block.splitlines():
+        line = " ".join(line.split("#", 1)[0].split())
+        if line and not line.startswith("server "):
+            assert line in lines, f"README's HAProxy line is not what the test runs: {line}"
