@@ -63,7 +63,8 @@ class EgressConfig:
     drain_grace: float = 30.0
     #: Seconds after SIGTERM during which readiness is 503 but new tunnels are still accepted.
     drain_delay: float = 0.0
-    #: Seconds between checks of the policy file for changes (0: only on SIGHUP).
+    #: Seconds between checks of the policy and key (or static token) files for changes
+    #: (0: only on SIGHUP).
     reload_interval: float = 10.0
     timeouts: TunnelTimeouts = field(default_factory=TunnelTimeouts)
     limits: LimitConfig = field(default_factory=LimitConfig)
