@@ -167,10 +167,15 @@ async def test_sigterm_with_drain_delay_in_the_real_command(tmp_path: Path) -> N
     assert proc.stdout is not None
     try:
         assert b"egress listening" in await asyncio.wait_for(proc.stdout.readline(), 20)
+        # Signalled the moment it says it listens: the handlers were installed before that
+        # line (a SIGTERM used to kill it outright there, with no drain).
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         assert await http_status(f"http://127.0.0.1:{port}/readyz") == 503
+        # A reload or a second SIGTERM during the drain does not kill it either.
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         took = time.monotonic() - started
         assert proc.returncode == 0, err.decode()
@@ -180,3 +185,34 @@ async def test_sigterm_with_drain_delay_in_the_real_command(tmp_path: Path) -> N
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_relay_signalled_right_after_its_ready_line_exits_cleanly(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t0k3n-value")
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "upstreamproxy",
+                "relay",
+                "--egress-url",
+                "ws://127.0.0.1:9/v1/code/upstreamproxy/ws",
+                "--session-id",
+                "s",
+                "--token-file",
+                str(token),
+                "--port",
+                "0",
+            ],
+            cwd=ROOT,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert b"relay listening" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err.decode()[-1000:]
