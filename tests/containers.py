@@ -206,4 +206,9 @@ def egress_image() -> str:
             raise AssertionError(
                 f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             )
+    # Older builds (other commits) are not needed again: keep the cache to one image.
+    repo = tag.split(":")[0]
+    listed = docker("images", repo, "--format", "{{.Repository}}:{{.Tag}}", check=False)
+    for old in set(listed.stdout.split()) - {tag}:
+        docker("rmi", old, check=False)  # an image a container still uses stays
     return tag
