@@ -160,7 +160,12 @@ async def test_image_runs_read_only_non_root_tunnels_and_drains(
                 assert refused.returncode != 0
             finally:
                 await other.stop()
-            assert "wrong-audience" in docker("logs", name).stderr
+            for _ in range(50):  # the container's log reaches `docker logs` a moment later
+                if "wrong-audience" in docker("logs", name).stderr:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("no `wrong-audience` line in the egress log")
 
             # SIGTERM during a long download: readiness 503 at once, the download finishes,
             # the container exits 0 well within the grace.
