@@ -1,34 +1,58 @@
-# syntax=docker/dockerfile:1
 #
-# The upstreamproxy egress server as a small, non-root image.
+# The upstreamproxy egress server as a small, non-root image. Plain Dockerfile syntax: builds
+# with the classic builder and with BuildKit alike, no `# syntax=` frontend, no RUN --mount.
 #
 #   docker build -t upstreamproxy:0.1.0 .
-#   docker run --rm -p 8080:8080 -p 9090:9090 \
+#
+# Offline (no package index; what tests/test_egress_image.py does): wheels built beforehand in
+# ./wheels are installed instead of downloading, and BASE_IMAGE can be any Debian-like image
+# with python3 and python3-venv of the same Python version as the wheels:
+#
+#   python3 -m pip wheel --wheel-dir wheels .
+#   docker build --build-arg BASE_IMAGE=my-debian-python:bookworm -t upstreamproxy:0.1.0 .
+#
+# Run (the token audience must be the one tokens are issued for: `token issue --audience`):
+#
+#   docker run --rm --read-only -p 8080:8080 -p 9090:9090 \
 #     -v "$PWD/policy:/etc/upstreamproxy/policy:ro" \
 #     -v "$PWD/keys:/etc/upstreamproxy/keys:ro" \
-#     upstreamproxy:0.1.0 [more egress flags, e.g. --ca-cert /etc/upstreamproxy/ca/ca.crt]
+#     -v "$PWD/ca-public:/etc/upstreamproxy/ca:ro" \
+#     -e UPSTREAMPROXY_AUDIENCE=upstreamproxy \
+#     upstreamproxy:0.1.0 --ca-cert /etc/upstreamproxy/ca/ca.pem
 #
 # Config layout (one directory per mount, so a Kubernetes ConfigMap/Secret update reaches the
 # file; subPath mounts never update):
-#   /etc/upstreamproxy/policy/policy.yaml   policy file, reloaded on SIGHUP
+#   /etc/upstreamproxy/policy/policy.yaml   policy file, reloaded when it changes and on SIGHUP
 #   /etc/upstreamproxy/keys/*.public.pem    Ed25519 PUBLIC keys that verify session tokens
-#   /etc/upstreamproxy/ca/ca.crt            optional: the interception CA's public certificate
+#                                           (reloaded when they change and on SIGHUP)
+#   /etc/upstreamproxy/ca/ca.pem            optional: the CA's certificate (`ca create` writes
+#                                           ca.pem; never mount ca-key.pem unless intercepting)
 # Every setting is an `upstreamproxy egress` flag; the defaults below are UPSTREAMPROXY_*
 # variables, so `docker run IMAGE --max-tunnels 5000` keeps them and `-e` overrides them.
-# tests/test_deploy_manifests.py checks this file against the real CLI and runs its command.
+# tests/test_deploy_manifests.py checks this file against the real CLI and runs its command;
+# tests/test_egress_image.py builds the image and runs it.
 
-ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=python:3.11-slim
 
-# --- build: a wheel of the project and of every dependency, from the package registry only ---
-FROM python:${PYTHON_VERSION}-slim AS build
+# --- build: a virtualenv with the project and its dependencies ---
+FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# `wheel[s]` matches nothing without a wheels/ directory (then pip uses the package index);
+# with one, its wheels land in /src and are the only thing installed (no index at all).
+COPY pyproject.toml README.md wheel[s] ./
 COPY upstreamproxy ./upstreamproxy
-RUN pip wheel --wheel-dir /wheels --only-binary=:all: --no-binary=upstreamproxy .
+RUN python3 -m venv /opt/upstreamproxy \
+ && if ls ./*.whl >/dev/null 2>&1; then \
+        /opt/upstreamproxy/bin/pip install --no-index --find-links=. upstreamproxy; \
+    else \
+        /opt/upstreamproxy/bin/pip install --only-binary=:all: --no-binary=upstreamproxy . ; \
+    fi \
+ && /opt/upstreamproxy/bin/pip uninstall -y -q pip \
+ && /opt/upstreamproxy/bin/upstreamproxy --help >/dev/null
 
-# --- runtime: the installed wheels, no compilers, no sources, no pip cache ---
-FROM python:${PYTHON_VERSION}-slim
+# --- runtime: the virtualenv only, no compilers, no sources, no pip ---
+FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
 ARG UID=10001
 LABEL org.opencontainers.image.title="upstreamproxy-egress" \
@@ -36,14 +60,13 @@ LABEL org.opencontainers.image.title="upstreamproxy-egress" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/example/upstreamproxy"
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels upstreamproxy \
- && groupadd --system --gid "${UID}" upstreamproxy \
+COPY --from=build /opt/upstreamproxy /opt/upstreamproxy
+RUN groupadd --system --gid "${UID}" upstreamproxy \
  && useradd --system --uid "${UID}" --gid "${UID}" --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin upstreamproxy \
  && mkdir -p /etc/upstreamproxy/policy /etc/upstreamproxy/keys /etc/upstreamproxy/ca
-ENV PYTHONDONTWRITEBYTECODE=1 \
+ENV PATH=/opt/upstreamproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     UPSTREAMPROXY_EGRESS_HOST=0.0.0.0 \
     UPSTREAMPROXY_EGRESS_PORT=8080 \
@@ -51,12 +74,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     UPSTREAMPROXY_METRICS_PORT=9090 \
     UPSTREAMPROXY_POLICY=/etc/upstreamproxy/policy/policy.yaml \
     UPSTREAMPROXY_PUBLIC_KEYS=/etc/upstreamproxy/keys \
+    UPSTREAMPROXY_AUDIENCE=upstreamproxy \
     UPSTREAMPROXY_DRAIN_GRACE=30
 USER 10001:10001
 EXPOSE 8080 9090
 STOPSIGNAL SIGTERM
-# Liveness of the main listener (python: the slim image has no curl). Plain HTTP only: with
-# --tls-cert the orchestrator's probes must use HTTPS instead.
+# Liveness of the main listener, with the image's own interpreter (no curl in the image, and
+# no `python` on the PATH of every base). Plain HTTP only: with --tls-cert use HTTPS probes.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % os.environ.get('UPSTREAMPROXY_EGRESS_PORT', '8080'), timeout=2)"]
+    CMD ["/opt/upstreamproxy/bin/python3", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/healthz' % os.environ.get('UPSTREAMPROXY_EGRESS_PORT', '8080'), timeout=2)"]
 ENTRYPOINT ["upstreamproxy", "egress"]

@@ -9,6 +9,7 @@ they cannot run when no engine can be had (``.ci/run`` starts one).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -155,3 +156,59 @@ def docker_engine() -> None:
         if os.environ.get("CI"):
             pytest.fail(problem)
         pytest.skip(problem)
+
+
+#: The test base for the egress image: Debian's Python (3.11, like the host's wheels).
+EGRESS_BASE = "upstreamproxy-test/bookworm:base"
+#: What of the repository goes into the image's build context (the .dockerignore admits these).
+IMAGE_CONTEXT = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md", "upstreamproxy")
+
+
+def build_context(dest: Path, wheels: Path | None) -> Path:
+    """The repository's build context in ``dest``, plus ``wheels/`` for an offline build."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in IMAGE_CONTEXT:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, dest / name)
+    if wheels is not None:
+        shutil.copytree(wheels, dest / "wheels", ignore=shutil.ignore_patterns(".complete"))
+    return dest
+
+
+def build_command(context: Path, tag: str, base: str) -> list[str]:
+    """The README's offline build line: the classic builder, the base as a build argument."""
+    return ["docker", "build", "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(context)]
+
+
+def egress_image() -> str:
+    """The egress image built offline from the Dockerfile (cached per wheel set)."""
+    wheels = project_wheels()
+    tag = f"upstreamproxy-test/egress:{wheels.name[:20]}"
+    dockerfile = hashlib.sha256((ROOT / "Dockerfile").read_bytes()).hexdigest()[:12]
+    tag += f"-{dockerfile}"
+    if image_exists(tag) and not wheels.name.endswith("-dirty"):
+        return tag
+    base = base_image(EGRESS_BASE)
+    with tempfile.TemporaryDirectory(prefix="egress-context-", dir="/var/tmp") as tmp:
+        context = build_context(Path(tmp) / "context", wheels)
+        command = build_command(context, tag, base)
+        proc = subprocess.run(
+            command,
+            text=True,
+            capture_output=True,
+            timeout=900,
+            env=os.environ | {"DOCKER_BUILDKIT": "0"},
+        )
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(command)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
+    # Older builds (other commits) are not needed again: keep the cache to one image.
+    repo = tag.split(":")[0]
+    listed = docker("images", repo, "--format", "{{.Repository}}:{{.Tag}}", check=False)
+    for old in set(listed.stdout.split()) - {tag}:
+        docker("rmi", old, check=False)  # an image a container still uses stays
+    return tag

@@ -411,6 +411,23 @@ def _key_files(source: Path) -> list[Path]:
     )
 
 
+def public_keys_fingerprint(sources: Iterable[Path | str]) -> str:
+    """A digest of the names and content of the key files :func:`load_public_keys` would read.
+
+    Never raises: an unreadable source counts as content, so its repair is seen as a change too.
+    """
+    digest = hashlib.sha256()
+    for source in sources:
+        source_path = Path(source)
+        try:
+            paths = _key_files(source_path) if source_path.exists() else []
+            for path in paths:
+                digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        except OSError as exc:
+            digest.update(f"{source_path}: {exc.errno}".encode())
+    return digest.hexdigest()
+
+
 def load_public_keys(sources: Path | str | Iterable[Path | str]) -> dict[str, Ed25519PublicKey]:
     """Public keys by key id from files and/or directories.
 

@@ -202,7 +202,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         pol,
         "--reload-interval",
         "RELOAD_INTERVAL",
-        "seconds between checks of the policy file for changes (0: SIGHUP only)",
+        "seconds between checks of the policy and key files for changes (0: SIGHUP only)",
         default=10.0,
         type=float,
     )
@@ -239,12 +239,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         type=float,
     )
+    add_option(
+        lim,
+        "--drain-delay",
+        "DRAIN_DELAY",
+        "seconds after SIGTERM during which /readyz is 503 but new tunnels are still accepted,"
+        " so a load balancer takes the replica out before it refuses anything",
+        default=0.0,
+        type=float,
+    )
 
 
 def build_authenticator(args: argparse.Namespace) -> Authenticator:
     if args.public_keys:
         sources, audience = list(args.public_keys), args.audience
-        return SignedTokens(lambda: TokenVerifier(load_public_keys(sources), audience))
+        return SignedTokens(
+            lambda: TokenVerifier(load_public_keys(sources), audience), sources=sources
+        )
     if args.static_tokens:
         return StaticTokens.from_file(Path(args.static_tokens))
     raise ConfigError("public_keys", "required: --public-keys (or --static-tokens for development)")
@@ -297,6 +308,7 @@ def build_server(args: argparse.Namespace) -> EgressServer:
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         drain_grace=args.drain_grace,
+        drain_delay=args.drain_delay,
         reload_interval=args.reload_interval,
         timeouts=TunnelTimeouts(
             head=args.head_timeout, dial=args.dial_timeout, idle=args.idle_timeout
@@ -308,6 +320,9 @@ def build_server(args: argparse.Namespace) -> EgressServer:
     )
     config.limits.validate()
     config.preauth.validate()
+    for name in ("drain_grace", "drain_delay"):
+        if getattr(args, name) < 0:
+            raise ConfigError(name, "must not be negative")
     return EgressServer(
         config,
         build_authenticator(args),
@@ -345,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"egress listening on {server.url}", flush=True)
 
     async def stop() -> None:
-        await server.stop(grace=server.config.drain_grace)
+        await server.stop(grace=server.config.drain_grace, delay=server.config.drain_delay)
 
     try:
         return asyncio.run(serve(server.start, stop, ready, on_reload=server.reload))

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ..connect_head import parse_basic_credentials
 from ..errors import AuthError, ConfigError, HeadError
-from ..tokens import TokenVerifier
+from ..tokens import TokenVerifier, public_keys_fingerprint
+from .policy import file_fingerprint
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Authenticator(Protocol):
     def reload(self) -> ConfigError | None:
         """Re-read keys/tokens from their source; on error keep the old ones, return the error."""
 
+    def changed(self) -> bool:
+        """Whether the source files differ from what was last loaded (or tried)."""
+
 
 class StaticTokens:
     """A fixed token -> session table (development and tests; production uses signed tokens)."""
@@ -39,10 +43,15 @@ class StaticTokens:
     def __init__(self, tokens: Mapping[str, Session], path: Path | None = None) -> None:
         self._tokens = dict(tokens)
         self._path = path
+        self._seen = file_fingerprint(path) if path is not None else ""
+
+    def changed(self) -> bool:
+        return self._path is not None and file_fingerprint(self._path) != self._seen
 
     def reload(self) -> ConfigError | None:
         if self._path is None:
             return None
+        self._seen = file_fingerprint(self._path)
         try:
             self._tokens = StaticTokens.from_file(self._path)._tokens
         except ConfigError as exc:
@@ -114,14 +123,21 @@ class SignedTokens:
         self,
         verifier: TokenVerifier | Callable[[], TokenVerifier],
         clock: Callable[[], float] = time.time,
+        sources: Sequence[Path | str] = (),
     ) -> None:
+        self._sources = tuple(sources)  # the key files and directories, to see changes
+        self._seen = public_keys_fingerprint(self._sources)
         self._factory = verifier if callable(verifier) else None
         self._verifier = verifier() if callable(verifier) else verifier
         self._clock = clock
 
+    def changed(self) -> bool:
+        return bool(self._sources) and public_keys_fingerprint(self._sources) != self._seen
+
     def reload(self) -> ConfigError | None:
         if self._factory is None:
             return None
+        self._seen = public_keys_fingerprint(self._sources)
         try:
             self._verifier = self._factory()
         except ConfigError as exc:

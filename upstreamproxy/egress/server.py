@@ -2,8 +2,10 @@
 
 Listeners: the main one (tunnels, ``ca-cert``, ``/healthz``, ``/readyz``) and, when
 configured, a separate metrics listener (``/metrics``) so scraping never shares a port with
-sandboxes. ``stop(grace)`` drains: readiness turns 503, listeners close, open tunnels get
-``grace`` seconds to finish, then the rest are closed.
+sandboxes. ``stop(grace, delay)`` drains: readiness turns 503 at once, new tunnels are still
+accepted for ``delay`` seconds (time for a load balancer's health checks to take the replica out,
+so nothing routed to it in the meantime is refused), then refused with ``503 draining``; open
+tunnels get ``grace`` seconds to finish, then the rest are closed with the listeners.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ class EgressConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None
     drain_grace: float = 30.0
-    #: Seconds between checks of the policy file for changes (0: only on SIGHUP).
+    #: Seconds after SIGTERM during which readiness is 503 but new tunnels are still accepted.
+    drain_delay: float = 0.0
+    #: Seconds between checks of the policy and key (or static token) files for changes
+    #: (0: only on SIGHUP).
     reload_interval: float = 10.0
     timeouts: TunnelTimeouts = field(default_factory=TunnelTimeouts)
     limits: LimitConfig = field(default_factory=LimitConfig)
@@ -120,7 +125,8 @@ class EgressServer:
         self._port: int | None = None
         self._metrics_bound_port: int | None = None
         self._started = False
-        self._draining = False
+        self._draining = False  # readiness 503
+        self._refusing = False  # new tunnels refused (503 draining)
         self._watcher: asyncio.Task[None] | None = None
         self.app = self._build_app()
 
@@ -187,24 +193,30 @@ class EgressServer:
         self._started = True
         if self.interception is not None:
             self.interception.start()
-        if self.config.reload_interval > 0 and self.policies.path is not None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_policy())
+        if self.config.reload_interval > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_files())
         log.info("egress listening on %s", self.url)
 
-    async def _watch_policy(self) -> None:
-        """Reload when the policy file changes (a ConfigMap update swaps it underneath us)."""
+    async def _watch_files(self) -> None:
+        """Reload when the policy file or a key file changes (a ConfigMap or Secret update swaps
+        them underneath us), as SIGHUP would."""
         while True:
             await asyncio.sleep(self.config.reload_interval)
-            if self.policies.changed():
+            if self.policies.changed() or self.authenticator.changed():
                 self.reload()
 
-    async def stop(self, grace: float = 0.0) -> None:
-        """Drain: readiness turns 503 and new tunnels are refused (503) while the listener, and
+    async def stop(self, grace: float = 0.0, delay: float = 0.0) -> None:
+        """Drain: readiness turns 503; for ``delay`` seconds new tunnels are still accepted
+        (a load balancer is taking the replica out), then refused (503) while the listener, and
         so liveness, stays up; open tunnels get ``grace`` seconds to finish; then the rest are
         closed with the listeners."""
         if self._runner is None:
             return  # never started, or already stopped
         self._draining = True
+        if delay > 0:
+            log.info("draining: readiness 503, still accepting tunnels for %.1fs", delay)
+            await asyncio.sleep(delay)
+        self._refusing = True
         if self._watcher is not None:
             self._watcher.cancel()
         if self.interception is not None:
@@ -284,7 +296,7 @@ class EgressServer:
         return web.Response(body=self.config.ca_cert_pem, content_type="application/x-pem-file")
 
     async def _tunnel(self, request: web.Request) -> web.StreamResponse:
-        if self._draining:
+        if self._refusing:
             return web.json_response(
                 {"error": "draining"}, status=503, headers={REASON_HEADER: "draining"}
             )
