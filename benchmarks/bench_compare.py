@@ -549,7 +549,7 @@ def inside(args: argparse.Namespace) -> int:
             [
                 *python, "-m", "upstreamproxy", "--log-level", "WARNING", "relay",
                 "--egress-url", egress_url, "--session-id", SESSION,
-                "--token-file", str(token_file), "--port", "0",
+                "--token-file", str(token_file), "--keep-token-file", "--port", "0",
             ],
             workdir,
             b"relay listening on",

@@ -511,6 +511,7 @@ class RelayProcess:
     def __init__(
         self, base: Path, name: str, egress_url: str, session: str, token: str, extra: list[str]
     ) -> None:
+        self.token = token  # the relay deletes its token file once it listens
         self.token_file = base / f"{name}.token"
         self.token_file.write_text(token)
         self.token_file.chmod(0o600)
