@@ -56,7 +56,7 @@ from ..relay import Relay, RelayConfig
 from ..secret import Secret
 from .ca_bundle import prepare_ca_bundle, redact_url
 from .hardening import make_non_dumpable
-from .proxy_env import proxy_environment, user_ca_files
+from .proxy_env import proxy_environment, single_label_names, user_ca_files
 from .state import (
     NoSession,
     SessionInfo,
@@ -67,6 +67,7 @@ from .state import (
     write_session,
 )
 from .token_file import delete_token_file, read_token
+from .tool_files import write_tool_files
 
 log = logging.getLogger("upstreamproxy.start")
 
@@ -89,6 +90,12 @@ class StartOptions:
     port: int = 0
     egress_ca_file: str | None = None
     fail_closed: bool = False
+    #: Outbound proxy the relay uses to reach the egress (``relay --egress-proxy``).
+    egress_proxy: str | None = None
+    #: Export HTTP_PROXY (the relay forwards plain HTTP); False: CCR's exact environment.
+    plain_http: bool = True
+    #: Where the single-label names that keep their direct route are read from.
+    hosts_file: Path = Path("/etc/hosts")
     #: How long to wait for another ``start`` holding the state directory to become ready.
     wait_for_other: float = 30.0
 
@@ -258,9 +265,21 @@ def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
         listen_host="127.0.0.1",
         listen_port=options.port,
         egress_ca_file=options.egress_ca_file,
+        egress_proxy=_check_egress_proxy(options.egress_proxy),
     )
     config.validate()
     return config
+
+
+def _check_egress_proxy(url: str | None) -> str | None:
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https", "socks5", "socks5h", "socks4", "socks4a"):
+        raise ConfigError("egress_proxy", "must be an http://, https:// or socks5:// URL")
+    if not parts.hostname:
+        raise ConfigError("egress_proxy", "needs a host")
+    return url
 
 
 def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tuple[str, ...]]:
@@ -323,8 +342,18 @@ async def _serve(
         ) from None
     pid = os.getpid()
     try:
+        tool_files, problems = write_tool_files(paths.directory, bundle, os.environ)
+        for problem in problems:
+            log.warning("tool files: %s", problem)
+        no_proxy = (*_hosts_names(options.hosts_file), *options.no_proxy)
         plan = proxy_environment(
-            relay.proxy_url, bundle, options.no_proxy, base_env=os.environ, merged_ca_files=merged
+            relay.proxy_url,
+            bundle,
+            no_proxy,
+            base_env=os.environ,
+            merged_ca_files=merged,
+            plain_http=options.plain_http,
+            tool_files=tool_files,
         )
         info = SessionInfo(
             pid=pid,
@@ -334,8 +363,12 @@ async def _serve(
             env_file=str(paths.env_sh),
             session_id=config.session_id,
             egress_url=redact_url(config.egress_url),
-            no_proxy_extra=options.no_proxy,
+            no_proxy_extra=no_proxy,
             merged_ca_files=merged,
+            plain_http=options.plain_http,
+            wgetrc=_str(tool_files.wgetrc),
+            apt_config=_str(tool_files.apt_config),
+            java_truststore=_str(tool_files.java_truststore),
         )
         for var in plan.variables:
             if var.action.value != "set":
@@ -367,6 +400,17 @@ async def _serve(
         remove_session_files(paths, pid)
         await relay.stop()
     return 0
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _hosts_names(path: Path) -> list[str]:
+    try:
+        return single_label_names(path.read_text(errors="replace")[:1_000_000])
+    except OSError:
+        return []
 
 
 def _delete_token(options: StartOptions) -> None:
