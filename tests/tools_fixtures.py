@@ -144,6 +144,31 @@ def make_bare_repo(base: Path) -> Path:
     return bare
 
 
+MAVEN_PARENT = ("com.example.upstreamproxy", "demo-parent", "1.0")
+
+
+def make_maven_repo(root: Path) -> Path:
+    """A Maven repository layout holding one artefact: a parent POM (with its checksums)."""
+    group, artifact, version = MAVEN_PARENT
+    folder = root.joinpath(*group.split("."), artifact, version)
+    folder.mkdir(parents=True, exist_ok=True)
+    pom = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<project xmlns="http://maven.apache.org/POM/4.0.0">\n'
+        "  <modelVersion>4.0.0</modelVersion>\n"
+        f"  <groupId>{group}</groupId><artifactId>{artifact}</artifactId>"
+        f"<version>{version}</version>\n"
+        "  <packaging>pom</packaging>\n"
+        "  <properties><greeting>resolved through the relay</greeting></properties>\n"
+        "</project>\n"
+    ).encode()
+    name = f"{artifact}-{version}.pom"
+    (folder / name).write_bytes(pom)
+    (folder / f"{name}.sha1").write_text(hashlib.sha1(pom).hexdigest())
+    (folder / f"{name}.md5").write_text(hashlib.md5(pom).hexdigest())
+    return root
+
+
 # -- the world ------------------------------------------------------------------------------------
 
 
@@ -311,6 +336,7 @@ class World:
         app.router.add_get("/demo-pkg", packument)
         app.router.add_get("/demo-pkg/-/demo-pkg-1.0.0.tgz", npm_tarball)
         app.router.add_static("/repo.git/", repo)  # git's dumb HTTP protocol: static files
+        app.router.add_static("/maven2/", make_maven_repo(self.base / "maven2"))
         return app
 
 
