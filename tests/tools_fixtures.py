@@ -256,6 +256,7 @@ class World:
         self.wheel = build_wheel()
         self.tarball = build_npm_tarball()
         repo = make_bare_repo(self.base / "git")
+        self.www.mkdir(exist_ok=True)
         self.port = await self._serve(self._origin_app(repo), list(NAMES), self.ca, "origin")
         other = web.Application()
         other.router.add_get("/", self._hello)
@@ -337,6 +338,7 @@ class World:
         app.router.add_get("/demo-pkg/-/demo-pkg-1.0.0.tgz", npm_tarball)
         app.router.add_static("/repo.git/", repo)  # git's dumb HTTP protocol: static files
         app.router.add_static("/maven2/", make_maven_repo(self.base / "maven2"))
+        app.router.add_static("/files/", self.www)  # the same files as the plain origin
         return app
 
 
