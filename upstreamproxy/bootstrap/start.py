@@ -303,6 +303,8 @@ def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tup
         timeout=options.ca_timeout,
         extra_bundles=user_ca_files(os.environ, exclude=paths.bundle),
         ssl_context=context,
+        # The CA endpoint is on the egress: reach it the way the relay does.
+        proxy=options.egress_proxy if (options.egress_proxy or "").startswith("http") else None,
     )
     for warning in report.warnings:
         log.warning("CA bundle: %s", warning)
