@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -20,6 +21,8 @@ import pytest
 import tools_fixtures
 from aiohttp import web
 from tools_fixtures import HELLO, READY_PREFIX, UNTRUSTED, Started, World, start_session
+
+from upstreamproxy.certs import issue_leaf
 
 world = tools_fixtures.world
 
@@ -212,9 +215,11 @@ def test_single_label_name_in_no_proxy_goes_direct(world: World, tmp_path: Path)
 
 
 class SideOrigin:
-    """A plain-HTTP origin on another loopback address (127.0.0.2), in a thread."""
+    """An origin on a loopback address, in a thread: plain HTTP, or TLS with ``ssl_context``."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.2", ssl_context: ssl.SSLContext | None = None) -> None:
+        self.host = host
+        self.ssl_context = ssl_context
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -229,7 +234,7 @@ class SideOrigin:
         app.router.add_get("/", hello)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.2", 0)
+        site = web.TCPSite(self._runner, self.host, 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -265,3 +270,62 @@ def test_address_in_a_no_proxy_cidr_goes_direct_for_cidr_aware_tools(
         assert done.stdout == "direct\n"
         time.sleep(0.3)
         assert tunnels(world) == before
+
+
+# -- the survey: other HTTPS clients of Debian/Ubuntu images ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv"),
+    [
+        ("lynx", ["lynx", "-dump"]),  # reads SSL_CERT_FILE itself
+        ("w3m", ["w3m", "-dump"]),  # OpenSSL default paths: SSL_CERT_FILE
+        ("http", ["http", "--body", "--ignore-stdin"]),  # httpie: requests, REQUESTS_CA_BUNDLE
+    ],
+)
+def test_clients_covered_by_the_ca_variables(
+    world: World, session: Started, tmp_path: Path, tool: str, argv: list[str]
+) -> None:
+    need(tool)
+    env = session.tool_env(tmp_path)
+    done = run_tool([*argv, world.url()], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert HELLO.strip() in done.stdout
+    refused = run_tool([*argv, world.url(UNTRUSTED)], env, tmp_path)
+    assert HELLO.strip() not in refused.stdout  # verification is on
+
+
+def test_aria2_with_the_documented_option(world: World, session: Started, tmp_path: Path) -> None:
+    """aria2 (GnuTLS) reads no CA variable nor a config file an environment variable could
+    name; the README gives ``--ca-certificate="$SSL_CERT_FILE"``, which works through the relay."""
+    need("aria2c")
+    env = session.tool_env(tmp_path)
+    argv = ["aria2c", "-q", "--allow-overwrite=true", "-d", str(tmp_path), "-o", "out"]
+    bare = run_tool([*argv, world.url()], env, tmp_path)
+    assert bare.returncode != 0  # as surveyed: the system store only
+    done = run_tool([*argv, f"--ca-certificate={env['SSL_CERT_FILE']}", world.url()], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out").read_text() == HELLO
+
+
+def test_wget2_trusts_the_bundle_through_wget2rc(
+    world: World, session: Started, tmp_path: Path
+) -> None:
+    """wget2 reads WGET2RC, not SSL_CERT_FILE. Debian 12's wget2 (1.99) cannot tunnel https
+    through a proxy at all (no CONNECT), so this checks the CA on a direct connection to an
+    origin in NO_PROXY (127.0.0.1), signed by the egress CA that only the bundle holds."""
+    need("wget2")
+    leaf = issue_leaf(world.ca, ["127.0.0.1"])
+    (tmp_path / "leaf.pem").write_bytes(leaf.chain_pem())
+    (tmp_path / "leaf.key").write_bytes(leaf.key_pem())
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "leaf.pem", tmp_path / "leaf.key")
+    env = session.tool_env(tmp_path)
+    with SideOrigin("127.0.0.1", context) as side:
+        url = f"https://127.0.0.1:{side.port}/"
+        argv = ["wget2", "-q", "--tries=1", "--no-ocsp", "-O", str(tmp_path / "out"), url]
+        done = run_tool(argv, env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "out").read_text() == "direct\n"
+        del env["WGET2RC"]
+        assert run_tool(argv, env, tmp_path).returncode == 5  # TLS verification failed

@@ -49,7 +49,8 @@ Decisions
 * ``NODE_USE_ENV_PROXY=1`` is a user's to override (``kept``); everything else is ours.
 * Tools that read none of the CA variables get a file made for them (``ToolFiles``, written
   by ``start`` from the super bundle) and the variable that points them at it: ``WGETRC``
-  (GNU wget built with GnuTLS, Debian's and Ubuntu's), ``APT_CONFIG`` (apt's https method),
+  (GNU wget built with GnuTLS, Debian's and Ubuntu's), ``WGET2RC`` (wget2, Fedora's
+  ``wget``), ``APT_CONFIG`` (apt's https method),
   and for the JVM ``JAVA_TOOL_OPTIONS`` with the proxy properties, ``http.nonProxyHosts``
   translated from NO_PROXY, and a PKCS#12 trust store built from the bundle.
   A user's ``JAVA_TOOL_OPTIONS`` is kept after ours (later ``-D`` options win).
@@ -133,6 +134,7 @@ CA_VARIABLES: Final[tuple[str, ...]] = (
 
 #: Files made from the bundle for tools that read no CA variable, and the variables naming them.
 WGETRC: Final = "WGETRC"
+WGET2RC: Final = "WGET2RC"
 APT_CONFIG: Final = "APT_CONFIG"
 JAVA_TOOL_OPTIONS: Final = "JAVA_TOOL_OPTIONS"
 
@@ -154,6 +156,7 @@ class ToolFiles:
     apt_config: Path | None = None
     #: PKCS#12 trust store (trusted certificate entries only, no password).
     java_truststore: Path | None = None
+    wget2rc: Path | None = None
 
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -398,6 +401,7 @@ def proxy_environment(
     files = tool_files or ToolFiles()
     for name, path, why in (
         (WGETRC, files.wgetrc, "GNU wget (GnuTLS) reads ca_certificate from it, not SSL_CERT_FILE"),
+        (WGET2RC, files.wget2rc, "wget2 (GnuTLS) reads ca-certificate from it, not SSL_CERT_FILE"),
         (APT_CONFIG, files.apt_config, "apt's https method reads Acquire::https::CAInfo from it"),
     ):
         if path is None:

@@ -371,6 +371,7 @@ async def _serve(
             wgetrc=_str(tool_files.wgetrc),
             apt_config=_str(tool_files.apt_config),
             java_truststore=_str(tool_files.java_truststore),
+            wget2rc=_str(tool_files.wget2rc),
         )
         for var in plan.variables:
             if var.action.value != "set":

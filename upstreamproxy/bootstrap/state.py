@@ -152,12 +152,18 @@ class SessionInfo:
     wgetrc: str | None = None
     apt_config: str | None = None
     java_truststore: str | None = None
+    wget2rc: str | None = None
 
     def tool_files(self) -> ToolFiles:
         def path(value: str | None) -> Path | None:
             return Path(value) if value else None
 
-        return ToolFiles(path(self.wgetrc), path(self.apt_config), path(self.java_truststore))
+        return ToolFiles(
+            path(self.wgetrc),
+            path(self.apt_config),
+            path(self.java_truststore),
+            path(self.wget2rc),
+        )
 
     @property
     def proxy_port(self) -> int:
