@@ -272,7 +272,7 @@ def test_address_in_a_no_proxy_cidr_goes_direct_for_cidr_aware_tools(
         assert tunnels(world) == before
 
 
-# -- the survey: other HTTPS clients of Debian/Ubuntu images ------------------------------------------
+# -- the survey: other HTTPS clients of Debian/Ubuntu images ---------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from upstreamproxy.http_forward import (
     ForwardLimits,
     ForwardRefused,
     TunnelRefused,
+    direct_route_hint,
     is_forward_request,
     parse_forward_target,
     rewrite_request,
@@ -626,3 +627,36 @@ async def test_stale_keep_alive_tunnel_is_replaced_for_a_bodiless_request() -> N
     server.close()
     assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
     assert len(opened) == 2
+
+
+@pytest.mark.parametrize(
+    ("host", "hinted"),
+    [
+        ("api", True),
+        ("db.", True),
+        ("10.1.2.3", True),
+        ("192.168.0.9", True),
+        ("fe80::1", True),
+        ("example.com", False),
+        ("93.184.216.34", False),
+    ],
+)
+def test_direct_route_hint(host: str, hinted: bool) -> None:
+    hint = direct_route_hint(host)
+    assert bool(hint) is hinted
+    if hinted:
+        assert f"--no-proxy {host}" in hint
+
+
+async def test_refusal_of_a_single_label_name_carries_the_hint() -> None:
+    async def refuse(host: str, port: int) -> TcpStream:
+        raise TunnelRefused(
+            403, "no-matching-rule", (("X-Upstreamproxy-Reason", "no-matching-rule"),)
+        )
+
+    answer, _ = await forward_once(
+        b"GET http://api:8080/ HTTP/1.1\r\nHost: api\r\n\r\n", refuse, ForwardLimits()
+    )
+    assert answer.startswith(b"HTTP/1.1 403")
+    assert b"X-Upstreamproxy-Reason: no-matching-rule\r\n" in answer
+    assert b"--no-proxy api" in answer

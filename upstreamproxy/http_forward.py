@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 import urllib.parse
@@ -268,8 +269,33 @@ def has_body(request: h11.Request) -> bool:
     return False
 
 
-def refusal_response(status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """The whole response the forwarder answers a refused request with (connection closes)."""
+def direct_route_hint(host: str) -> str:
+    """A hint for a refused host that is likely next to the sandbox, else ``""``.
+
+    Single-label names (compose services) and private or link-local addresses are usually
+    reached directly; NO_PROXY decides that in the tool, before the relay sees anything.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        local = "." not in host.rstrip(".")
+    else:
+        local = address.is_private or address.is_link_local
+    if not local:
+        return ""
+    return (
+        f"{host} looks local to the sandbox: if it is reached directly (a service next to "
+        f"this one), add it to NO_PROXY, e.g. `upstreamproxy start --no-proxy {host}`"
+    )
+
+
+def refusal_response(
+    status: int, reason: str, extra: tuple[tuple[str, str], ...] = (), hint: str = ""
+) -> bytes:
+    """The whole response the forwarder answers a refused request with (connection closes).
+
+    ``X-Upstreamproxy-Reason`` stays the machine-readable reason; ``hint`` goes in the body.
+    """
     headers = [(REASON_HEADER, reason)]
     headers += [
         (name, value)
@@ -277,7 +303,7 @@ def refusal_response(status: int, reason: str, extra: tuple[tuple[str, str], ...
         if name.lower() in PASSED_REFUSAL_HEADERS and name.lower() != REASON_HEADER.lower()
     ]
     headers.append(("Content-Type", "text/plain; charset=utf-8"))
-    body = (reason + "\n").encode("utf-8", "replace")
+    body = (reason + "\n" + (hint + "\n" if hint else "")).encode("utf-8", "replace")
     return build_status_head(status, tuple(headers), body)
 
 
@@ -344,10 +370,10 @@ class _Forwarder:
             self.stats.received += len(data)
 
     async def _refuse(
-        self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = ()
+        self, status: int, reason: str, extra: tuple[tuple[str, str], ...] = (), hint: str = ""
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-            self.writer.write(refusal_response(status, reason, extra))
+            self.writer.write(refusal_response(status, reason, extra, hint))
             async with asyncio.timeout(5):
                 await self.writer.drain()
 
@@ -545,7 +571,9 @@ class _Forwarder:
                 log.warning(
                     "http %s not forwarded: %s %s", _authority(event), exc.status, exc.reason
                 )
-                await self._refuse(exc.status, exc.reason, exc.headers)
+                host = _host(event)
+                hint = direct_route_hint(host) if exc.status == 403 and host else ""
+                await self._refuse(exc.status, exc.reason, exc.headers, hint)
                 return
             except ForwardRefused as exc:
                 self.stats.outcome = f"refused-{exc.status}"
@@ -562,6 +590,13 @@ class _Forwarder:
                 self.stats.outcome = "closed after response"
                 return
             self.client.start_next_cycle()
+
+
+def _host(request: h11.Request) -> str:
+    try:
+        return parse_forward_target(bytes(request.target)).host
+    except ForwardRefused:
+        return ""
 
 
 def _authority(request: h11.Request) -> str:
