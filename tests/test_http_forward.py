@@ -660,3 +660,49 @@ async def test_refusal_of_a_single_label_name_carries_the_hint() -> None:
     assert answer.startswith(b"HTTP/1.1 403")
     assert b"X-Upstreamproxy-Reason: no-matching-rule\r\n" in answer
     assert b"--no-proxy api" in answer
+
+
+async def test_request_fed_one_byte_at_a_time(plain: PlainWorld) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+    request = (
+        f"POST {plain.url('/upload')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        "Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ).encode()
+    for i in range(len(request)):
+        writer.write(request[i : i + 1])
+        await writer.drain()
+    data = b""
+    async with asyncio.timeout(15):
+        while chunk := await reader.read(65536):
+            data += chunk
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert hashlib.sha256(b"hello").hexdigest().encode() in data
+
+
+def open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_faults_release_every_descriptor(plain: PlainWorld) -> None:
+    """Refusals, a vanished client and a garbage request leave no socket behind."""
+    await run("curl", "-sS", "-x", plain.relay.proxy_url, plain.url(), env=CLEAN)  # warm up
+    await _until(lambda: plain.relay.active_tunnels == 0 and len(plain.egress.active) == 0)
+    baseline = open_fds()
+    for _ in range(3):
+        await run("curl", "-sS", "-x", plain.relay.proxy_url, "http://127.0.0.1:1/", env=CLEAN)
+        await run("curl", "-sS", "-x", plain.relay.proxy_url, plain.url("/chunked"), env=CLEAN)
+        reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+        writer.write(f"GET {plain.url('/bytes/20000000')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.wait_for(reader.readexactly(10_000), 10)
+        writer.transport.abort()
+        reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+        writer.write(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(reader.read(65536), 10)).startswith(b"HTTP/1.1 400")
+        writer.close()
+    await _until(lambda: plain.relay.active_tunnels == 0 and len(plain.egress.active) == 0)
+    await _until(lambda: open_fds() <= baseline)
