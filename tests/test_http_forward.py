@@ -18,7 +18,7 @@ import h11
 import pytest
 from aiohttp import web
 from conftest import SESSION, TOKEN, _serve, origin_app, pattern_bytes, run
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from upstreamproxy.egress.auth import Session, StaticTokens
@@ -453,14 +453,18 @@ class TcpStream:
 
 
 async def forward_once(
-    request: bytes, open_tunnel: object, limits: ForwardLimits, read_timeout: float = 15
+    request: bytes,
+    open_tunnel: object,
+    limits: ForwardLimits,
+    read_timeout: float = 15,
+    split_head: bool = True,
 ) -> tuple[bytes, float]:
     """Serve one raw client connection with ``serve_forward``; its answer and the time taken."""
     results: list[object] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head_end = await reader.readuntil(b"\r\n\r\n")
+            head_end = await reader.readuntil(b"\r\n\r\n") if split_head else b""
             results.append(await serve_forward(reader, writer, head_end, open_tunnel, limits))  # type: ignore[arg-type]
         finally:
             writer.close()
@@ -706,3 +710,37 @@ async def test_faults_release_every_descriptor(plain: PlainWorld) -> None:
         writer.close()
     await _until(lambda: plain.relay.active_tunnels == 0 and len(plain.egress.active) == 0)
     await _until(lambda: open_fds() <= baseline)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.binary(max_size=300),
+    st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT"]),
+)
+def test_any_request_bytes_get_an_answer_or_a_close(garbage: bytes, method: bytes) -> None:
+    """Whatever follows a forwardable request line: an HTTP answer or a close, never a crash
+    or a hang; the tunnel opened (if any) is closed."""
+
+    async def scenario() -> None:
+        runner, port = await _serve(origin_app(), None)
+        streams: list[TcpStream] = []
+
+        async def open_tunnel(host: str, p: int) -> TcpStream:
+            stream = TcpStream(*await asyncio.open_connection("127.0.0.1", port))
+            streams.append(stream)
+            return stream
+
+        try:
+            request = method + b" http://127.0.0.1/ HTTP/1.1\r\n" + garbage
+            answer, _ = await forward_once(
+                request,
+                open_tunnel,
+                ForwardLimits(keepalive_timeout=0.3, idle_timeout=0.5),
+                split_head=False,
+            )
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 "), answer[:100]
+            assert all(stream.closed for stream in streams)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
