@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.policy import PolicyStore, parse_policy_document
 from upstreamproxy.egress.server import EgressConfig, EgressServer
-from upstreamproxy.http_forward import (
-    ForwardLimits,
+from upstreamproxy.forward_request import (
     ForwardRefused,
     TunnelRefused,
     direct_route_hint,
@@ -33,8 +32,8 @@ from upstreamproxy.http_forward import (
     parse_forward_target,
     rewrite_request,
     rewrite_response,
-    serve_forward,
 )
+from upstreamproxy.http_forward import ForwardLimits, serve_forward
 from upstreamproxy.relay import Relay, RelayConfig
 from upstreamproxy.secret import Secret
 

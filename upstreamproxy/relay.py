@@ -39,7 +39,7 @@ from .connect_head import (
     split_head,
 )
 from .errors import ConfigError, HeadError, ProtocolError
-from .http_forward import is_forward_request
+from .forward_request import is_forward_request
 from .logredact import redacting_logger
 from .secret import Secret
 
