@@ -743,3 +743,26 @@ def test_any_request_bytes_get_an_answer_or_a_close(garbage: bytes, method: byte
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+async def test_unsolicited_switching_protocols_gets_502() -> None:
+    async def switcher(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(switcher, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def open_tunnel(host: str, p: int) -> TcpStream:
+        return TcpStream(*await asyncio.open_connection(host, port))
+
+    answer, elapsed = await forward_once(
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n", open_tunnel, ForwardLimits()
+    )
+    server.close()
+    assert answer.startswith(b"HTTP/1.1 502")
+    assert elapsed < 10

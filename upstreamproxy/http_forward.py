@@ -279,7 +279,9 @@ class _Forwarder:
             if not started:
                 raise ForwardRefused(504, "the origin did not answer in time") from None
             raise
-        except h11.RemoteProtocolError as exc:
+        except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+            # Local: the origin's answer cannot be re-sent to the client as it is (say, a 101
+            # nobody asked for); either way the origin is at fault.
             if not started and not upstream.received:
                 raise ForwardRefused(
                     502, "the origin closed the connection without answering"
@@ -392,7 +394,7 @@ class _Forwarder:
                 self.stats.outcome = f"refused-{exc.status}"
                 await self._refuse(exc.status, exc.reason)
                 return
-            except h11.RemoteProtocolError as exc:
+            except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
                 # From the client's body, or the origin's once the response started.
                 self.stats.outcome = f"protocol-error ({exc})"
                 return
