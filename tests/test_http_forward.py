@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import h11
 import pytest
 from aiohttp import web
-from conftest import SESSION, TOKEN, _serve, origin_app, pattern_bytes, run
+from conftest import SESSION, TOKEN, _serve, origin_app, pattern_bytes, rss_kib, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -684,8 +685,6 @@ async def test_request_fed_one_byte_at_a_time(plain: PlainWorld) -> None:
 
 
 def open_fds() -> int:
-    import os
-
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -766,3 +765,68 @@ async def test_unsolicited_switching_protocols_gets_502() -> None:
     server.close()
     assert answer.startswith(b"HTTP/1.1 502")
     assert elapsed < 10
+
+
+@pytest.fixture
+async def firehose_http() -> AsyncIterator[tuple[int, list[int]]]:
+    """A plain-HTTP origin whose chunked body never ends; counts what it managed to send."""
+    sent = [0]
+    block = b"x" * 65536
+    chunk = b"%x\r\n" % len(block) + block + b"\r\n"
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+                sent[0] += len(block)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], sent
+    server.close()
+
+
+async def test_slow_client_pauses_the_origin(firehose_http: tuple[int, list[int]]) -> None:
+    """Streaming, not buffering: a client that stops reading stops the origin, end to end."""
+    port, sent = firehose_http
+    policy = PolicyStore(
+        parse_policy_document(
+            {
+                "policies": {
+                    "default": {
+                        "rules": [{"id": "fire", "hosts": ["127.0.0.1"], "ports": [port]}],
+                        "allow_cidrs": ["127.0.0.0/8"],
+                    }
+                }
+            }
+        )
+    )
+    egress = EgressServer(EgressConfig(), StaticTokens({TOKEN: Session(SESSION)}), policy)
+    await egress.start()
+    relay = Relay(RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret(TOKEN)))
+    await relay.start()
+    try:
+        rss_before = rss_kib(os.getpid())
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        await asyncio.sleep(2.0)  # the client reads nothing
+        stalled_at = sent[0]
+        await asyncio.sleep(1.0)
+        assert stalled_at < 64 * 1024 * 1024, stalled_at
+        assert sent[0] - stalled_at <= 1024 * 1024
+        assert rss_kib(os.getpid()) - rss_before < 64 * 1024
+        got = 0  # ... and it resumes when the client reads again
+        while got < stalled_at + 4 * 1024 * 1024:
+            got += len(await asyncio.wait_for(reader.read(1 << 20), 10))
+        writer.close()
+    finally:
+        await relay.stop()
+        await egress.stop()
