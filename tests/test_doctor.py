@@ -444,3 +444,15 @@ def test_node_versions(version: str, honours: bool) -> None:
         "node", 1, "", "", [], bundle=BUNDLE, version=version, env={"NODE_USE_ENV_PROXY": "1"}
     )
     assert ("22.21" in fix) is not honours
+
+
+def test_jvm_version_ignores_the_picked_up_line(
+    world: World, started: Started, tmp_path: Path
+) -> None:
+    """The JVM prints "Picked up JAVA_TOOL_OPTIONS: -Dhttps.proxyHost=127.0.0.1 ..." first."""
+    if not installed("java"):
+        pytest.skip("no JDK")
+    rc, document, err = doctor(started, tmp_path, "--url", world.url(), "--tools", "java")
+    assert document, err
+    version = document["results"][0]["version"]
+    assert version and not version.startswith("127."), version

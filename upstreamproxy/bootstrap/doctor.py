@@ -304,7 +304,7 @@ def _git_reached(rc: int, out: str, err: str) -> str | None:
         err,
     )
     if match:
-        return f"HTTPS answered ({match.group(0)}): TLS and proxy work"
+        return f"the server answered ({match.group(0)}): the proxy path works"
     return None
 
 
@@ -499,7 +499,12 @@ async def _version(executable: str, env: Mapping[str, str]) -> str:
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
     except (OSError, TimeoutError):
         return ""
-    first = out.decode(errors="replace").strip().splitlines()
+    # JVMs announce JAVA_TOOL_OPTIONS (which holds the relay's address) before the version.
+    first = [
+        line
+        for line in out.decode(errors="replace").strip().splitlines()
+        if "Picked up" not in line
+    ]
     match = re.search(r"v?\d+\.\d+(?:\.\d+)?", first[0]) if first else None
     return match.group(0) if match else ""
 
