@@ -452,7 +452,7 @@ def test_jvm_version_ignores_the_picked_up_line(
     """The JVM prints "Picked up JAVA_TOOL_OPTIONS: -Dhttps.proxyHost=127.0.0.1 ..." first."""
     if not installed("java"):
         pytest.skip("no JDK")
-    rc, document, err = doctor(started, tmp_path, "--url", world.url(), "--tools", "java")
+    _, document, err = doctor(started, tmp_path, "--url", world.url(), "--tools", "java")
     assert document, err
     version = document["results"][0]["version"]
     assert version and not version.startswith("127."), version

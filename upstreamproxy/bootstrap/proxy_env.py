@@ -4,13 +4,19 @@ Public API::
 
     proxy_environment(proxy_url: str, ca_bundle: Path, no_proxy_extra: Sequence[str] = (), *,
                       base_env: Mapping[str, str],
-                      merged_ca_files: Collection[str | Path] = ()) -> EnvPlan
+                      merged_ca_files: Collection[str | Path] = (),
+                      plain_http: bool = True,
+                      tool_files: ToolFiles | None = None) -> EnvPlan
     user_ca_files(base_env: Mapping[str, str], *, exclude: Path | None = None) -> list[str]
+    single_label_names(hosts_text: str) -> list[str]        # from /etc/hosts, for NO_PROXY
+    java_options(proxy_url, truststore, no_proxy, user_options, plain_http) -> EnvVar
+    java_non_proxy_hosts(no_proxy: str) -> str              # NO_PROXY as http.nonProxyHosts
     render_sh(plan) -> str          # sourceable POSIX sh: "export K='v'" lines
     render_dotenv(plan) -> str      # KEY=value lines (see render_dotenv for the dialect)
     render_json(plan) -> str        # {"env": {...}, "variables": [...], "notes": [...]}
     apply(plan, env) -> dict[str, str]          # env + the exports, for `exec`
-    class EnvPlan, EnvVar, Action; DEFAULT_NO_PROXY, PROXY_VARIABLES, CA_VARIABLES
+    class EnvPlan, EnvVar, Action, ToolFiles; DEFAULT_NO_PROXY, PROXY_VARIABLES,
+    HTTP_PROXY_VARIABLES, CA_VARIABLES
 
 Pure: nothing here reads ``os.environ`` or files; the caller passes ``base_env`` and logs the
 plan (every variable carries an :class:`Action` and a reason).
@@ -19,8 +25,9 @@ Typical wiring in ``start``::
 
     report = prepare_ca_bundle(bundle, ca_url=..., extra_bundles=user_ca_files(os.environ,
                                                                               exclude=bundle))
+    files, problems = write_tool_files(state_dir, bundle, os.environ)   # tool_files.py
     plan = proxy_environment(relay_url, bundle, base_env=os.environ,
-                             merged_ca_files=report.extra_sources)
+                             merged_ca_files=report.extra_sources, tool_files=files)
 
 Decisions
 ---------
