@@ -830,3 +830,40 @@ async def test_slow_client_pauses_the_origin(firehose_http: tuple[int, list[int]
     finally:
         await relay.stop()
         await egress.stop()
+
+
+async def test_slow_origin_reader_pauses_the_uploading_client(relay: Relay) -> None:
+    """A request body is streamed too: an origin that does not read stops the client."""
+    received = [0]
+    reading = asyncio.Event()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reading.wait()
+        while data := await reader.read(1 << 20):
+            received[0] += len(data)
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(
+            f"POST http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        block = b"y" * 65536
+        chunk = b"%x\r\n" % len(block) + block + b"\r\n"
+        written = 0
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(3.0):
+                while True:
+                    writer.write(chunk)
+                    await writer.drain()
+                    written += len(block)
+        assert written < 64 * 1024 * 1024, written
+        reading.set()
+        await asyncio.sleep(0.5)
+        assert received[0] > 0
+        writer.close()
+    finally:
+        server.close()
