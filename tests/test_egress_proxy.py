@@ -8,6 +8,7 @@ there is no other path.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -162,7 +163,21 @@ def test_start_reaches_the_egress_through_squid(world: World, squid: Squid, tmp_
         started.stop()
 
 
-def test_bad_egress_proxy_is_a_start_failure(world: World, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("proxy", "message"),
+    [
+        ("ftp://proxy.example:21", "must be an http://"),
+        ("http://", "needs a host"),
+        *(
+            [("socks5://proxy.example:1080", "python-socks")]
+            if importlib.util.find_spec("python_socks") is None
+            else []
+        ),
+    ],
+)
+def test_bad_egress_proxy_is_a_start_failure(
+    world: World, tmp_path: Path, proxy: str, message: str
+) -> None:
     token = write_token(tmp_path / "token")
     done = cli(
         "start",
@@ -176,9 +191,9 @@ def test_bad_egress_proxy_is_a_start_failure(world: World, tmp_path: Path) -> No
         "--state-dir",
         str(tmp_path / "state"),
         "--egress-proxy",
-        "ftp://proxy.example:21",
+        proxy,
         env=clean_env(tmp_path),
     )
     assert done.returncode == 1
-    assert "egress_proxy" in done.stderr
+    assert "egress_proxy" in done.stderr and message in done.stderr, done.stderr
     assert token.exists()  # kept for a retry

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib.util
 import logging
 import os
 import signal
@@ -279,6 +280,12 @@ def _check_egress_proxy(url: str | None) -> str | None:
         raise ConfigError("egress_proxy", "must be an http://, https:// or socks5:// URL")
     if not parts.hostname:
         raise ConfigError("egress_proxy", "needs a host")
+    if parts.scheme.startswith("socks") and importlib.util.find_spec("python_socks") is None:
+        # websockets opens SOCKS connections with python-socks; without it every tunnel
+        # would fail, so fail here, once, with the fix.
+        raise ConfigError(
+            "egress_proxy", "a socks proxy needs python-socks: pip install 'python-socks[asyncio]'"
+        )
     return url
 
 
