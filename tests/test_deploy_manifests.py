@@ -36,9 +36,9 @@ from unittest import mock
 import aiohttp
 import pytest
 import yaml
-from testpki import make_ca
 from containers import build_command
 from fleet import HAPROXY_CFG, FleetConfig, ProjectedDir, container_run_args
+from testpki import make_ca
 
 from upstreamproxy.cli import build_parser
 from upstreamproxy.commands.egress import build_server

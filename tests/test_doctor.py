@@ -21,6 +21,7 @@ from tools_fixtures import (
 )
 
 from upstreamproxy.bootstrap.doctor import (
+    TOOLS,
     TunnelSeen,
     Verdict,
     classify,
@@ -49,6 +50,10 @@ def verdicts(document: dict[str, Any]) -> dict[str, str]:
 
 
 def installed(tool: str) -> bool:
+    if tool == "java":
+        return shutil.which("java") is not None and shutil.which("javac") is not None
+    if tool == "apt":
+        return shutil.which("apt-get") is not None
     if tool == "python":
         return shutil.which("python3") is not None or shutil.which("python") is not None
     if tool == "pip":
@@ -68,9 +73,11 @@ def test_every_installed_tool_reaches_the_origin(
     rc, document, err = doctor(started, tmp_path, "--url", world.url())
     assert document, err
     seen = verdicts(document)
-    assert list(seen) == ["curl", "git", "pip", "npm", "node", "python"]
-    for tool in ("curl", "git", "pip", "npm", "python"):
-        assert seen[tool] == ("reached" if installed(tool) else "not-installed"), document
+    assert list(seen) == list(TOOLS)
+    for tool in ("curl", "wget", "git", "pip", "npm", "python", "java", "mvn", "apt"):
+        assert seen[tool] == ("reached" if installed(tool) else "not-installed"), [
+            (r["tool"], r["verdict"], r["detail"]) for r in document["results"]
+        ]
     node = next(r for r in document["results"] if r["tool"] == "node")
     if not installed("node"):
         assert node["verdict"] == "not-installed"
@@ -86,6 +93,45 @@ def test_every_installed_tool_reaches_the_origin(
             assert result["tunnels"] and result["tunnels"][0]["status"] == 200
 
 
+def test_plain_http_probes(world: World, started: Started, tmp_path: Path) -> None:
+    """``--http-url``: each tool sends an absolute-form request, which the relay forwards."""
+    rc, document, err = doctor(
+        started,
+        tmp_path,
+        "--url",
+        world.url(),
+        "--http-url",
+        world.plain_url(),
+        "--tools",
+        "curl,wget,python,java,mvn,apt",
+    )
+    assert document, err
+    plain = {r["tool"]: r for r in document["http_results"]}
+    for tool in ("curl", "wget", "python", "java", "apt"):
+        expected = "reached" if installed(tool) else "not-installed"
+        assert plain[tool]["verdict"] == expected, plain[tool]
+        if expected == "reached":
+            assert plain[tool]["tunnels"][0]["plain"] is True
+            assert plain[tool]["tunnels"][0]["target"] == f"plain.test:{world.plain_port}"
+    assert plain["mvn"]["verdict"] == "not-applicable"
+    assert rc == 0, document
+
+
+def test_plain_http_blocked_by_policy(world: World, started: Started, tmp_path: Path) -> None:
+    rc, document, err = doctor(
+        started,
+        tmp_path,
+        "--url",
+        f"http://{BLOCKED}:{world.plain_port}/",
+        "--tools",
+        "curl,wget,python",
+    )
+    assert rc == 1, err
+    for result in document["results"]:
+        assert result["verdict"] == "blocked-by-policy", result
+        assert "allow" in result["fix"]
+
+
 def test_blocked_by_policy(started: Started, tmp_path: Path) -> None:
     rc, document, err = doctor(
         started, tmp_path, "--url", f"https://{BLOCKED}/", "--tools", "curl,python"
@@ -98,7 +144,7 @@ def test_blocked_by_policy(started: Started, tmp_path: Path) -> None:
 
 def test_tls_trust_failure(world: World, started: Started, tmp_path: Path) -> None:
     rc, document, err = doctor(
-        started, tmp_path, "--url", world.url(UNTRUSTED), "--tools", "curl,git,python"
+        started, tmp_path, "--url", world.url(UNTRUSTED), "--tools", "curl,wget,git,python,java,apt"
     )
     assert rc == 1, err
     for result in document["results"]:
@@ -144,9 +190,10 @@ def test_text_report(world: World, started: Started, tmp_path: Path) -> None:
     ("args", "message"),
     [
         ((), "give the URL to probe"),
-        (("--url", "http://hello.test/"), "must be an https:// URL"),
+        (("--url", "ftp://hello.test/"), "must be an https:// or http:// URL"),
+        (("--url", "https://x.test/", "--http-url", "https://y.test/"), "must be an http://"),
         (("--url", "https://localhost/"), "matches NO_PROXY"),
-        (("--url", "https://x.test/", "--tools", "curl,wget"), "unknown tool"),
+        (("--url", "https://x.test/", "--tools", "curl,lynx"), "unknown tool"),
     ],
 )
 def test_usage_errors(
@@ -174,6 +221,78 @@ BUNDLE = "/state/ca-bundle.pem"
     [
         ("curl", 0, "200", "", [TunnelSeen("h:443", 200)], Verdict.REACHED, "HTTP 200"),
         ("curl", 0, "404", "", [TunnelSeen("h:443", 200)], Verdict.REACHED, "HTTP 404"),
+        (
+            "wget",
+            8,
+            "",
+            "ERROR 404: Not Found.",
+            [TunnelSeen("h:443", 200)],
+            Verdict.REACHED,
+            "HTTP 404",
+        ),
+        (
+            "wget",
+            5,
+            "",
+            "ERROR: The certificate of 'h' is not trusted.",
+            [TunnelSeen("h:443", 200)],
+            Verdict.TLS_TRUST_FAILURE,
+            "not trusted",
+        ),
+        (
+            "java",
+            1,
+            "",
+            "javax.net.ssl.SSLHandshakeException: PKIX path building failed",
+            [TunnelSeen("h:443", 200)],
+            Verdict.TLS_TRUST_FAILURE,
+            "PKIX",
+        ),
+        (
+            "java",
+            0,
+            "HTTP 200\n",
+            "",
+            [TunnelSeen("h:80", 200, plain=True, origin_status=200)],
+            Verdict.REACHED,
+            "HTTP 200",
+        ),
+        (
+            "apt",
+            100,
+            "Err:1 https://h ./ InRelease\n  Certificate verification failed",
+            "",
+            [TunnelSeen("h:443", 200)],
+            Verdict.TLS_TRUST_FAILURE,
+            "Certificate verification",
+        ),
+        (
+            "apt",
+            0,
+            "Ign:1 http://h ./ InRelease\nErr:2 http://h ./ Release\n  404  Not Found",
+            "",
+            [TunnelSeen("h:80", 200, plain=True)],
+            Verdict.REACHED,
+            "repository answered",
+        ),
+        (
+            "mvn",
+            1,
+            "Could not find artifact upstreamproxy.doctor:probe:pom:0 in central",
+            "",
+            [TunnelSeen("h:443", 200)],
+            Verdict.REACHED,
+            "repository answered",
+        ),
+        (
+            "wget",
+            8,
+            "",
+            "ERROR 403: Forbidden.",
+            [TunnelSeen("h:80", 403, "no-matching-rule", plain=True)],
+            Verdict.BLOCKED_BY_POLICY,
+            "no-matching-rule",
+        ),
         (
             "curl",
             56,
@@ -274,7 +393,7 @@ BUNDLE = "/state/ca-bundle.pem"
             "ENOTFOUND: getaddrinfo ENOTFOUND h",
             [],
             Verdict.PROXY_NOT_HONOURED,
-            "did not use HTTPS_PROXY",
+            "did not use the proxy variables",
         ),
         ("python", 0, "HTTP 200\n", "", [TunnelSeen("h:443", 200)], Verdict.REACHED, "HTTP 200"),
         ("python", 1, "", "URLError: boom", [TunnelSeen("h:443", 200)], Verdict.FAILED, "boom"),
@@ -325,3 +444,15 @@ def test_node_versions(version: str, honours: bool) -> None:
         "node", 1, "", "", [], bundle=BUNDLE, version=version, env={"NODE_USE_ENV_PROXY": "1"}
     )
     assert ("22.21" in fix) is not honours
+
+
+def test_jvm_version_ignores_the_picked_up_line(
+    world: World, started: Started, tmp_path: Path
+) -> None:
+    """The JVM prints "Picked up JAVA_TOOL_OPTIONS: -Dhttps.proxyHost=127.0.0.1 ..." first."""
+    if not installed("java"):
+        pytest.skip("no JDK")
+    _, document, err = doctor(started, tmp_path, "--url", world.url(), "--tools", "java")
+    assert document, err
+    version = document["results"][0]["version"]
+    assert version and not version.startswith("127."), version

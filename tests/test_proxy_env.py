@@ -19,11 +19,14 @@ from testpki import make_ca
 from upstreamproxy.bootstrap.proxy_env import (
     CA_VARIABLES,
     DEFAULT_NO_PROXY,
+    HTTP_PROXY_VARIABLES,
     PROXY_VARIABLES,
     Action,
     EnvPlan,
     EnvVar,
+    ToolFiles,
     apply,
+    java_non_proxy_hosts,
     proxy_environment,
     render_dotenv,
     render_json,
@@ -65,14 +68,14 @@ def plan_for(base_env: dict[str, str] | None = None, **kwargs: object) -> EnvPla
 def test_clean_environment() -> None:
     plan = plan_for()
     env = plan.exports()
-    for name in PROXY_VARIABLES:
+    for name in (*PROXY_VARIABLES, *HTTP_PROXY_VARIABLES):
         assert env[name] == URL
     for name in CA_VARIABLES:
         assert env[name] == str(BUNDLE)
     assert env["NO_PROXY"] == env["no_proxy"] == DEFAULT_NO_PROXY_VALUE
     assert env["NODE_USE_ENV_PROXY"] == "1"
-    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "npm_config_proxy"):
-        assert name not in env
+    for name in ("ALL_PROXY", "all_proxy", "WGETRC", "APT_CONFIG", "JAVA_TOOL_OPTIONS"):
+        assert name not in env  # the tool files only exist when start wrote them
     assert {var.action for var in plan.variables} == {Action.SET}
     assert plan.notes == ()
     assert all(var.reason for var in plan.variables)
@@ -183,10 +186,72 @@ def test_node_use_env_proxy_user_choice_is_kept() -> None:
 def test_unmanaged_proxy_variables_are_left_alone_and_noted() -> None:
     base = {"HTTP_PROXY": "http://corp:3128", "ALL_PROXY": "socks5://x:1080"}
     plan = plan_for(base)
-    assert "HTTP_PROXY" not in plan.exports()
+    assert plan.exports()["HTTP_PROXY"] == URL  # the relay forwards plain HTTP
+    assert plan.get("HTTP_PROXY").action is Action.REPLACED  # type: ignore[union-attr]
+    assert any(n.startswith("ALL_PROXY") for n in plan.notes)
+
+
+def test_ccr_mode_leaves_plain_http_alone() -> None:
+    base = {"HTTP_PROXY": "http://corp:3128"}
+    plan = plan_for(base, plain_http=False)
+    for name in HTTP_PROXY_VARIABLES:
+        assert name not in plan.exports()
     assert apply(plan, base)["HTTP_PROXY"] == "http://corp:3128"
     assert any(n.startswith("HTTP_PROXY") for n in plan.notes)
-    assert any(n.startswith("ALL_PROXY") for n in plan.notes)
+    assert (
+        "-Dhttp.proxyHost"
+        not in plan_for(
+            plain_http=False, tool_files=ToolFiles(java_truststore=Path("/s/t.p12"))
+        ).exports()["JAVA_TOOL_OPTIONS"]
+    )
+
+
+def test_tool_files_are_exported() -> None:
+    files = ToolFiles(Path("/s/wgetrc"), Path("/s/apt.conf"), Path("/s/java.p12"))
+    env = plan_for(tool_files=files).exports()
+    assert env["WGETRC"] == "/s/wgetrc"
+    assert env["APT_CONFIG"] == "/s/apt.conf"
+    options = env["JAVA_TOOL_OPTIONS"].split(" ")
+    assert "-Dhttps.proxyHost=127.0.0.1" in options
+    assert "-Dhttps.proxyPort=41234" in options
+    assert "-Dhttp.proxyPort=41234" in options
+    assert "-Djavax.net.ssl.trustStore=/s/java.p12" in options
+    assert "-Djavax.net.ssl.trustStoreType=PKCS12" in options
+    non_proxy = next(o for o in options if o.startswith("-Dhttp.nonProxyHosts="))
+    globs = non_proxy.split("=", 1)[1].split("|")
+    assert {
+        "localhost",
+        "127.*",
+        "10.*",
+        "192.168.*",
+        "172.16.*",
+        "172.31.*",
+        "*.localhost",
+    } <= set(globs)
+
+
+def test_user_java_options_follow_ours_and_are_not_doubled() -> None:
+    files = ToolFiles(java_truststore=Path("/s/java.p12"))
+    first = plan_for({"JAVA_TOOL_OPTIONS": "-Xmx1g"}, tool_files=files).exports()
+    assert first["JAVA_TOOL_OPTIONS"].endswith(" -Xmx1g")
+    again = plan_for({"JAVA_TOOL_OPTIONS": first["JAVA_TOOL_OPTIONS"]}, tool_files=files)
+    assert again.exports()["JAVA_TOOL_OPTIONS"] == first["JAVA_TOOL_OPTIONS"]
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "expected"),
+    [
+        ("api,.corp.example", "api|*.corp.example|corp.example"),
+        ("10.1.2.0/23", "10.1.2.*|10.1.3.*"),
+        ("192.168.1.7/32", "192.168.1.7"),
+        ("0.0.0.0/0", "*"),
+        ("fc00::/7,::1", "::1|[::1]"),
+        ("host:8080,[::1]:80", "host|[::1]"),
+        ("not-a-cidr/99", ""),
+    ],
+)
+def test_java_non_proxy_hosts(no_proxy: str, expected: str) -> None:
+    assert java_non_proxy_hosts(no_proxy) == expected
 
 
 @pytest.mark.parametrize(
@@ -485,6 +550,6 @@ def test_python_reads_proxy_no_proxy_and_ca_file(tmp_path: Path) -> None:
     )
     seen = json.loads(done.stdout)
     assert seen["proxy"] == URL
-    assert seen["http"] is None  # plain HTTP is deliberately not proxied
+    assert seen["http"] == URL  # plain HTTP is forwarded by the relay
     assert seen["bypass"] == [True, True, True, False]
     assert seen["cas"] == ["upstreamproxy env test CA"]

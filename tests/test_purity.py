@@ -1,4 +1,5 @@
-"""The codec and the head parser are pure: no I/O, clocks, processes or threads.
+"""The codec, the head parser and the plain-HTTP request rules are pure: no I/O, clocks,
+processes or threads.
 
 Checked on the source with ``ast`` (importing would prove nothing about what a module
 *could* reach), following the package-local imports they make, so a helper module cannot
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "upstreamproxy"
-PURE_MODULES = ["codec.py", "connect_head.py"]
+PURE_MODULES = ["codec.py", "connect_head.py", "forward_request.py"]
 FORBIDDEN = frozenset(
     {"asyncio", "socket", "ssl", "time", "os", "selectors", "subprocess", "threading"}
 )

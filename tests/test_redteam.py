@@ -573,6 +573,12 @@ async def test_smuggling_and_nul_bytes_in_the_head(
             else (first + b"\r\n" + auth_line + b"\r\n\r\n")
         )
         answer = await ask(rig.server, "", raw_head=raw)
+    if path == "relay" and head.startswith(b"GET http://"):
+        # The relay forwards plain HTTP (http_forward.py) as CONNECT evil.test:80, which the
+        # egress policy refuses like any other target, before resolving anything.
+        assert answer.status == 403 and answer.reason == "no-matching-rule", answer.raw
+        assert resolver_calls(rig) == []
+        return
     assert answer.status in (400, 405), answer.raw
     assert answer.reason is not None and reason in answer.reason, answer.raw
     assert resolver_calls(rig) == []

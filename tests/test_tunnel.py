@@ -265,7 +265,8 @@ async def test_relay_400_oversized_head(relay: Relay) -> None:
 
 
 async def test_relay_405_non_connect(relay: Relay) -> None:
-    answer = await raw_request(relay.port, b"GET http://example.com/ HTTP/1.1\r\n\r\n")
+    # Origin-form: not a proxy request (absolute-form http:// is forwarded, see http_forward).
+    answer = await raw_request(relay.port, b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 405")
 
 

@@ -49,6 +49,9 @@ TOKEN = "tok-bootstrap-7f3a9c1e5b2d-SECRET"
 SESSION_ID = "sess-bootstrap"
 NAMES = ("hello.test", "git.test", "pkgs.test", "npm.test")
 UNTRUSTED = "untrusted.test"
+#: Served by the plain-HTTP origin (``http://NAME:plain_port``); ``svc`` is single-label,
+#: like a compose service.
+PLAIN_NAMES = ("plain.test", "deb.test", "svc")
 BLOCKED = "blocked.test"
 HELLO = "hello through the relay\n"
 READY_PREFIX = "upstreamproxy ready: source "
@@ -141,6 +144,31 @@ def make_bare_repo(base: Path) -> Path:
     return bare
 
 
+MAVEN_PARENT = ("com.example.upstreamproxy", "demo-parent", "1.0")
+
+
+def make_maven_repo(root: Path) -> Path:
+    """A Maven repository layout holding one artefact: a parent POM (with its checksums)."""
+    group, artifact, version = MAVEN_PARENT
+    folder = root.joinpath(*group.split("."), artifact, version)
+    folder.mkdir(parents=True, exist_ok=True)
+    pom = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<project xmlns="http://maven.apache.org/POM/4.0.0">\n'
+        "  <modelVersion>4.0.0</modelVersion>\n"
+        f"  <groupId>{group}</groupId><artifactId>{artifact}</artifactId>"
+        f"<version>{version}</version>\n"
+        "  <packaging>pom</packaging>\n"
+        "  <properties><greeting>resolved through the relay</greeting></properties>\n"
+        "</project>\n"
+    ).encode()
+    name = f"{artifact}-{version}.pom"
+    (folder / name).write_bytes(pom)
+    (folder / f"{name}.sha1").write_text(hashlib.sha1(pom).hexdigest())
+    (folder / f"{name}.md5").write_text(hashlib.md5(pom).hexdigest())
+    return root
+
+
 # -- the world ------------------------------------------------------------------------------------
 
 
@@ -152,6 +180,7 @@ class World:
     other_ca: TestCA = field(init=False)
     port: int = field(init=False, default=0)
     untrusted_port: int = field(init=False, default=0)
+    plain_port: int = field(init=False, default=0)
     egress: EgressServer = field(init=False)
     wheel: tuple[str, bytes] = field(init=False)
     tarball: bytes = field(init=False)
@@ -162,6 +191,14 @@ class World:
     def url(self, name: str = "hello.test", path: str = "/") -> str:
         port = self.untrusted_port if name == UNTRUSTED else self.port
         return f"https://{name}:{port}{path}"
+
+    def plain_url(self, name: str = "plain.test", path: str = "/") -> str:
+        return f"http://{name}:{self.plain_port}{path}"
+
+    @property
+    def www(self) -> Path:
+        """The plain origin's static files (``/files/...``); tests put their own here."""
+        return self.base / "www"
 
     @property
     def egress_url(self) -> str:
@@ -185,6 +222,19 @@ class World:
             self._thread.join(10)
             self._loop.close()
 
+    async def _serve_plain(self) -> int:
+        self.www.mkdir(exist_ok=True)
+        app = web.Application()
+        app.router.add_get("/", self._hello)
+        app.router.add_static("/files/", self.www)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runners.append(runner)
+        port: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return port
+
     async def _serve(self, app: web.Application, names: list[str], ca: TestCA, tag: str) -> int:
         leaf = ca.issue(names)
         (self.base / f"{tag}.pem").write_bytes(leaf.chain_pem())
@@ -204,17 +254,22 @@ class World:
         self.wheel = build_wheel()
         self.tarball = build_npm_tarball()
         repo = make_bare_repo(self.base / "git")
+        self.www.mkdir(exist_ok=True)
         self.port = await self._serve(self._origin_app(repo), list(NAMES), self.ca, "origin")
         other = web.Application()
         other.router.add_get("/", self._hello)
         self.other_ca = make_ca("another CA")
         self.untrusted_port = await self._serve(other, [UNTRUSTED], self.other_ca, "untrusted")
+        self.plain_port = await self._serve_plain()
         allowed = [f"{name}:{self.port}" for name in NAMES] + [f"{UNTRUSTED}:{self.untrusted_port}"]
+        allowed += [f"{name}:{self.plain_port}" for name in PLAIN_NAMES]
         self.egress = EgressServer(
             EgressConfig(ca_cert_pem=self.ca.cert_pem()),
             StaticTokens({TOKEN: Session(SESSION_ID)}),
             PolicyStore(policy_from_allow_list(allowed, ["127.0.0.0/8"])),
-            resolver=StaticResolver({name: ["127.0.0.1"] for name in (*NAMES, UNTRUSTED, BLOCKED)}),
+            resolver=StaticResolver(
+                {name: ["127.0.0.1"] for name in (*NAMES, *PLAIN_NAMES, UNTRUSTED, BLOCKED)}
+            ),
         )
         await self.egress.start()
 
@@ -280,6 +335,8 @@ class World:
         app.router.add_get("/demo-pkg", packument)
         app.router.add_get("/demo-pkg/-/demo-pkg-1.0.0.tgz", npm_tarball)
         app.router.add_static("/repo.git/", repo)  # git's dumb HTTP protocol: static files
+        app.router.add_static("/maven2/", make_maven_repo(self.base / "maven2"))
+        app.router.add_static("/files/", self.www)  # the same files as the plain origin
         return app
 
 

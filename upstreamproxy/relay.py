@@ -40,6 +40,7 @@ from .connect_head import (
     split_head,
 )
 from .errors import ConfigError, HeadError, ProtocolError
+from .forward_request import is_forward_request
 from .logredact import redacting_logger
 from .secret import Secret
 
@@ -239,6 +240,12 @@ class Relay:
     ) -> None:
         try:
             head, early = await self._read_head(reader)
+            if is_forward_request(head):  # plain HTTP (absolute-form): see relay_forward.py
+                from .relay_forward import serve_plain_http
+
+                stats.target = "plain-http"
+                stats.outcome = (await serve_plain_http(self, reader, writer, head + early)).outcome
+                return
             request = parse_connect_head(head)
         except HeadError as exc:
             stats.outcome = f"refused-{exc.status}"

@@ -3,7 +3,7 @@
 Public API::
 
     find_system_bundle() -> Path | None
-    fetch_ca_cert(url: str, timeout: float, ssl_context: ssl.SSLContext | None = None) -> bytes
+    fetch_ca_cert(url, timeout, ssl_context=None, proxy=None) -> bytes
     build_super_bundle(system_pem: bytes, custom_pems: list[bytes]) -> bytes
     write_bundle(path: Path, data: bytes) -> None
     prepare_ca_bundle(out_path, ca_url=None, ca_file=None, timeout=5.0, *,
@@ -283,12 +283,16 @@ class _SameOrSaferRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)  # type: ignore[arg-type]
 
 
-def _opener(ssl_context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
-    # Built by hand so that only these handlers exist: an explicitly empty ProxyHandler
-    # (never the HTTPS_PROXY we export ourselves), http(s) only (no file:, ftp:, data:).
+def _opener(
+    ssl_context: ssl.SSLContext | None, proxy: str | None = None
+) -> urllib.request.OpenerDirector:
+    # Built by hand so that only these handlers exist: an explicit ProxyHandler (never the
+    # HTTPS_PROXY we export ourselves; only the egress proxy ``start`` was given), http(s)
+    # only (no file:, ftp:, data:).
     opener = urllib.request.OpenerDirector()
+    proxies = {"http": proxy, "https": proxy} if proxy else {}
     for handler in (
-        urllib.request.ProxyHandler({}),
+        urllib.request.ProxyHandler(proxies),
         urllib.request.HTTPHandler(),
         urllib.request.HTTPSHandler(context=ssl_context),
         urllib.request.HTTPDefaultErrorHandler(),
@@ -299,8 +303,11 @@ def _opener(ssl_context: ssl.SSLContext | None) -> urllib.request.OpenerDirector
     return opener
 
 
-def fetch_ca_cert(url: str, timeout: float, ssl_context: ssl.SSLContext | None = None) -> bytes:
-    """GET the egress CA certificate (PEM) from ``url``, directly (never via a proxy).
+def fetch_ca_cert(
+    url: str, timeout: float, ssl_context: ssl.SSLContext | None = None, proxy: str | None = None
+) -> bytes:
+    """GET the egress CA certificate (PEM) from ``url``, directly or via ``proxy`` (the
+    http(s):// proxy the relay reaches the egress through), never via the environment's.
 
     ``timeout`` bounds each connect/read and the whole transfer (checked between reads, so
     the worst case is about twice ``timeout``). The body is capped at MAX_CA_RESPONSE_SIZE.
@@ -317,7 +324,7 @@ def fetch_ca_cert(url: str, timeout: float, ssl_context: ssl.SSLContext | None =
     headers = {"Accept": "application/x-pem-file, text/plain, */*", "User-Agent": "upstreamproxy"}
     request = urllib.request.Request(url, headers=headers)  # noqa: S310 (scheme checked above)
     try:
-        with _opener(ssl_context).open(request, timeout=timeout) as raw:
+        with _opener(ssl_context, proxy).open(request, timeout=timeout) as raw:
             response = cast(HTTPResponse, raw)
             length = response.headers.get("Content-Length")
             declared = int(length) if length and length.strip().isdigit() else 0
@@ -395,6 +402,7 @@ def prepare_ca_bundle(
     extra_bundles: Sequence[str | Path] = (),
     system_bundle: Path | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    proxy: str | None = None,
 ) -> BundleReport:
     """Bootstrap step 3: build and atomically write the super bundle to ``out_path``.
 
@@ -432,7 +440,9 @@ def prepare_ca_bundle(
 
     custom: list[tuple[str, str, bytes]] = []  # (setting, description, pem)
     if ca_url is not None:
-        custom.append(("ca_url", redact_url(ca_url), fetch_ca_cert(ca_url, timeout, ssl_context)))
+        custom.append(
+            ("ca_url", redact_url(ca_url), fetch_ca_cert(ca_url, timeout, ssl_context, proxy))
+        )
     if ca_file is not None:
         custom.append(
             ("ca_file", str(ca_file), _read_capped(Path(ca_file), MAX_CA_RESPONSE_SIZE, "ca_file"))

@@ -2,7 +2,7 @@
 
 Public API::
 
-    TOOLS                                   # ("curl", "git", "pip", "npm", "node", "python")
+    TOOLS                                   # curl wget git pip npm node python java mvn apt
     class Verdict(StrEnum)                  # reached, tls-trust-failure, proxy-not-honoured,
                                             # blocked-by-policy, not-installed, failed
     class ProbeResult                       # tool, verdict, detail, fix, tunnels
@@ -18,6 +18,10 @@ forwards bytes unchanged, so TLS is end to end between the tool and the origin a
 No CONNECT seen means the tool did not honour the proxy variables; a 403 with a reason means
 the egress policy refused the target; a 200 followed by a tool error that mentions
 certificates means the tool does not trust the CA super bundle.
+
+An ``http://`` URL probes plain-HTTP forwarding: the tool sends an absolute-form request
+instead of a CONNECT, which the pass-through records the same way; the relay's own refusals
+carry ``X-Upstreamproxy-Reason``, and any other answer is the origin's (the path works).
 
 Probes run concurrently (each has its own pass-through, so nothing is misattributed) and are
 bounded by ``timeout``. Each verdict carries a concrete fix.
@@ -42,7 +46,7 @@ from typing import Final
 from ..tasks import TaskSet
 from .state import LoadedSession, session_env
 
-TOOLS: Final = ("curl", "git", "pip", "npm", "node", "python")
+TOOLS: Final = ("curl", "wget", "git", "pip", "npm", "node", "python", "java", "mvn", "apt")
 MAX_PROXY_HEAD: Final = 16 * 1024
 PROBE_PACKAGE: Final = "upstreamproxy-doctor-probe"
 REASON_HEADER: Final = b"x-upstreamproxy-reason"
@@ -58,7 +62,8 @@ TLS_TRUST_PATTERNS: Final = re.compile(
     r"|server certificate verification failed|CERT_HAS_EXPIRED|certificate has expired"
     r"|ERR_TLS_CERT_ALTNAME_INVALID|does not match certificate's altnames"
     r"|no alternative certificate subject name matches|SSLCertVerificationError"
-    r"|SSL: CERTIFICATE",
+    r"|SSL: CERTIFICATE|is not trusted|PKIX path building failed|Certificate verification failed"
+    r"|unable to find valid certification path",
     re.IGNORECASE,
 )
 
@@ -69,17 +74,25 @@ class Verdict(StrEnum):
     PROXY_NOT_HONOURED = "proxy-not-honoured"
     BLOCKED_BY_POLICY = "blocked-by-policy"
     NOT_INSTALLED = "not-installed"
+    NOT_APPLICABLE = "not-applicable"
     FAILED = "failed"
 
 
 @dataclass
 class TunnelSeen:
-    """One CONNECT the pass-through forwarded, and what the relay answered."""
+    """One CONNECT (or plain-HTTP request) the pass-through forwarded, and the answer.
+
+    For a plain-HTTP request ``status`` is 200 whenever the relay forwarded it (the
+    origin's own status is ``origin_status``); a refusal by the relay or the egress keeps
+    its status, recognised by its ``X-Upstreamproxy-Reason``.
+    """
 
     target: str
     status: int | None = None
     reason: str | None = None
     rule: str | None = None
+    plain: bool = False
+    origin_status: int | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +106,7 @@ class ProbeResult:
 
     @property
     def ok(self) -> bool:
-        return self.verdict in (Verdict.REACHED, Verdict.NOT_INSTALLED)
+        return self.verdict in (Verdict.REACHED, Verdict.NOT_INSTALLED, Verdict.NOT_APPLICABLE)
 
 
 # -- the observing pass-through -----------------------------------------------------------------
@@ -152,8 +165,13 @@ class ObservingProxy:
                 return
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = request_line.split()
-            target = parts[1] if len(parts) >= 2 and parts[0] == "CONNECT" else request_line
-            seen = TunnelSeen(target)
+            plain = len(parts) >= 2 and parts[0] != "CONNECT"
+            if plain:
+                url = urllib.parse.urlsplit(parts[1])
+                target = f"{url.hostname}:{url.port or 80}" if url.hostname else parts[1]
+            else:
+                target = parts[1] if len(parts) >= 2 else request_line
+            seen = TunnelSeen(target, plain=plain)
             self.tunnels.append(seen)
             try:
                 up_reader, upstream = await asyncio.open_connection(
@@ -169,7 +187,7 @@ class ObservingProxy:
             _parse_answer(answer, seen)
             writer.write(answer)
             await writer.drain()
-            if seen.status == 200:
+            if seen.status == 200 or seen.plain:
                 await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
         except (ConnectionError, OSError):
             pass
@@ -190,6 +208,9 @@ def _parse_answer(answer: bytes, seen: TunnelSeen) -> None:
             seen.reason = value.strip().decode("latin-1")
         elif name.strip().lower() == RULE_HEADER:
             seen.rule = value.strip().decode("latin-1")
+    if seen.plain and seen.reason is None and seen.status is not None:
+        # Not a refusal by the relay or the egress: the origin answered through the tunnel.
+        seen.origin_status, seen.status = seen.status, 200
 
 
 async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -206,8 +227,8 @@ async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> Non
 # -- probes -------------------------------------------------------------------------------------
 
 NODE_PROBE: Final = """
-const https = require('https');
-const req = https.get(process.argv[1], (res) => {
+const client = require(process.argv[1].startsWith('https:') ? 'https' : 'http');
+const req = client.get(process.argv[1], (res) => {
   console.log('HTTP ' + res.statusCode);
   res.resume();
   res.on('end', () => process.exit(0));
@@ -226,6 +247,36 @@ except urllib.error.HTTPError as e:
 except Exception as e:
     print(type(e).__name__ + ":", getattr(e, "reason", e), file=sys.stderr)
     sys.exit(1)
+"""
+
+
+JAVA_PROBE: Final = """
+import java.net.HttpURLConnection;
+import java.net.URL;
+
+public class UpstreamproxyProbe {
+    public static void main(String[] args) throws Exception {
+        HttpURLConnection c = (HttpURLConnection) new URL(args[0]).openConnection();
+        int ms = Integer.parseInt(args[1]) * 1000;
+        c.setConnectTimeout(ms);
+        c.setReadTimeout(ms);
+        System.out.println("HTTP " + c.getResponseCode());
+    }
+}
+"""
+
+MAVEN_PROBE_POM: Final = """<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <parent>
+    <groupId>upstreamproxy.doctor</groupId><artifactId>probe</artifactId><version>0</version>
+    <relativePath/>
+  </parent>
+  <!-- "central" overridden: Maven asks the probed URL only -->
+  <artifactId>probe-child</artifactId>
+  <packaging>pom</packaging>
+  <repositories><repository><id>central</id><url>{url}</url></repository></repositories>
+</project>
 """
 
 
@@ -253,7 +304,7 @@ def _git_reached(rc: int, out: str, err: str) -> str | None:
         err,
     )
     if match:
-        return f"HTTPS answered ({match.group(0)}): TLS and proxy work"
+        return f"the server answered ({match.group(0)}): the proxy path works"
     return None
 
 
@@ -275,6 +326,59 @@ def _npm_reached(rc: int, out: str, err: str) -> str | None:
 def _status_line(rc: int, out: str, err: str) -> str | None:
     match = re.search(r"HTTP (\d{3})", out)
     return f"HTTP {match.group(1)}" if rc == 0 and match else None
+
+
+def _wget_reached(rc: int, out: str, err: str) -> str | None:
+    if rc == 0:
+        return "wget fetched the URL"
+    match = re.search(r"ERROR (\d{3})", err)
+    return f"the origin answered HTTP {match.group(1)}" if rc == 8 and match else None
+
+
+def _mvn_reached(rc: int, out: str, err: str) -> str | None:
+    text = out + err
+    if rc == 0 or re.search(r"Could not find artifact|was not found in|status code: 404", text):
+        return "the repository answered"
+    return None
+
+
+def _apt_reached(rc: int, out: str, err: str) -> str | None:
+    text = out + err
+    if TLS_TRUST_PATTERNS.search(text):
+        return None
+    match = re.search(r"\b(404\s+Not Found|Hit:|Get:|Ign:)", text)
+    return f"the repository answered ({match.group(1).strip()})" if match else None
+
+
+def _xml(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _apt_scratch(base: Path, url: str, seconds: str) -> list[str]:
+    """apt-get options that keep every file it reads or writes under ``base``."""
+    for sub in ("state/lists/partial", "cache/archives/partial", "etc/preferences.d", "log"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "state" / "status").write_text("")
+    (base / "etc" / "sources.list").write_text(f"deb [trusted=yes] {url} ./\n")
+    settings = {
+        "Dir::State": base / "state",
+        "Dir::State::status": base / "state" / "status",
+        "Dir::Cache": base / "cache",
+        "Dir::Etc::SourceList": base / "etc" / "sources.list",
+        "Dir::Etc::SourceParts": base / "etc" / "sources.list.d",
+        "Dir::Etc::PreferencesParts": base / "etc" / "preferences.d",
+        "Dir::Log": base / "log",
+        "Debug::NoLocking": "1",
+        "APT::Sandbox::User": "root" if os.geteuid() == 0 else "",
+        "Acquire::Retries": "0",
+        "Acquire::http::Timeout": seconds,
+        "Acquire::https::Timeout": seconds,
+    }
+    options: list[str] = ["-q"]
+    for key, value in settings.items():
+        if value != "":
+            options += ["-o", f"{key}={value}"]
+    return options
 
 
 def _which(name: str, env: Mapping[str, str]) -> str | None:
@@ -300,10 +404,47 @@ def build_probe(
             if exe
             else None
         )
+    if tool == "wget":
+        exe = _which("wget", env)
+        argv = ["-nv", "-O", os.devnull, "--tries=1", f"--timeout={seconds}", url]
+        return Probe(tool, exe, argv, {}, _wget_reached) if exe else None
+    if tool == "java":
+        exe = _which("java", env)
+        if exe is None or _which("javac", env) is None:
+            return None  # the probe is a source file: it needs a JDK, not only a JRE
+        source = workdir / "UpstreamproxyProbe.java"
+        source.write_text(JAVA_PROBE)
+        return Probe(tool, exe, [str(source), url, seconds], {}, _status_line)
+    if tool == "mvn":
+        exe = _which("mvn", env)
+        if exe is None:
+            return None
+        project = workdir / "mvn"
+        project.mkdir(exist_ok=True)
+        (project / "pom.xml").write_text(MAVEN_PROBE_POM.format(url=_xml(url)))
+        argv = [
+            "-B",
+            "-ntp",
+            "-f",
+            str(project / "pom.xml"),
+            f"-Dmaven.repo.local={workdir / 'm2'}",
+            "validate",
+        ]
+        return Probe(tool, exe, argv, {}, _mvn_reached)
+    if tool == "apt":
+        exe = _which("apt-get", env)
+        if exe is None:
+            return None
+        argv = [*_apt_scratch(workdir / "apt", url, seconds), "update"]
+        return Probe(tool, exe, argv, {}, _apt_reached)
     if tool == "pip":
         exe = _which("pip", env) or _which("pip3", env)
+        trusted = (
+            ["--trusted-host", urllib.parse.urlsplit(url).netloc] if url.startswith("http:") else []
+        )
         argv = [
             "download",
+            *trusted,
             "--no-deps",
             "--no-cache-dir",
             "--disable-pip-version-check",
@@ -358,7 +499,12 @@ async def _version(executable: str, env: Mapping[str, str]) -> str:
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
     except (OSError, TimeoutError):
         return ""
-    first = out.decode(errors="replace").strip().splitlines()
+    # JVMs announce JAVA_TOOL_OPTIONS (which holds the relay's address) before the version.
+    first = [
+        line
+        for line in out.decode(errors="replace").strip().splitlines()
+        if "Picked up" not in line
+    ]
     match = re.search(r"v?\d+\.\d+(?:\.\d+)?", first[0]) if first else None
     return match.group(0) if match else ""
 
@@ -380,6 +526,16 @@ def node_honours_env_proxy(version: tuple[int, int, int]) -> bool:
 # -- classification -----------------------------------------------------------------------------
 
 NOT_HONOURED_FIX: Final = {
+    "wget": "wget reads https_proxy/http_proxy; check `use_proxy`/`no_proxy` lines in "
+    "/etc/wgetrc and the file WGETRC names",
+    "java": "JVMs read the -Dhttps.proxyHost/-Dhttp.proxyHost options of JAVA_TOOL_OPTIONS; "
+    "keep it as exported (a launcher that clears it, or a client built with "
+    "Proxy.NO_PROXY, goes direct)",
+    "mvn": "Maven takes the JVM proxy properties from JAVA_TOOL_OPTIONS unless settings.xml "
+    "has an active <proxy>: check ~/.m2/settings.xml and ${maven.home}/conf/settings.xml",
+    "apt": "apt reads http_proxy/https_proxy; an Acquire::http::Proxy line in "
+    "/etc/apt/apt.conf.d overrides them (`apt-config dump | grep -i proxy`); with sudo, "
+    "keep the variables: `sudo --preserve-env=http_proxy,https_proxy,no_proxy,APT_CONFIG`",
     "curl": "curl reads https_proxy/HTTPS_PROXY; look for `proxy`/`noproxy` lines in ~/.curlrc "
     "and check that the URL's host is not in NO_PROXY",
     "git": "a git http.proxy setting overrides the environment: check "
@@ -391,6 +547,14 @@ NOT_HONOURED_FIX: Final = {
     "trust_env=False (requests, httpx, aiohttp) ignores it",
 }
 TLS_FIX: Final = {
+    "wget": "GNU wget built with GnuTLS ignores SSL_CERT_FILE: it must read "
+    "`ca_certificate = {bundle}` from the wgetrc WGETRC names; keep WGETRC as exported",
+    "java": "the JVM must use the PKCS#12 trust store made from {bundle}: keep the "
+    "-Djavax.net.ssl.trustStore options of JAVA_TOOL_OPTIONS as exported",
+    "mvn": "Maven's JVM must use the trust store from JAVA_TOOL_OPTIONS (made from "
+    "{bundle}); a -Djavax.net.ssl.trustStore in MAVEN_OPTS or .mvn/jvm.config overrides it",
+    "apt": 'apt\'s https method must read `Acquire::https::CAInfo "{bundle}"` from the file '
+    "APT_CONFIG names; keep APT_CONFIG (with sudo: --preserve-env=APT_CONFIG)",
     "curl": "curl must trust the super bundle {bundle}: keep CURL_CA_BUNDLE/SSL_CERT_FILE "
     "as exported and remove `cacert`/`capath`/`insecure` from ~/.curlrc",
     "git": "git must trust {bundle}: `git config --get http.sslCAInfo` overrides "
@@ -405,6 +569,11 @@ TLS_FIX: Final = {
     "certifi-only clients (httpx, aiohttp) need ssl.create_default_context()",
 }
 NOT_INSTALLED_FIX: Final = {
+    "wget": "install wget (apt-get install wget) if you need it",
+    "java": "install a JDK (apt-get install default-jdk-headless) to probe the JVM; a JRE "
+    "alone cannot compile the probe",
+    "mvn": "install Maven (apt-get install maven) if you need it",
+    "apt": "apt-get is only on Debian and Ubuntu",
     "curl": "install curl (apt-get install curl) if you need it",
     "git": "install git (apt-get install git) if you need it",
     "pip": "install pip (python3 -m ensurepip, or apt-get install python3-pip) if you need it",
@@ -433,7 +602,7 @@ def classify(
 ) -> tuple[Verdict, str, str]:
     """(verdict, detail, fix) for a finished probe; ``rc`` None means it timed out."""
     if not tunnels:
-        detail = "no CONNECT reached the relay: the tool did not use HTTPS_PROXY"
+        detail = "no request reached the relay: the tool did not use the proxy variables"
         if rc is None:
             detail += f" (and timed out after {timeout:g}s)"
         elif rc != 0 and _tail(err):
@@ -501,6 +670,10 @@ def _tls_line(text: str) -> str:
 
 def _reached(tool: str, rc: int, out: str, err: str) -> str | None:
     check = {
+        "wget": _wget_reached,
+        "java": _status_line,
+        "mvn": _mvn_reached,
+        "apt": _apt_reached,
         "curl": _http_code,
         "git": _git_reached,
         "pip": _pip_reached,
@@ -540,6 +713,13 @@ async def _run_probe(
     version = await _version(probe.executable, env)
     async with ObservingProxy(relay_host, relay_port) as observer:
         probe_env = {k: (observer.url if v == relay_url else v) for k, v in env.items()}
+        if "JAVA_TOOL_OPTIONS" in probe_env:  # the JVM takes host and port separately
+            observer_port = urllib.parse.urlsplit(observer.url).port
+            probe_env["JAVA_TOOL_OPTIONS"] = re.sub(
+                rf"(-Dhttps?\.proxyPort=){relay_port}\b",
+                rf"\g<1>{observer_port}",
+                probe_env["JAVA_TOOL_OPTIONS"],
+            )
         probe_env.update(probe.extra_env)
         rc: int | None
         try:
@@ -583,6 +763,13 @@ async def _run_probe(
     return ProbeResult(probe.tool, verdict, detail, fix, version, tunnels)
 
 
+def not_applicable(tool: str, url: str) -> str | None:
+    """Why ``tool`` is not probed against ``url`` (None: it is)."""
+    if tool == "mvn" and url.startswith("http:"):
+        return "Maven >= 3.8.1 refuses http:// repositories by design (https only)"
+    return None
+
+
 def no_proxy_match(url: str, env: Mapping[str, str]) -> bool:
     """True when tools would go around the proxy for ``url`` because of NO_PROXY."""
     host = urllib.parse.urlsplit(url).hostname or ""
@@ -602,8 +789,11 @@ async def diagnose(
     info = loaded.info
     with tempfile.TemporaryDirectory(prefix="upstreamproxy-doctor-") as tmp:
         workdir = Path(tmp)
+        skipped = {tool: why for tool in tools if (why := not_applicable(tool, url))}
         probes: dict[str, Probe | None] = {
-            tool: build_probe(tool, url, env, workdir, per_tool_timeout) for tool in tools
+            tool: build_probe(tool, url, env, workdir, per_tool_timeout)
+            for tool in tools
+            if tool not in skipped
         }
         results: dict[str, ProbeResult] = {}
         async with asyncio.TaskGroup() as group:
@@ -623,6 +813,8 @@ async def diagnose(
                 for tool, probe in probes.items()
                 if probe is not None
             }
+        for tool, why in skipped.items():
+            results[tool] = ProbeResult(tool, Verdict.NOT_APPLICABLE, why)
         for tool, probe in probes.items():
             if probe is None:
                 results[tool] = ProbeResult(

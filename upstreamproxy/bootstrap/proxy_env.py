@@ -4,13 +4,19 @@ Public API::
 
     proxy_environment(proxy_url: str, ca_bundle: Path, no_proxy_extra: Sequence[str] = (), *,
                       base_env: Mapping[str, str],
-                      merged_ca_files: Collection[str | Path] = ()) -> EnvPlan
+                      merged_ca_files: Collection[str | Path] = (),
+                      plain_http: bool = True,
+                      tool_files: ToolFiles | None = None) -> EnvPlan
     user_ca_files(base_env: Mapping[str, str], *, exclude: Path | None = None) -> list[str]
+    single_label_names(hosts_text: str) -> list[str]        # from /etc/hosts, for NO_PROXY
+    java_options(proxy_url, truststore, no_proxy, user_options, plain_http) -> EnvVar
+    java_non_proxy_hosts(no_proxy: str) -> str              # NO_PROXY as http.nonProxyHosts
     render_sh(plan) -> str          # sourceable POSIX sh: "export K='v'" lines
     render_dotenv(plan) -> str      # KEY=value lines (see render_dotenv for the dialect)
     render_json(plan) -> str        # {"env": {...}, "variables": [...], "notes": [...]}
     apply(plan, env) -> dict[str, str]          # env + the exports, for `exec`
-    class EnvPlan, EnvVar, Action; DEFAULT_NO_PROXY, PROXY_VARIABLES, CA_VARIABLES
+    class EnvPlan, EnvVar, Action, ToolFiles; DEFAULT_NO_PROXY, PROXY_VARIABLES,
+    HTTP_PROXY_VARIABLES, CA_VARIABLES
 
 Pure: nothing here reads ``os.environ`` or files; the caller passes ``base_env`` and logs the
 plan (every variable carries an :class:`Action` and a reason).
@@ -19,15 +25,25 @@ Typical wiring in ``start``::
 
     report = prepare_ca_bundle(bundle, ca_url=..., extra_bundles=user_ca_files(os.environ,
                                                                               exclude=bundle))
+    files, problems = write_tool_files(state_dir, bundle, os.environ)   # tool_files.py
     plan = proxy_environment(relay_url, bundle, base_env=os.environ,
-                             merged_ca_files=report.extra_sources)
+                             merged_ca_files=report.extra_sources, tool_files=files)
 
 Decisions
 ---------
-* ``HTTP_PROXY``/``http_proxy``/``ALL_PROXY`` are **not** set: the relay only speaks CONNECT,
-  so a plain ``http://`` fetch sent to it as an absolute-URI GET would get 405. Plain HTTP
-  keeps its default route (none, in most sandboxes). For the same reason ``npm_config_proxy``
-  (npm's proxy for http:// URLs) is not set. A user's own values are left alone and noted.
+* ``HTTP_PROXY``/``http_proxy`` (and ``npm_config_proxy``, ``YARN_HTTP_PROXY``) point at the
+  relay too: it forwards absolute-form ``http://`` requests over a tunnel, so ``apt-get``
+  with the usual http:// sources, ``wget http://`` and the rest work in a sandbox whose only
+  way out is the relay. ``plain_http=False`` (``start --no-http-proxy``) gives CCR's exact
+  behaviour instead: none of them is set and plain HTTP keeps its default route.
+  ``ALL_PROXY`` is never set (it would also catch non-HTTP protocols some tools speak).
+* What keeps its direct route: loopback, link-local and the private ranges (DEFAULT_NO_PROXY,
+  as names, literals and CIDRs, since tools differ, see below), and the single-label names
+  passed in ``no_proxy_extra`` (``start`` adds those of /etc/hosts: ``--link``ed
+  containers, Kubernetes host aliases) with ``--no-proxy``. No NO_PROXY syntax means "any
+  name without a dot", so a compose service (``http://api:8080``) that only DNS knows needs
+  ``--no-proxy api``; otherwise its request goes to the relay and the egress decides (it
+  refuses names it does not know, and the relay's answer says to add it to NO_PROXY).
 * CA variables always point at the super bundle. Each of these tools *replaces* its trust
   store with the file, which is why the bundle holds the system roots too. A user's previous
   value is folded into the bundle when the caller passed it to ``prepare_ca_bundle``
@@ -38,12 +54,18 @@ Decisions
   case-insensitively. A user's ``*`` is kept (it is their explicit choice) but noted, since it
   sends everything around the relay.
 * ``NODE_USE_ENV_PROXY=1`` is a user's to override (``kept``); everything else is ours.
-* Java has no trust-store environment variable (it needs a JKS/PKCS#12 via
-  ``-Djavax.net.ssl.trustStore``), so JVM tools are out of scope here.
+* Tools that read none of the CA variables get a file made for them (``ToolFiles``, written
+  by ``start`` from the super bundle) and the variable that points them at it: ``WGETRC``
+  (GNU wget built with GnuTLS, Debian's and Ubuntu's), ``WGET2RC`` (wget2, Fedora's
+  ``wget``), ``APT_CONFIG`` (apt's https method),
+  and for the JVM ``JAVA_TOOL_OPTIONS`` with the proxy properties, ``http.nonProxyHosts``
+  translated from NO_PROXY, and a PKCS#12 trust store built from the bundle.
+  A user's ``JAVA_TOOL_OPTIONS`` is kept after ours (later ``-D`` options win).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shlex
@@ -83,7 +105,20 @@ DEFAULT_NO_PROXY: Final[tuple[str, ...]] = (
 # they read first (Python and curl prefer lower case, Go upper), so they must never disagree.
 # npm_config_https_proxy: npm already honours HTTPS_PROXY, but an https-proxy line in a
 # user's .npmrc would win over it; the npm_config_ variable wins over .npmrc.
-PROXY_VARIABLES: Final[tuple[str, ...]] = ("HTTPS_PROXY", "https_proxy", "npm_config_https_proxy")
+PROXY_VARIABLES: Final[tuple[str, ...]] = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "npm_config_https_proxy",
+    "YARN_HTTPS_PROXY",  # Yarn 2+ ignores HTTPS_PROXY; Yarn 1 reads it as https-proxy too
+)
+# Proxy for http:// URLs (the relay forwards absolute-form requests); curl reads only the lower
+# case spelling (httpoxy), Go the upper one; npm's ``proxy`` is its http:// proxy.
+HTTP_PROXY_VARIABLES: Final[tuple[str, ...]] = (
+    "HTTP_PROXY",
+    "http_proxy",
+    "npm_config_proxy",
+    "YARN_HTTP_PROXY",
+)
 NO_PROXY_VARIABLES: Final[tuple[str, ...]] = ("NO_PROXY", "no_proxy")
 
 # Every variable that names a trust file, and who reads it.
@@ -99,7 +134,16 @@ CA_VARIABLES: Final[tuple[str, ...]] = (
     "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",  # gRPC C-core (grpcio, Ruby, PHP) bundled roots
     "CARGO_HTTP_CAINFO",  # cargo's http.cainfo
     "DENO_CERT",  # Deno: added to its root store
+    "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",  # gcloud (bundles its own certifi)
+    "HEX_CACERTS_PATH",  # Elixir's hex (bundles its own CA store)
+    "NIX_SSL_CERT_FILE",  # nix, which ignores SSL_CERT_FILE inside its sandboxed fetchers
 )
+
+#: Files made from the bundle for tools that read no CA variable, and the variables naming them.
+WGETRC: Final = "WGETRC"
+WGET2RC: Final = "WGET2RC"
+APT_CONFIG: Final = "APT_CONFIG"
+JAVA_TOOL_OPTIONS: Final = "JAVA_TOOL_OPTIONS"
 
 # Node >= 24.0 (fetch) and >= 24.5 / 22.21 (also http/https modules) honour HTTPS_PROXY and
 # NO_PROXY only when this is 1. Older Node (e.g. 20) ignores it: there, only libraries that
@@ -108,14 +152,19 @@ CA_VARIABLES: Final[tuple[str, ...]] = (
 NODE_USE_ENV_PROXY: Final = "NODE_USE_ENV_PROXY"
 
 # Not set, only noted when present (see the module docstring).
-UNMANAGED_PROXY_VARIABLES: Final[tuple[str, ...]] = (
-    "HTTP_PROXY",
-    "http_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-    "grpc_proxy",
-    "npm_config_proxy",
-)
+UNMANAGED_PROXY_VARIABLES: Final[tuple[str, ...]] = ("ALL_PROXY", "all_proxy", "grpc_proxy")
+
+
+@dataclass(frozen=True)
+class ToolFiles:
+    """Files ``start`` wrote for tools that read no CA variable (None: not written)."""
+
+    wgetrc: Path | None = None
+    apt_config: Path | None = None
+    #: PKCS#12 trust store (trusted certificate entries only, no password).
+    java_truststore: Path | None = None
+    wget2rc: Path | None = None
+
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -210,6 +259,33 @@ def _merge_no_proxy(
     return ",".join(merged), user, notes
 
 
+#: At most this many names are taken from /etc/hosts (NO_PROXY stays a sane length).
+MAX_HOSTS_NAMES: Final = 64
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+
+
+def single_label_names(hosts_text: str) -> list[str]:
+    """The single-label names an /etc/hosts file gives addresses to, in order, no duplicates.
+
+    These are reached directly in a container (``--link``ed containers, Kubernetes host
+    aliases, the container's own name), and no NO_PROXY syntax matches "names without a
+    dot", so ``start`` lists them explicitly. Names with a dot are left to the defaults.
+    """
+    names: list[str] = []
+    for line in hosts_text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        for name in fields[1:]:
+            if (
+                _HOSTNAME.match(name)
+                and not name.isdigit()
+                and name.lower() not in (n.lower() for n in names)
+            ):
+                names.append(name)
+                if len(names) >= MAX_HOSTS_NAMES:
+                    return names
+    return names
+
+
 def user_ca_files(base_env: Mapping[str, str], *, exclude: Path | None = None) -> list[str]:
     """Distinct values of CA_VARIABLES in ``base_env``, in order, except ``exclude``.
 
@@ -231,6 +307,8 @@ def proxy_environment(
     *,
     base_env: Mapping[str, str],
     merged_ca_files: Collection[str | Path] = (),
+    plain_http: bool = True,
+    tool_files: ToolFiles | None = None,
 ) -> EnvPlan:
     """Compute the variables to export; see the module docstring for every decision.
 
@@ -250,10 +328,13 @@ def proxy_environment(
     variables: list[EnvVar] = []
     notes: list[str] = []
 
-    for name in PROXY_VARIABLES:
+    proxied = [(name, "route https through the relay") for name in PROXY_VARIABLES]
+    if plain_http:
+        proxied += [(name, "route plain http through the relay") for name in HTTP_PROXY_VARIABLES]
+    for name, why in proxied:
         old = base_env.get(name)
         if old is None or old == proxy_url:
-            variables.append(EnvVar(name, proxy_url, Action.SET, "route https through the relay"))
+            variables.append(EnvVar(name, proxy_url, Action.SET, why))
         else:
             variables.append(
                 EnvVar(
@@ -324,13 +405,134 @@ def proxy_environment(
     else:
         variables.append(EnvVar(NODE_USE_ENV_PROXY, old, Action.KEPT, "the user set it explicitly"))
 
+    files = tool_files or ToolFiles()
+    for name, path, why in (
+        (WGETRC, files.wgetrc, "GNU wget (GnuTLS) reads ca_certificate from it, not SSL_CERT_FILE"),
+        (WGET2RC, files.wget2rc, "wget2 (GnuTLS) reads ca-certificate from it, not SSL_CERT_FILE"),
+        (APT_CONFIG, files.apt_config, "apt's https method reads Acquire::https::CAInfo from it"),
+    ):
+        if path is None:
+            continue
+        old = base_env.get(name)
+        action = Action.SET if not old or old == str(path) else Action.MERGED
+        reason = why if action is Action.SET else f"{why}; it includes the user's {old!r}"
+        variables.append(EnvVar(name, str(path), action, reason))
+    if files.java_truststore is not None:
+        variables.append(
+            java_options(
+                proxy_url,
+                files.java_truststore,
+                no_proxy,
+                base_env.get(JAVA_TOOL_OPTIONS),
+                plain_http,
+            )
+        )
+
+    if not plain_http:
+        for name in HTTP_PROXY_VARIABLES:
+            if base_env.get(name):
+                notes.append(
+                    f"{name} is set by the user and left alone (plain HTTP is not proxied "
+                    "by this session)"
+                )
     for name in UNMANAGED_PROXY_VARIABLES:
         if base_env.get(name):
-            notes.append(
-                f"{name} is set by the user and left alone; the relay cannot carry "
-                "plain-HTTP requests"
-            )
+            notes.append(f"{name} is set by the user and left alone")
     return EnvPlan(tuple(variables), tuple(notes))
+
+
+def java_non_proxy_hosts(no_proxy: str) -> str:
+    """NO_PROXY translated to ``http.nonProxyHosts`` (``|``-separated globs, ``*`` at an end).
+
+    ``.suffix`` becomes ``*.suffix`` (NO_PROXY's suffix match also covers the bare name,
+    which is kept too); IPv4 CIDRs become the octet-prefix globs they cover (``10.*``;
+    ``172.16.0.0/12`` is 16 of them), at most 256 per block; IPv6 CIDRs are left out,
+    as a glob such as ``fd*`` would also match host names. Port suffixes are dropped.
+    """
+    out: list[str] = []
+    for entry in _split_no_proxy(no_proxy):
+        if "/" in entry:
+            out.extend(_ipv4_cidr_globs(entry))
+        elif entry.startswith("[") and "]" in entry:
+            out.append(entry[: entry.index("]") + 1])
+        elif ":" in entry and entry.count(":") > 1:  # a bare IPv6 literal
+            out.extend((entry, f"[{entry}]"))
+        else:
+            host = entry.rsplit(":", 1)[0] if ":" in entry else entry
+            if host.startswith("."):
+                out.extend((f"*{host}", host[1:]))
+            elif host:
+                out.append(host)
+    unique: dict[str, str] = {}
+    for glob in out:
+        unique.setdefault(glob.lower(), glob)
+    return "|".join(unique.values())
+
+
+def _ipv4_cidr_globs(entry: str) -> list[str]:
+    try:
+        network = ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return []
+    if not isinstance(network, ipaddress.IPv4Network):
+        return []
+    octets = -(-network.prefixlen // 8)  # the octets a glob must fix
+    if octets == 0:
+        return ["*"]
+    if octets == 4:
+        return [str(network.network_address)] if network.num_addresses <= 256 else []
+    subnets = (
+        list(network.subnets(new_prefix=octets * 8))
+        if network.prefixlen < octets * 8
+        else [network]
+    )
+    if len(subnets) > 256:
+        return []
+    return [".".join(str(s.network_address).split(".")[:octets]) + ".*" for s in subnets]
+
+
+def java_options(
+    proxy_url: str,
+    truststore: Path,
+    no_proxy: str,
+    user_options: str | None,
+    plain_http: bool = True,
+) -> EnvVar:
+    """``JAVA_TOOL_OPTIONS`` for every JVM: proxy properties, nonProxyHosts, trust store.
+
+    The JVM splits this variable on white space with no quoting, so a path or value with
+    white space cannot be passed: then the trust store is left out and the reason says so.
+    """
+    parts = urllib.parse.urlsplit(proxy_url)
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    options = [f"-Dhttps.proxyHost={host}", f"-Dhttps.proxyPort={port}"]
+    if plain_http:
+        options += [f"-Dhttp.proxyHost={host}", f"-Dhttp.proxyPort={port}"]
+    non_proxy = java_non_proxy_hosts(no_proxy)
+    if non_proxy and not any(ch.isspace() for ch in non_proxy):
+        options.append(f"-Dhttp.nonProxyHosts={non_proxy}")
+    reason = (
+        "JVMs read neither HTTPS_PROXY nor PEM bundles: proxy properties and a PKCS#12 trust store"
+    )
+    if any(ch.isspace() for ch in str(truststore)):
+        reason += f"; the trust store path {str(truststore)!r} has white space, so it is left out"
+    else:
+        options += [
+            f"-Djavax.net.ssl.trustStore={truststore}",
+            "-Djavax.net.ssl.trustStoreType=PKCS12",
+        ]
+    value = " ".join(options)
+    user_options = (user_options or "").strip()
+    if user_options.startswith(value):  # a shell that already sourced env.sh
+        user_options = user_options[len(value) :].strip()
+    if user_options:
+        return EnvVar(
+            JAVA_TOOL_OPTIONS,
+            f"{value} {user_options}",
+            Action.MERGED,
+            reason + "; the user's options follow ours, so theirs win",
+        )
+    return EnvVar(JAVA_TOOL_OPTIONS, value, Action.SET, reason)
 
 
 def _check_exportable(name: str, value: str) -> None:

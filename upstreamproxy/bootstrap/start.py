@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib.util
 import logging
 import os
 import signal
@@ -64,7 +65,7 @@ from .ca_bundle import prepare_ca_bundle, redact_url
 from .hardening import HardeningError, make_non_dumpable, ptrace_scope, refuse_if_traced
 from .netlock import NetLockError, lock, spec_for, unlock
 from .privsep import RelayChildFailed, RelayUser, SeparateRelay, resolve_relay_user
-from .proxy_env import proxy_environment, user_ca_files
+from .proxy_env import proxy_environment, single_label_names, user_ca_files
 from .state import (
     NoSession,
     SessionInfo,
@@ -75,6 +76,7 @@ from .state import (
     write_session,
 )
 from .token_file import delete_token_file, read_token
+from .tool_files import write_tool_files
 
 log = logging.getLogger("upstreamproxy.start")
 
@@ -97,6 +99,12 @@ class StartOptions:
     port: int = 0
     egress_ca_file: str | None = None
     fail_closed: bool = False
+    #: Outbound proxy the relay uses to reach the egress (``relay --egress-proxy``).
+    egress_proxy: str | None = None
+    #: Export HTTP_PROXY (the relay forwards plain HTTP); False: CCR's exact environment.
+    plain_http: bool = True
+    #: Where the single-label names that keep their direct route are read from.
+    hosts_file: Path = Path("/etc/hosts")
     #: How long to wait for another ``start`` holding the state directory to become ready.
     wait_for_other: float = 30.0
     #: The relay's user when ``start`` runs as root (None: the default, see privsep).
@@ -314,6 +322,7 @@ def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
         listen_host="127.0.0.1",
         listen_port=options.port,
         egress_ca_file=options.egress_ca_file,
+        egress_proxy=_check_egress_proxy(options.egress_proxy),
     )
     config.validate()
     return config
@@ -347,10 +356,12 @@ def _network_lock(options: StartOptions, user: RelayUser | None) -> Iterator[Non
     if user is None:
         log.warning("network lock: the relay runs as root, so every root process may leave")
     try:
-        # egress_proxy: the relay's own outbound proxy, when StartOptions has one (issue 10).
-        egress_proxy: str | None = getattr(options, "egress_proxy", None)
         spec = spec_for(
-            uid, options.egress_url, egress_proxy, options.lock_allow_to, options.lock_allow_dns
+            uid,
+            options.egress_url,
+            options.egress_proxy,
+            options.lock_allow_to,
+            options.lock_allow_dns,
         )
         lock(spec)
     except NetLockError as exc:
@@ -369,6 +380,23 @@ def _network_lock(options: StartOptions, user: RelayUser | None) -> Iterator[Non
             log.warning("%s", exc)
         else:
             log.info("network lock removed")
+
+
+def _check_egress_proxy(url: str | None) -> str | None:
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https", "socks5", "socks5h", "socks4", "socks4a"):
+        raise ConfigError("egress_proxy", "must be an http://, https:// or socks5:// URL")
+    if not parts.hostname:
+        raise ConfigError("egress_proxy", "needs a host")
+    if parts.scheme.startswith("socks") and importlib.util.find_spec("python_socks") is None:
+        # websockets opens SOCKS connections with python-socks; without it every tunnel
+        # would fail, so fail here, once, with the fix.
+        raise ConfigError(
+            "egress_proxy", "a socks proxy needs python-socks: pip install 'python-socks[asyncio]'"
+        )
+    return url
 
 
 def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tuple[str, ...]]:
@@ -392,6 +420,8 @@ def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tup
         timeout=options.ca_timeout,
         extra_bundles=user_ca_files(os.environ, exclude=paths.bundle),
         ssl_context=context,
+        # The CA endpoint is on the egress: reach it the way the relay does.
+        proxy=options.egress_proxy if (options.egress_proxy or "").startswith("http") else None,
     )
     for warning in report.warnings:
         log.warning("CA bundle: %s", warning)
@@ -439,8 +469,18 @@ async def _serve(
     pid = os.getpid()
     status = 0
     try:
+        tool_files, problems = write_tool_files(paths.directory, bundle, os.environ)
+        for problem in problems:
+            log.warning("tool files: %s", problem)
+        no_proxy = (*_hosts_names(options.hosts_file), *options.no_proxy)
         plan = proxy_environment(
-            relay.proxy_url, bundle, options.no_proxy, base_env=os.environ, merged_ca_files=merged
+            relay.proxy_url,
+            bundle,
+            no_proxy,
+            base_env=os.environ,
+            merged_ca_files=merged,
+            plain_http=options.plain_http,
+            tool_files=tool_files,
         )
         info = SessionInfo(
             pid=pid,
@@ -450,8 +490,13 @@ async def _serve(
             env_file=str(paths.env_sh),
             session_id=config.session_id,
             egress_url=redact_url(config.egress_url),
-            no_proxy_extra=options.no_proxy,
+            no_proxy_extra=no_proxy,
             merged_ca_files=merged,
+            plain_http=options.plain_http,
+            wgetrc=_str(tool_files.wgetrc),
+            apt_config=_str(tool_files.apt_config),
+            java_truststore=_str(tool_files.java_truststore),
+            wget2rc=_str(tool_files.wget2rc),
         )
         for var in plan.variables:
             if var.action.value != "set":
@@ -490,6 +535,17 @@ async def _serve(
         remove_session_files(paths, pid)
         await relay.stop()
     return status
+
+
+def _str(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _hosts_names(path: Path) -> list[str]:
+    try:
+        return single_label_names(path.read_text(errors="replace")[:1_000_000])
+    except OSError:
+        return []
 
 
 def _delete_token(options: StartOptions) -> None:

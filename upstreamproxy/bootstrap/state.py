@@ -43,7 +43,15 @@ from typing import Any, Final
 
 from ..certs import write_private_file
 from ..errors import ConfigError, UpstreamProxyError
-from .proxy_env import Action, EnvPlan, EnvVar, proxy_environment, render_json, render_sh
+from .proxy_env import (
+    Action,
+    EnvPlan,
+    EnvVar,
+    ToolFiles,
+    proxy_environment,
+    render_json,
+    render_sh,
+)
 
 STATE_DIR_MODE: Final = 0o755
 FILE_MODE: Final = 0o644
@@ -139,6 +147,23 @@ class SessionInfo:
     no_proxy_extra: tuple[str, ...] = ()
     merged_ca_files: tuple[str, ...] = ()
     started: float = field(default_factory=time.time)
+    #: Plain HTTP through the relay (HTTP_PROXY exported), and the files written for tools.
+    plain_http: bool = True
+    wgetrc: str | None = None
+    apt_config: str | None = None
+    java_truststore: str | None = None
+    wget2rc: str | None = None
+
+    def tool_files(self) -> ToolFiles:
+        def path(value: str | None) -> Path | None:
+            return Path(value) if value else None
+
+        return ToolFiles(
+            path(self.wgetrc),
+            path(self.apt_config),
+            path(self.java_truststore),
+            path(self.wget2rc),
+        )
 
     @property
     def proxy_port(self) -> int:
@@ -287,6 +312,8 @@ def session_env(
         info.no_proxy_extra,
         base_env=base,
         merged_ca_files=info.merged_ca_files,
+        plain_http=info.plain_http,
+        tool_files=info.tool_files(),
     )
     env = dict(base)
     env.update(plan.exports())

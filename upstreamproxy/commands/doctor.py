@@ -1,4 +1,8 @@
-"""``upstreamproxy doctor``: probe curl, git, pip, npm, node and python through the relay."""
+"""``upstreamproxy doctor``: probe each installed tool through the relay (see bootstrap/doctor.py).
+
+``--url`` (https:// or http://) and, optionally, ``--http-url`` (a plain-HTTP URL probed
+in the same run): each installed tool is probed against each URL.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,16 @@ HELP = "check that each installed tool reaches a URL through the running relay"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_option(
-        parser, "--url", "DOCTOR_URL", "https:// URL to probe; pick one the session's policy allows"
+        parser,
+        "--url",
+        "DOCTOR_URL",
+        "https:// (or http://) URL to probe; pick one the session's policy allows",
+    )
+    add_option(
+        parser,
+        "--http-url",
+        "DOCTOR_HTTP_URL",
+        "also probe this http:// URL (plain-HTTP forwarding), e.g. http://deb.debian.org/",
     )
     add_state_dir_option(parser, "state directory of the session")
     add_option(
@@ -49,39 +62,51 @@ def run(args: argparse.Namespace) -> int:
             "give the URL to probe: --url https://HOST/ (one the session's policy "
             "allows), or UPSTREAMPROXY_DOCTOR_URL"
         )
-    parts = urllib.parse.urlsplit(args.url)
-    if parts.scheme != "https" or not parts.hostname:
-        return _fail("--url must be an https:// URL: the relay carries CONNECT tunnels only")
+    urls = [args.url, *([args.http_url] if args.http_url else [])]
+    for index, url in enumerate(urls):
+        parts = urllib.parse.urlsplit(url)
+        allowed = ("https", "http") if index == 0 else ("http",)
+        if parts.scheme not in allowed or not parts.hostname:
+            flag = (
+                "--url must be an https:// or http://"
+                if index == 0
+                else "--http-url must be an http://"
+            )
+            return _fail(f"{flag} URL")
     try:
         loaded = load_session(args.state_dir or default_state_dir(), check_relay=True)
     except NoSession as exc:
         return _fail(exc.reason)
     _, env = session_env(loaded, os.environ)
-    if no_proxy_match(args.url, env):
-        return _fail(
-            f"{parts.hostname} matches NO_PROXY, so tools reach it directly by "
-            "design; probe a URL outside NO_PROXY"
-        )
-    results = asyncio.run(
-        diagnose(loaded, args.url, tools, os.environ, per_tool_timeout=args.timeout)
-    )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "url": args.url,
-                    "relay": loaded.info.proxy_url,
-                    "pid": loaded.info.pid,
-                    "results": [asdict(r) for r in results],
-                },
-                indent=2,
+    for url in urls:
+        if no_proxy_match(url, env):
+            return _fail(
+                f"{urllib.parse.urlsplit(url).hostname} matches NO_PROXY, so tools reach it "
+                "directly by design; probe a URL outside NO_PROXY"
             )
-        )
+    if any(url.startswith("http:") for url in urls) and not loaded.info.plain_http:
+        return _fail("this session does not proxy plain HTTP (start --no-http-proxy)")
+    runs = [
+        (url, asyncio.run(diagnose(loaded, url, tools, os.environ, per_tool_timeout=args.timeout)))
+        for url in urls
+    ]
+    if args.json:
+        document: dict[str, object] = {
+            "url": runs[0][0],
+            "relay": loaded.info.proxy_url,
+            "pid": loaded.info.pid,
+            "results": [asdict(r) for r in runs[0][1]],
+        }
+        if len(runs) > 1:
+            document["http_url"] = runs[1][0]
+            document["http_results"] = [asdict(r) for r in runs[1][1]]
+        print(json.dumps(document, indent=2))
     else:
-        _print_report(
-            args.url, loaded.info.proxy_url, loaded.info.pid, loaded.info.ca_bundle, results
-        )
-    return 0 if all(r.ok for r in results) else 1
+        for url, results in runs:
+            _print_report(
+                url, loaded.info.proxy_url, loaded.info.pid, loaded.info.ca_bundle, results
+            )
+    return 0 if all(r.ok for _, results in runs for r in results) else 1
 
 
 def _print_report(url: str, relay: str, pid: int, bundle: str, results: list[ProbeResult]) -> None:

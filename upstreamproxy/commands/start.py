@@ -86,6 +86,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "EGRESS_CA_FILE",
         "CA file to verify a wss:// egress and its https CA URL (default: system trust store)",
     )
+    add_option(
+        parser,
+        "--egress-proxy",
+        "EGRESS_PROXY",
+        "outbound proxy the relay uses to reach the egress (http://, https:// or socks5://), "
+        "e.g. a corporate proxy",
+    )
+    parser.add_argument(
+        "--no-http-proxy",
+        dest="plain_http",
+        action="store_false",
+        default=not env_flag("NO_HTTP_PROXY"),
+        help="do not export HTTP_PROXY/http_proxy: plain http:// keeps its own route, as in "
+        "CCR (env UPSTREAMPROXY_NO_HTTP_PROXY=1)",
+    )
     parser.add_argument(
         "--fail-closed",
         action="store_true",
@@ -152,6 +167,8 @@ def options_from_args(args: argparse.Namespace) -> StartOptions:
         lock=args.lock,
         lock_allow_to=tuple(args.lock_allow_to or ()),
         lock_allow_dns=args.lock_allow_dns,
+        egress_proxy=args.egress_proxy,
+        plain_http=args.plain_http,
     )
 
 
