@@ -64,6 +64,7 @@ from .state import (
     load_session,
     prepare_state_dir,
     remove_session_files,
+    remove_stale_session,
     write_session,
 )
 from .token_file import delete_token_file, read_token
@@ -103,6 +104,9 @@ class Readiness:
     env_file: str | None = None
     proxy_url: str | None = None
     pid: int = field(default_factory=os.getpid)
+    #: True only from the process that goes on serving the session: ``start --background``
+    #: waits for (and so reaps) every other daemon, which exits right after reporting.
+    serving: bool = False
 
 
 Notify = Callable[[Readiness], None]
@@ -146,6 +150,9 @@ def run_session(options: StartOptions, notify: Notify | None = None) -> int:
     if lock is None:
         return _report_other(options, paths, notify)
     try:
+        stale = remove_stale_session(paths)  # what a killed session left: we hold the lock
+        if stale:
+            log.info("%s", stale)
         return _run_locked(options, paths, hardening.ok, hardening.describe(), notify)
     finally:
         os.close(lock)
@@ -159,7 +166,10 @@ def _lock_state_dir(paths: StatePaths) -> int | None:
     """
     path = paths.directory / "start.lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        # 0600: nobody else needs it, and anyone who can open it could hold it and so keep
+        # every later start waiting.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
     except OSError as exc:
         raise ConfigError("state_dir", f"cannot open {path}: {exc.strerror}") from None
     try:
@@ -357,7 +367,10 @@ async def _serve(
     try:
         _delete_token(options)
         message = f"relay {relay.proxy_url} -> {info.egress_url}, environment in {paths.env_sh}"
-        _announce(Readiness("ready", 0, message, str(paths.env_sh), relay.proxy_url, pid), notify)
+        _announce(
+            Readiness("ready", 0, message, str(paths.env_sh), relay.proxy_url, pid, serving=True),
+            notify,
+        )
         print(f"{READY_PREFIX}{paths.env_sh}", flush=True)
         signum = await stop
         log.info("received %s, stopping", signal.Signals(signum).name)
