@@ -48,8 +48,8 @@ _upstreamproxy_alive() {
 
 if [ -r "$_upstreamproxy_dir/env.sh" ] && [ -r "$_upstreamproxy_dir/start.pid" ]; then
     _upstreamproxy_pid= _upstreamproxy_start= _upstreamproxy_bootid=
-    read -r _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid _upstreamproxy_rest \
-        2>/dev/null <"$_upstreamproxy_dir/start.pid"
+    IFS=' ' read -r _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
+        _upstreamproxy_rest 2>/dev/null <"$_upstreamproxy_dir/start.pid"
     case $_upstreamproxy_pid:$_upstreamproxy_start in
         *[!0-9:]* | :* | *:) ;; # not "PID START": an old or damaged file, trust nothing
         *)
