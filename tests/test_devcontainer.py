@@ -15,6 +15,7 @@ relay or, with no live session, gets no proxy settings at all (never a dead prox
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from containers import base_image, docker, docker_engine, image_exists, project_wheels, wait_for
+from containers import (
+    CACHE,
+    base_image,
+    docker,
+    docker_engine,
+    image_exists,
+    project_wheels,
+    wait_for,
+)
 from tools_fixtures import HELLO, SESSION_ID, TOKEN, World, world, write_token
 
 pytestmark = pytest.mark.containers
@@ -302,6 +311,12 @@ def test_warnings_and_outcome_reach_the_entrypoints_stderr(launcher: Launcher) -
     assert TOKEN not in logs
     assert (container.token_dir / "token").exists()  # read-only: left, as the warning says
     assert container.curl() == HELLO
+    # The Feature's postStartCommand (as the remote user) repeats them for this container run.
+    done = container.exec("/usr/local/share/upstreamproxy/poststart.sh")
+    assert done.returncode == 0 and done.stdout == ""
+    said = done.stderr.splitlines()
+    assert len(said) == 3, done.stderr
+    assert "readable by group or others" in said[0] and READY.search(said[2]), done.stderr
 
 
 # -- restarts and crashes -------------------------------------------------------------------------
@@ -382,3 +397,81 @@ def test_no_zombies_after_repeated_starts(sandbox: Container) -> None:
         sandbox.exec("sh", "/usr/local/share/upstreamproxy/upstreamproxy-start.sh")
     assert sandbox.zombies() == []
     assert sandbox.curl() == HELLO
+
+
+# -- the devcontainers CLI, as VS Code applies the Feature ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def devcontainer_cli() -> str:
+    """The devcontainers CLI (npm @devcontainers/cli; .ci/run installs it)."""
+    path = os.environ.get("UPSTREAMPROXY_TEST_DEVCONTAINER_CLI") or shutil.which("devcontainer")
+    if path is None:
+        problem = "no devcontainers CLI (npm install -g @devcontainers/cli; .ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(problem)
+        pytest.skip(problem)
+    return path
+
+
+def test_the_devcontainers_cli_applies_the_feature(
+    devcontainer_cli: str, docker_engine: None, world: World, tmp_path: Path
+) -> None:
+    """`devcontainer up` builds from a local image with the local Feature (offline), runs its
+    entrypoint as root and its postStartCommand; `devcontainer exec` gets the proxy through
+    the user environment probe, as VS Code does."""
+    base = base_image(BASE_TAG, BASE_EXTRA)
+    # A fixed workspace: the CLI names its image after the folder, so reruns reuse it.
+    workspace_dir = CACHE / "devcontainer-cli" / "ws"
+    shutil.rmtree(workspace_dir, ignore_errors=True)
+    config = workspace_dir / ".devcontainer"
+    shutil.copytree(FEATURE, config / "upstreamproxy")
+    shutil.copytree(
+        project_wheels(), config / "upstreamproxy" / "wheels", ignore=shutil.ignore_patterns(".*")
+    )
+    (config / "Dockerfile").write_text(
+        f"FROM {base}\nRUN useradd --create-home --shell /bin/bash --uid 1000 {USER}\n"
+    )
+    tokens = tmp_path / "session"
+    tokens.mkdir(mode=0o700)
+    write_token(tokens / "token")
+    document = json.loads((ROOT / "env" / "devcontainer.json").read_text())
+    document.pop("image")
+    document["build"] = {"dockerfile": "Dockerfile"}
+    document["features"]["./upstreamproxy"] = {"source": "wheels"}
+    document["containerEnv"] = {  # the container's own settings win over the options
+        "UPSTREAMPROXY_SESSION_ID": SESSION_ID,
+        "UPSTREAMPROXY_EGRESS_URL": world.egress_url,
+    }
+    document["mounts"] = [f"source={tokens},target={TOKEN_DIR},type=bind"]
+    document["runArgs"] = ["--network=host"]  # the engine has no bridge: loopback only
+    (config / "devcontainer.json").write_text(json.dumps(document, indent=2))
+    label = f"upstreamproxy-test={uuid.uuid4().hex[:10]}"
+    workspace = ["--workspace-folder", str(workspace_dir), "--id-label", label]
+    try:
+        up = subprocess.run(
+            [devcontainer_cli, "up", *workspace], capture_output=True, text=True, timeout=600
+        )
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert json.loads(up.stdout.strip().splitlines()[-1])["outcome"] == "success"
+        output = up.stdout + up.stderr
+        assert READY.search(output), output[-3000:]  # the postStartCommand said it
+        assert TOKEN not in output
+        assert not (tokens / "token").exists()
+
+        def cli_exec(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [devcontainer_cli, "exec", *workspace, *argv],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        done = cli_exec("curl", "-sS", "--max-time", "20", world.url())
+        assert done.stdout == HELLO, done.stderr[-3000:]
+        assert cli_exec("id", "-un").stdout.strip() == USER
+        container = docker("ps", "-q", "--filter", f"label={label}").stdout.strip()
+        assert docker("exec", container, "cat", "/proc/1/comm").stdout.strip() == "docker-init"
+    finally:
+        for container in docker("ps", "-aq", "--filter", f"label={label}").stdout.split():
+            docker("rm", "-f", container, check=False)

@@ -38,8 +38,11 @@ def test_feature_metadata_follows_the_convention() -> None:
     assert document["id"] == FEATURE.name  # a Feature's id is its folder's name
     assert re.fullmatch(r"\d+\.\d+\.\d+", str(document["version"]))
     assert document["entrypoint"] == "/usr/local/share/upstreamproxy/entrypoint.sh"
+    assert document["postStartCommand"] == "/usr/local/share/upstreamproxy/poststart.sh"
+    # installsAfter would make the devcontainers CLI fetch those Features: no offline use.
+    assert "installsAfter" not in document and "dependsOn" not in document
     assert document["containerEnv"] == {"UPSTREAMPROXY_STATE_DIR": "/run/upstreamproxy"}
-    for script in ("install.sh", "entrypoint.sh"):
+    for script in ("install.sh", "entrypoint.sh", "poststart.sh"):
         path = FEATURE / script
         assert path.stat().st_mode & 0o111, f"{script} must be executable"
         for shell in ("sh", "bash"):

@@ -215,7 +215,9 @@ def test_a_live_sessions_files_are_never_removed_as_stale(session: Started) -> N
 # -- what start --background tells its caller -----------------------------------------------------
 
 
-def background(world: World, base: Path, *extra: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def background(
+    world: World, base: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return cli(
         "start",
         "--background",

@@ -12,8 +12,9 @@
 #   /opt/upstreamproxy                        a virtual environment with upstreamproxy (so no
 #                                             fight with the distribution's Python, PEP 668)
 #   /usr/local/bin/upstreamproxy              -> the venv's console script
-#   /usr/local/share/upstreamproxy/           upstreamproxy-start.sh (the start hook) and
-#                                             entrypoint.sh (the Feature's entrypoint)
+#   /usr/local/share/upstreamproxy/           upstreamproxy-start.sh (the start hook),
+#                                             entrypoint.sh (the Feature's entrypoint) and
+#                                             poststart.sh (its postStartCommand)
 #   /etc/profile.d/upstreamproxy.sh           login shells pick up the running session
 #   /etc/bash.bashrc (and the like)           one line: interactive shells do too
 #   /etc/upstreamproxy/start.env              the options as defaults for the start hook
@@ -108,6 +109,7 @@ ln -sf "$VENV/bin/upstreamproxy" /usr/local/bin/upstreamproxy
 mkdir -p "$SHARE" "$CONF" /etc/profile.d
 install -m 0644 "$FEATURE_DIR/upstreamproxy-start.sh" "$SHARE/upstreamproxy-start.sh"
 install -m 0755 "$FEATURE_DIR/entrypoint.sh" "$SHARE/entrypoint.sh"
+install -m 0755 "$FEATURE_DIR/poststart.sh" "$SHARE/poststart.sh"
 install -m 0644 "$FEATURE_DIR/profile.d/upstreamproxy.sh" /etc/profile.d/upstreamproxy.sh
 
 # Interactive shells that are not login shells (VS Code terminals, `docker exec -it C bash`)
