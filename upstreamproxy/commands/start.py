@@ -21,6 +21,7 @@ session (``setsid``), and what becomes of it when it ends is up to the container
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -299,38 +300,30 @@ def _wait_for_report(fd: int, timeout: float) -> tuple[Readiness, list[str]] | N
         return None
 
 
-def _reap_if_exited(pid: int, wait: float = 0.0) -> None:
+def _reap_if_exited(pid: int, wait: float = 0.0) -> bool:
+    """Reap ``pid`` if it has exited, waiting up to ``wait`` seconds; True once it is gone."""
     deadline = time.monotonic() + wait
     while True:
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if done or time.monotonic() >= deadline:
-            return
+            return True
+        if done:
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
 
 
 def _stop_child(pid: int) -> bool:
     """Terminate (and reap) a daemon that never reported; True if it was still running."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return False
-    if done:
+    if _reap_if_exited(pid):
         return False
     for signum in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
+        if _reap_if_exited(pid, wait=REAP_WAIT):
             break
-        _reap_if_exited(pid, wait=REAP_WAIT)
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                continue
-        except ChildProcessError:
-            pass
-        break
     return True
 
 
