@@ -60,7 +60,12 @@ def test_every_option_reaches_install_sh_and_a_real_setting() -> None:
     install = (FEATURE / "install.sh").read_text()
     options = feature()["options"]
     assert isinstance(options, dict)
-    mapped = dict(re.findall(r"default (UPSTREAMPROXY_\w+) \"\$(\w+)\"", install))
+    mapped = {}  # UPSTREAMPROXY_* setting -> the option variable it is written from
+    for line in install.splitlines():
+        settings = re.findall(r"UPSTREAMPROXY_\w+", line)
+        sources = re.findall(r'"\$(?:\(quote "\$)?([A-Z]+)"', line)
+        if settings and sources:
+            mapped[settings[0]] = sources[0]
     mapped["UPSTREAMPROXY_FAIL_CLOSED"] = "FAILCLOSED"  # via a normalised boolean
     for option in options:
         variable = re.sub(r"[^A-Za-z0-9_]", "_", option).upper()

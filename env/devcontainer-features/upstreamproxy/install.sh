@@ -142,7 +142,9 @@ case $FAILCLOSED in true | 1 | yes | on) failclosed=1 ;; *) failclosed= ;; esac
     default UPSTREAMPROXY_CA_FILE "$CAFILE"
     default UPSTREAMPROXY_NO_PROXY "$NOPROXY"
     default UPSTREAMPROXY_FAIL_CLOSED "$failclosed"
-    default UPSTREAMPROXY_RELAY_USER "$RELAYUSER"
+    # Only a root start runs the relay as another user; any other start refuses the setting.
+    [ -z "$RELAYUSER" ] || printf '[ -n "${%s+x}" ] || [ "$(id -u)" != 0 ] || export %s=%s\n' \
+        UPSTREAMPROXY_RELAY_USER UPSTREAMPROXY_RELAY_USER "$(quote "$RELAYUSER")"
     default UPSTREAMPROXY_STATE_DIR "$STATE_DIR"
 } >"$CONF/start.env"
 chmod 0644 "$CONF/start.env"
