@@ -245,7 +245,8 @@ def sandbox(launcher: Launcher) -> Container:
 def test_installed_in_its_own_venv_by_the_readme_snippet(sandbox: Container) -> None:
     assert sandbox.sh("command -v upstreamproxy") == "/usr/local/bin/upstreamproxy\n"
     assert sandbox.sh("readlink -f /usr/local/bin/upstreamproxy").startswith("/opt/upstreamproxy/")
-    # The distribution's Python is left alone (PEP 668): nothing was installed into it.
+    # The distribution's Python refuses pip (PEP 668) and is left alone: nothing went into it.
+    assert sandbox.exec("sh", "-c", "ls /usr/lib/python3*/EXTERNALLY-MANAGED").returncode == 0
     assert sandbox.exec("python3", "-c", "import upstreamproxy").returncode != 0
     assert sandbox.exec("id", "-u").stdout.strip() == "1000"
     assert sandbox.exec("cat", "/proc/1/comm").stdout.strip() == "sleep"

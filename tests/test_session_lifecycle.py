@@ -114,19 +114,17 @@ def bystander() -> Iterator[subprocess.Popen[bytes]]:
 # -- liveness -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shell", SHELLS)
-def test_a_live_session_is_sourced_without_touching_the_callers_shell(
-    session: Started, shell: str
-) -> None:
-    values = sourced(
-        shell,
-        session.state_dir,
-        before="set -- one 'two three'; IFS=:",
-        after='printf "ARGS=%s|%s|%s\\n" "$#" "$1" "$2"; printf "IFS=%s\\n" "$IFS"',
-    )
-    assert values["HTTPS_PROXY"] == session.exports()["HTTPS_PROXY"]
-    assert values["ARGS"] == "2|one|two three"
-    assert values["IFS"] == ":"
+def test_a_live_session_is_sourced_without_touching_the_callers_shell(session: Started) -> None:
+    for shell in SHELLS:
+        values = sourced(
+            shell,
+            session.state_dir,
+            before="set -- one 'two three'; IFS=:",
+            after='printf "ARGS=%s|%s|%s\\n" "$#" "$1" "$2"; printf "IFS=%s\\n" "$IFS"',
+        )
+        assert values["HTTPS_PROXY"] == session.exports()["HTTPS_PROXY"], shell
+        assert values["ARGS"] == "2|one|two three", shell
+        assert values["IFS"] == ":", shell
     info = session.document()["session"]
     assert info["pid_start"] == process_identity(session.pid).start_ticks  # type: ignore[union-attr]
     assert (session.state_dir / "start.pid").read_text() == (
@@ -134,23 +132,32 @@ def test_a_live_session_is_sourced_without_touching_the_callers_shell(
     )
 
 
-@pytest.mark.parametrize("shell", SHELLS)
 def test_a_reused_pid_is_not_the_session(
-    session: Started, bystander: subprocess.Popen[bytes], shell: str
+    session: Started, bystander: subprocess.Popen[bytes]
 ) -> None:
     kill_hard(session)
+    state = session.state_dir
+
+    def nobody_trusts_it() -> None:
+        for shell in SHELLS:
+            assert sourced(shell, state)["HTTPS_PROXY"] == "unset", shell
+        done = cli("env", "--state-dir", str(state), env=clean_env(state))
+        assert done.returncode != 0 and "has ended" in done.stderr
+
     # Another process now has "the" pid: the files name it, with the relay's start time.
-    rewrite_pid(session.state_dir, bystander.pid)
-    assert sourced(shell, session.state_dir)["HTTPS_PROXY"] == "unset"
-    done = cli("env", "--state-dir", str(session.state_dir), env=clean_env(session.state_dir))
-    assert done.returncode != 0 and "has ended" in done.stderr
+    rewrite_pid(state, bystander.pid)
+    nobody_trusts_it()
     # The right start time, but recorded on another boot: not this process either.
     ticks = process_identity(bystander.pid).start_ticks  # type: ignore[union-attr]
-    rewrite_pid(session.state_dir, bystander.pid, ticks, "00000000-0000-0000-0000-000000000000")
-    assert sourced(shell, session.state_dir)["HTTPS_PROXY"] == "unset"
+    rewrite_pid(state, bystander.pid, ticks, "00000000-0000-0000-0000-000000000000")
+    nobody_trusts_it()
+    # Sanity: with its real identity, the bystander *would* count as the session.
+    rewrite_pid(state, bystander.pid, ticks, process_identity(bystander.pid).boot_id)  # type: ignore[union-attr]
+    assert sourced("sh", state)["HTTPS_PROXY"] != "unset"
     # Files damaged or from an older version (pid only): nothing is trusted.
-    (session.state_dir / "start.pid").write_text(f"{bystander.pid}\n")
-    assert sourced(shell, session.state_dir)["HTTPS_PROXY"] == "unset"
+    (state / "start.pid").write_text(f"{bystander.pid}\n")
+    for shell in SHELLS:
+        assert sourced(shell, state)["HTTPS_PROXY"] == "unset", shell
 
 
 def test_a_zombie_is_not_alive(tmp_path: Path) -> None:
