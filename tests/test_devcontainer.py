@@ -310,6 +310,7 @@ def test_warnings_and_outcome_reach_the_entrypoints_stderr(launcher: Launcher) -
     assert len([line for line in lines if "could not delete the token file" in line]) == 1, logs
     assert len([line for line in lines if READY.search(line)]) == 1, logs
     assert TOKEN not in logs
+    assert TOKEN not in container.exec("cat", f"{STATE}/start.log", user="root").stdout
     assert (container.token_dir / "token").exists()  # read-only: left, as the warning says
     assert container.curl() == HELLO
     # The Feature's postStartCommand (as the remote user) repeats them for this container run.
