@@ -119,7 +119,7 @@ def test_a_live_session_is_sourced_without_touching_the_callers_shell(session: S
         values = sourced(
             shell,
             session.state_dir,
-            before="set -- one 'two three'; IFS=:",
+            before="set -eu; set -- one 'two three'; IFS=:",
             after='printf "ARGS=%s|%s|%s\\n" "$#" "$1" "$2"; printf "IFS=%s\\n" "$IFS"',
         )
         assert values["HTTPS_PROXY"] == session.exports()["HTTPS_PROXY"], shell
@@ -154,10 +154,12 @@ def test_a_reused_pid_is_not_the_session(
     # Sanity: with its real identity, the bystander *would* count as the session.
     rewrite_pid(state, bystander.pid, ticks, process_identity(bystander.pid).boot_id)  # type: ignore[union-attr]
     assert sourced("sh", state)["HTTPS_PROXY"] != "unset"
-    # Files damaged or from an older version (pid only): nothing is trusted.
-    (state / "start.pid").write_text(f"{bystander.pid}\n")
-    for shell in SHELLS:
-        assert sourced(shell, state)["HTTPS_PROXY"] == "unset", shell
+    # Files damaged or from an older version (pid only): nothing is trusted, even under
+    # `set -eu` with a last line that has no newline.
+    for damaged in (f"{bystander.pid}\n", f"{bystander.pid} x", "", "\n\n"):
+        (state / "start.pid").write_text(damaged)
+        for shell in SHELLS:
+            assert sourced(shell, state, before="set -eu")["HTTPS_PROXY"] == "unset", shell
 
 
 def test_a_zombie_is_not_alive(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@
 # (a SIGKILLed session leaves its files behind, and after a container restart another process
 # may have its pid): start.pid holds "PID START_TICKS BOOT_ID", and the session counts only
 # while /proc/PID/stat shows that very start time (field 22) on this boot and the process is
-# not a zombie. Two reads of world-readable files, no subprocess.
+# not a zombie. Two reads of world-readable files, no subprocess. Safe under `set -eu`.
 
 _upstreamproxy_dir=${UPSTREAMPROXY_STATE_DIR:-}
 if [ -z "$_upstreamproxy_dir" ]; then
@@ -49,7 +49,7 @@ _upstreamproxy_alive() {
 if [ -r "$_upstreamproxy_dir/env.sh" ] && [ -r "$_upstreamproxy_dir/start.pid" ]; then
     _upstreamproxy_pid= _upstreamproxy_start= _upstreamproxy_bootid=
     IFS=' ' read -r _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
-        _upstreamproxy_rest 2>/dev/null <"$_upstreamproxy_dir/start.pid"
+        _upstreamproxy_rest 2>/dev/null <"$_upstreamproxy_dir/start.pid" || :
     case $_upstreamproxy_pid:$_upstreamproxy_start in
         *[!0-9:]* | :* | *:) ;; # not "PID START": an old or damaged file, trust nothing
         *)
