@@ -14,6 +14,7 @@ relay or, with no live session, gets no proxy settings at all (never a dead prox
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
@@ -450,13 +451,27 @@ def test_the_devcontainers_cli_applies_the_feature(
     (config / "devcontainer.json").write_text(json.dumps(document, indent=2))
     label = f"upstreamproxy-test={uuid.uuid4().hex[:10]}"
     workspace = ["--workspace-folder", str(workspace_dir), "--id-label", label]
+    # The CLI fetches a "control manifest" from containers.dev unless its cache (in TMPDIR)
+    # holds one younger than 5 minutes: an empty one keeps every byte on this machine.
+    cli_tmp = tmp_path / "cli-tmp"
+    cache = cli_tmp / f"devcontainercli-{getpass.getuser()}"
+    cache.mkdir(parents=True)
+    (cache / "control-manifest.json").write_text(
+        '{"disallowedFeatures": [], "featureAdvisories": []}'
+    )
+    cli_env = {**os.environ, "TMPDIR": str(cli_tmp)}
     try:
         up = subprocess.run(
-            [devcontainer_cli, "up", *workspace], capture_output=True, text=True, timeout=600
+            [devcontainer_cli, "up", *workspace],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=cli_env,
         )
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         assert json.loads(up.stdout.strip().splitlines()[-1])["outcome"] == "success"
         output = up.stdout + up.stderr
+        assert "control manifest" not in output  # nothing fetched from the internet
         assert READY.search(output), output[-3000:]  # the postStartCommand said it
         assert TOKEN not in output
         assert not (tokens / "token").exists()
@@ -467,6 +482,7 @@ def test_the_devcontainers_cli_applies_the_feature(
                 capture_output=True,
                 text=True,
                 timeout=120,
+                env=cli_env,
             )
 
         done = cli_exec("curl", "-sS", "--max-time", "20", world.url())
