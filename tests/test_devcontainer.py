@@ -237,6 +237,13 @@ def sandbox(launcher: Launcher) -> Container:
     container = launcher.start()
     logs = wait_for_outcome(container)
     assert READY.search(logs), logs
+    # Until the entrypoint has exec'd the command, PID 1 is its shell, which reaps whatever
+    # child it waits for: the tests want the `sleep` that never reaps.
+    wait_for(
+        lambda: container.exec("cat", "/proc/1/comm").stdout.strip() == "sleep",
+        30,
+        "the entrypoint to exec `sleep infinity`",
+    )
     return container
 
 
