@@ -44,7 +44,9 @@ __all__ = ["world"]  # a fixture, used by name
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "env" / "profile.d" / "upstreamproxy.sh"
-SHELLS = [s for s in ("sh", "dash", "bash", "zsh") if shutil.which(s)]
+#: POSIX shells the snippet must work in: Debian's dash, bash, zsh (as sh, like the Feature's
+#: zshrc line) and busybox ash (Alpine's); .ci/run installs them.
+SHELLS = [s for s in ("sh", "dash", "bash", "zsh", "busybox") if shutil.which(s)]
 
 
 def sourced(shell: str, state_dir: Path, before: str = "", after: str = "") -> dict[str, str]:
@@ -53,8 +55,9 @@ def sourced(shell: str, state_dir: Path, before: str = "", after: str = "") -> d
     if shell == "zsh":
         source = f"emulate sh -c '{source}'"
     script = f'{before}\n{source}\n{after}\nprintf "%s\\n" "HTTPS_PROXY=${{HTTPS_PROXY-unset}}"'
+    argv = ["busybox", "sh", "-c", script] if shell == "busybox" else [shell, "-c", script]
     done = subprocess.run(
-        [shell, "-c", script],
+        argv,
         env={
             "PATH": "/usr/bin:/bin",
             "HOME": "/nonexistent",
