@@ -403,8 +403,11 @@ def test_no_zombies_after_repeated_starts(sandbox: Container) -> None:
             env={"UPSTREAMPROXY_STATE_DIR": "/tmp/other", "UPSTREAMPROXY_TOKEN_FILE": "/none"},
         )
         assert "proxy disabled" in done.stderr, done.stderr
-    for _ in range(2):  # the hook as the shell user: refused state directory, ends at once
-        sandbox.exec("sh", "/usr/local/share/upstreamproxy/upstreamproxy-start.sh")
+    hook = "/usr/local/share/upstreamproxy/upstreamproxy-start.sh"
+    for _ in range(2):  # the hook in the user's own shell: root's session, ready for use
+        done = sandbox.exec("sh", "-c", f". {hook} && curl -sS --max-time 20 {sandbox.world.url()}")
+        assert done.stdout == HELLO, done.stderr
+        assert "a session started by root is already running" in done.stderr, done.stderr
     assert sandbox.zombies() == []
     assert sandbox.curl() == HELLO
 

@@ -13,7 +13,8 @@ Order (each step's module documents the step itself):
    *before* the token is read, one step earlier than DESIGN.md's list, so the token is never
    in the memory of a dumpable process; it cannot fail in a way that loses anything;
 1. the state directory and its lock (one ``start`` per state directory; a second one reports
-   the running session instead of starting another);
+   the running session instead of starting another; so does a user's ``start`` on a directory
+   root runs for everyone, such as the Dev Container Feature's, where root's session is live);
 2. read the token (:mod:`.token_file`); none means "proxy disabled";
 3. the CA super bundle (:mod:`.ca_bundle`), with the user's own CA files merged in;
 4. start the relay on loopback;
@@ -58,6 +59,7 @@ from .ca_bundle import prepare_ca_bundle, redact_url
 from .hardening import make_non_dumpable
 from .proxy_env import proxy_environment, user_ca_files
 from .state import (
+    LoadedSession,
     NoSession,
     SessionInfo,
     StatePaths,
@@ -65,6 +67,7 @@ from .state import (
     prepare_state_dir,
     remove_session_files,
     remove_stale_session,
+    shared_session,
     write_session,
 )
 from .token_file import delete_token_file, read_token
@@ -146,6 +149,9 @@ def run_session(options: StartOptions, notify: Notify | None = None) -> int:
         paths = prepare_state_dir(options.state_dir)
         lock = _lock_state_dir(paths)
     except ConfigError as exc:
+        shared = shared_session(options.state_dir)
+        if shared is not None:  # e.g. a user's own hook in a container root started
+            return _report_shared(shared, notify)
         return _give_up(options, str(exc), notify)
     if lock is None:
         return _report_other(options, paths, notify)
@@ -216,6 +222,19 @@ def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | Non
                 notify,
             )
         time.sleep(0.1)
+
+
+def _report_shared(loaded: LoadedSession, notify: Notify | None) -> int:
+    """Root's live session in a directory this user cannot run one in: report it for use."""
+    info = loaded.info
+    message = (
+        f"a session started by root is already running in {info.state_dir} "
+        f"(pid {info.pid}, relay {info.proxy_url})"
+    )
+    log.info("%s", message)
+    _announce(Readiness("ready", 0, message, info.env_file, info.proxy_url, info.pid), notify)
+    print(f"{READY_PREFIX}{info.env_file}", flush=True)
+    return 0
 
 
 def _run_locked(

@@ -9,6 +9,7 @@ Public API::
     class SessionInfo                # what env.json records about the session
     write_session(paths, info, plan) -> None         # env.sh, env.json, pid file
     load_session(state_dir: Path) -> LoadedSession  # raises NoSession with a clear reason
+    shared_session(state_dir: Path) -> LoadedSession | None  # root's live session, for others
     remove_session_files(paths, pid) -> None         # only if they still belong to ``pid``
     remove_stale_session(paths) -> str | None        # a dead session's files, at the next start
     class ProcessIdentity                            # pid + start time + boot id
@@ -390,6 +391,33 @@ def _parse_info(paths: StatePaths, document: Mapping[str, Any]) -> SessionInfo:
         return SessionInfo(**session)
     except (ValueError, KeyError, TypeError) as exc:
         raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
+
+
+def shared_session(state_dir: Path) -> LoadedSession | None:
+    """The live session in a state directory that root runs for everyone, else None.
+
+    A user whose ``start`` cannot use the directory (it belongs to root, as the Dev Container
+    Feature's ``/run/upstreamproxy`` does) may still use root's session there, exactly as
+    the profile snippet does. Only a root-owned directory that nobody else can write counts:
+    a directory some other user owns could hold anything (a proxy of theirs, their CA).
+    """
+    path = state_dir.expanduser()
+    if os.geteuid() == 0:
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != 0
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        return None
+    try:
+        return load_session(path)
+    except NoSession:
+        return None
 
 
 def child_environment(env: Mapping[str, str]) -> dict[str, str]:
