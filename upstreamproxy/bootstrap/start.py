@@ -13,8 +13,7 @@ Order (each step's module documents the step itself):
    *before* the token is read, one step earlier than DESIGN.md's list, so the token is never
    in the memory of a dumpable process; it cannot fail in a way that loses anything;
 1. the state directory and its lock (one ``start`` per state directory; a second one reports
-   the running session instead of starting another; so does a user's ``start`` on a directory
-   root runs for everyone, such as the Dev Container Feature's, where root's session is live);
+   the running session instead of starting another);
 2. read the token (:mod:`.token_file`); none means "proxy disabled";
 3. the CA super bundle (:mod:`.ca_bundle`), with the user's own CA files merged in;
 4. start the relay on loopback;
@@ -225,7 +224,11 @@ def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | Non
 
 
 def _report_shared(loaded: LoadedSession, notify: Notify | None) -> int:
-    """Root's live session in a directory this user cannot run one in: report it for use."""
+    """Root's live session in a directory this user cannot run one in: report it for use.
+
+    E.g. a user's own start-up hook in a dev container whose entrypoint started the session as
+    root in the Dev Container Feature's ``/run/upstreamproxy`` (see ``state.shared_session``).
+    """
     info = loaded.info
     message = (
         f"a session started by root is already running in {info.state_dir} "
