@@ -163,6 +163,23 @@ def run_session(options: StartOptions, notify: Notify | None = None) -> int:
         os.close(lock)
 
 
+def _report_shared(loaded: LoadedSession, notify: Notify | None) -> int:
+    """Root's live session in a directory this user cannot run one in: report it for use.
+
+    E.g. a user's own start-up hook in a dev container whose entrypoint started the session as
+    root in the Dev Container Feature's ``/run/upstreamproxy`` (see ``state.shared_session``).
+    """
+    info = loaded.info
+    message = (
+        f"a session started by root is already running in {info.state_dir} "
+        f"(pid {info.pid}, relay {info.proxy_url})"
+    )
+    log.info("%s", message)
+    _announce(Readiness("ready", 0, message, info.env_file, info.proxy_url, info.pid), notify)
+    print(f"{READY_PREFIX}{info.env_file}", flush=True)
+    return 0
+
+
 def _lock_state_dir(paths: StatePaths) -> int | None:
     """An fd holding an exclusive flock on ``start.lock``, or None if another start holds it.
 
@@ -221,23 +238,6 @@ def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | Non
                 notify,
             )
         time.sleep(0.1)
-
-
-def _report_shared(loaded: LoadedSession, notify: Notify | None) -> int:
-    """Root's live session in a directory this user cannot run one in: report it for use.
-
-    E.g. a user's own start-up hook in a dev container whose entrypoint started the session as
-    root in the Dev Container Feature's ``/run/upstreamproxy`` (see ``state.shared_session``).
-    """
-    info = loaded.info
-    message = (
-        f"a session started by root is already running in {info.state_dir} "
-        f"(pid {info.pid}, relay {info.proxy_url})"
-    )
-    log.info("%s", message)
-    _announce(Readiness("ready", 0, message, info.env_file, info.proxy_url, info.pid), notify)
-    print(f"{READY_PREFIX}{info.env_file}", flush=True)
-    return 0
 
 
 def _run_locked(
