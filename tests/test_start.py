@@ -103,7 +103,7 @@ def test_ready_hardened_and_token_deleted(started: Started) -> None:
     assert not started.token_file.exists()
     for name in ("env.sh", "env.json", "ca-bundle.pem", "start.pid"):
         assert stat.S_IMODE((state / name).stat().st_mode) == 0o644, name
-    assert (state / "start.pid").read_text().strip() == str(started.pid)
+    assert (state / "start.pid").read_text().split()[0] == str(started.pid)
     assert started.document()["session"]["pid"] == started.pid
     # PR_SET_DUMPABLE read back from the running process, and no core dumps.
     assert_not_dumpable(started.pid)
@@ -530,13 +530,3 @@ def test_profile_snippet_ignores_a_dead_session(started: Started, tmp_path: Path
     rc, values, err = shell_env("sh", f'. "{PROFILE}"', env)
     assert rc == 0 and err == ""
     assert "HTTPS_PROXY" not in values
-
-
-def test_devcontainer_example_is_valid_json_and_uses_the_hook() -> None:
-    document = json.loads((ROOT / "env" / "devcontainer.json").read_text())
-    assert "upstreamproxy-start.sh" in document["postStartCommand"]
-    assert {
-        "UPSTREAMPROXY_TOKEN_FILE",
-        "UPSTREAMPROXY_SESSION_ID",
-        "UPSTREAMPROXY_EGRESS_URL",
-    } <= set(document["containerEnv"])

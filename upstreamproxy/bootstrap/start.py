@@ -67,12 +67,15 @@ from .netlock import NetLockError, lock, spec_for, unlock
 from .privsep import RelayChildFailed, RelayUser, SeparateRelay, resolve_relay_user
 from .proxy_env import proxy_environment, single_label_names, user_ca_files
 from .state import (
+    LoadedSession,
     NoSession,
     SessionInfo,
     StatePaths,
     load_session,
     prepare_state_dir,
     remove_session_files,
+    remove_stale_session,
+    shared_session,
     write_session,
 )
 from .token_file import delete_token_file, read_token
@@ -128,6 +131,9 @@ class Readiness:
     pid: int = field(default_factory=os.getpid)
     #: Things the caller must also see on stderr (e.g. an unused token file deleted).
     notes: tuple[str, ...] = ()
+    #: True only from the process that goes on serving the session: ``start --background``
+    #: waits for (and so reaps) every other daemon, which exits right after reporting.
+    serving: bool = False
 
 
 Notify = Callable[[Readiness], None]
@@ -167,13 +173,36 @@ def run_session(options: StartOptions, notify: Notify | None = None) -> int:
         paths = prepare_state_dir(options.state_dir)
         lock = _lock_state_dir(paths)
     except ConfigError as exc:
+        shared = shared_session(options.state_dir)
+        if shared is not None:  # e.g. a user's own hook in a container root started
+            return _report_shared(shared, notify)
         return _give_up(options, str(exc), notify)
     if lock is None:
         return _report_other(options, paths, notify)
     try:
+        stale = remove_stale_session(paths)  # what a killed session left: we hold the lock
+        if stale:
+            log.info("%s", stale)
         return _run_locked(options, paths, hardening.ok, hardening.describe(), notify)
     finally:
         os.close(lock)
+
+
+def _report_shared(loaded: LoadedSession, notify: Notify | None) -> int:
+    """Root's live session in a directory this user cannot run one in: report it for use.
+
+    E.g. a user's own start-up hook in a dev container whose entrypoint started the session as
+    root in the Dev Container Feature's ``/run/upstreamproxy`` (see ``state.shared_session``).
+    """
+    info = loaded.info
+    message = (
+        f"a session started by root is already running in {info.state_dir} "
+        f"(pid {info.pid}, relay {info.proxy_url})"
+    )
+    log.info("%s", message)
+    _announce(Readiness("ready", 0, message, info.env_file, info.proxy_url, info.pid), notify)
+    print(f"{READY_PREFIX}{info.env_file}", flush=True)
+    return 0
 
 
 def _lock_state_dir(paths: StatePaths) -> int | None:
@@ -184,7 +213,10 @@ def _lock_state_dir(paths: StatePaths) -> int | None:
     """
     path = paths.directory / "start.lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        # 0600: nobody else needs it, and anyone who can open it could hold it and so keep
+        # every later start waiting.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
     except OSError as exc:
         raise ConfigError("state_dir", f"cannot open {path}: {exc.strerror}") from None
     try:
@@ -518,7 +550,10 @@ async def _serve(
     try:
         _delete_token(options)
         message = f"relay {relay.proxy_url} -> {info.egress_url}, environment in {paths.env_sh}"
-        _announce(Readiness("ready", 0, message, str(paths.env_sh), relay.proxy_url, pid), notify)
+        _announce(
+            Readiness("ready", 0, message, str(paths.env_sh), relay.proxy_url, pid, serving=True),
+            notify,
+        )
         print(f"{READY_PREFIX}{paths.env_sh}", flush=True)
         ended = relay.ended if isinstance(relay, SeparateRelay) else None
         waiting = [f for f in (stop, ended) if f is not None]

@@ -9,7 +9,12 @@ Public API::
     class SessionInfo                # what env.json records about the session
     write_session(paths, info, plan) -> None         # env.sh, env.json, pid file
     load_session(state_dir: Path) -> LoadedSession  # raises NoSession with a clear reason
+    shared_session(state_dir: Path) -> LoadedSession | None  # root's live session, for others
     remove_session_files(paths, pid) -> None         # only if they still belong to ``pid``
+    remove_stale_session(paths) -> str | None        # a dead session's files, at the next start
+    class ProcessIdentity                            # pid + start time + boot id
+    process_identity(pid) -> ProcessIdentity | None  # from /proc; None if gone (or a zombie)
+    session_alive(info) -> bool                      # the recorded process is that very process
     session_env(loaded, base_env) -> (EnvPlan, dict[str, str])   # what exec/doctor run with
     child_environment(env) -> dict[str, str]         # without token-bearing variables
 
@@ -19,13 +24,27 @@ Layout of ``<state-dir>`` (default ``$XDG_RUNTIME_DIR/upstreamproxy``, else
     ca-bundle.pem   the CA super bundle (0644), kept after the session ends
     env.sh          ``export NAME='value'`` lines to source (0644)
     env.json        render_json(plan) plus a "session" object (pid, proxy URL, bundle, ...)
-    start.pid       the pid of the process serving the relay
+    start.pid       ``PID START_TICKS BOOT_ID``: the process serving the relay (one line)
+    start.lock      held (flock) by the ``start`` process while it runs; 0600
     start.log       the log of a ``start --background`` daemon
 
 None of these ever holds the token. env.json is the source of truth for ``env``, ``exec``
 and ``doctor``; env.sh and start.pid exist for shells (env/profile.d) that cannot parse JSON.
-A session is *running* when the pid in env.json is alive and its relay port accepts
-connections; anything else is stale state from a session that was killed.
+
+Liveness, whatever pid reuse does. A session that was SIGKILLed (with its container, by the
+OOM killer, ...) leaves env.sh, env.json and start.pid behind, and after a container restart
+another process may well have its pid. So a pid is never trusted alone: the session records
+the process's identity, ``(pid, start time, boot id)`` — the start time is field 22 of
+``/proc/PID/stat`` (clock ticks since boot, fixed for the life of the process, different for
+any later process with the same pid) and the boot id (``/proc/sys/kernel/random/boot_id``)
+rules out a reboot. The session is alive only while ``/proc/PID/stat`` shows that start time
+and the process is not a zombie (a killed relay under a PID 1 that never reaps stays one).
+The check reads two world-readable files, works for a session of another user (``kill -0``
+would say EPERM) and cannot be disturbed by anyone holding a lock; the profile snippet does
+the same in POSIX sh. The recorded pid is the one whose death ends the proxy: the process that
+serves the relay port. A ``start`` that finds such leftovers removes them before it begins
+(:func:`remove_stale_session`); shells and ``env``/``exec``/``doctor`` ignore them meanwhile.
+Where there is no ``/proc`` the pid check alone has to do.
 """
 
 from __future__ import annotations
@@ -37,7 +56,7 @@ import stat
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -165,6 +184,11 @@ class SessionInfo:
             path(self.wget2rc),
         )
 
+    #: ``pid``'s start time (clock ticks since boot) and the boot id, filled in by
+    #: :func:`write_session`; None in files written before they were recorded.
+    pid_start: int | None = None
+    boot_id: str | None = None
+
     @property
     def proxy_port(self) -> int:
         port = urllib.parse.urlsplit(self.proxy_url).port
@@ -177,13 +201,26 @@ class SessionInfo:
         return urllib.parse.urlsplit(self.proxy_url).hostname or "127.0.0.1"
 
 
-def write_session(paths: StatePaths, info: SessionInfo, plan: EnvPlan) -> None:
-    """Write env.json, env.sh and the pid file, each atomically (0644)."""
+def write_session(paths: StatePaths, info: SessionInfo, plan: EnvPlan) -> SessionInfo:
+    """Write env.json, env.sh and the pid file, each atomically (0644).
+
+    Records the identity of ``info.pid`` (start time, boot id) unless ``info`` has it, and
+    returns the info as written. start.pid is written last: until it names a live process,
+    shells ignore the other files.
+    """
+    if info.pid_start is None:
+        identity = process_identity(info.pid)
+        if identity is not None:
+            info = replace(info, pid_start=identity.start_ticks, boot_id=identity.boot_id)
     document = json.loads(render_json(plan))
     document["session"] = asdict(info)
     write_text_atomic(paths.env_json, json.dumps(document, indent=2) + "\n")
     write_text_atomic(paths.env_sh, render_sh(plan))
-    write_text_atomic(paths.pid_file, f"{info.pid}\n")
+    line = str(info.pid)
+    if info.pid_start is not None:
+        line += f" {info.pid_start} {info.boot_id or '-'}"
+    write_text_atomic(paths.pid_file, line + "\n")
+    return info
 
 
 def remove_session_files(paths: StatePaths, pid: int) -> None:
@@ -203,6 +240,28 @@ def remove_session_files(paths: StatePaths, pid: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_stale_session(paths: StatePaths) -> str | None:
+    """Remove what a dead session left (env.sh, env.json, start.pid); says what it removed.
+
+    Called by ``start`` once it holds the state directory's lock, so no session can be
+    starting or running here: files that still describe a live process are left alone all
+    the same (that process is then not ours to judge), and None is returned.
+    """
+    if not any(p.exists() for p in (paths.env_sh, paths.env_json, paths.pid_file)):
+        return None
+    try:
+        info = _read_info(paths)
+    except NoSession:
+        info = None
+    if info is not None and session_alive(info):
+        return None
+    for path in (paths.env_sh, paths.env_json, paths.pid_file):
+        path.unlink(missing_ok=True)
+    if info is None:
+        return f"removed unreadable session files from {paths.directory}"
+    return f"removed the files of an earlier session (pid {info.pid}) that is no longer running"
+
+
 @dataclass(frozen=True)
 class LoadedSession:
     info: SessionInfo
@@ -216,6 +275,54 @@ def _plan_from_document(document: Mapping[str, Any]) -> EnvPlan:
         for v in document["variables"]
     )
     return EnvPlan(variables, tuple(str(n) for n in document.get("notes", ())))
+
+
+BOOT_ID_FILE: Final = Path("/proc/sys/kernel/random/boot_id")
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process, told apart from any later process that gets the same pid."""
+
+    pid: int
+    start_ticks: int  # field 22 of /proc/PID/stat: clock ticks since boot
+    boot_id: str  # "" where the kernel does not say
+    zombie: bool = False
+
+
+def boot_id() -> str:
+    try:
+        return BOOT_ID_FILE.read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_identity(pid: int) -> ProcessIdentity | None:
+    """``pid``'s identity from /proc, or None if there is no such process (or no /proc).
+
+    The command name (field 2) may hold spaces and parentheses, so fields are counted from
+    the last ``)``. /proc/PID/stat is world-readable, also for a non-dumpable process.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        state, start = fields[0].decode(), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+    return ProcessIdentity(pid, start, boot_id(), zombie=state in ("Z", "X", "x"))
+
+
+def session_alive(info: SessionInfo) -> bool:
+    """Whether the process that wrote ``info`` is still running (see the module docstring)."""
+    if info.pid_start is None or not Path("/proc/self/stat").exists():
+        return pid_alive(info.pid) and _runs_upstreamproxy(info.pid)
+    now = process_identity(info.pid)
+    if now is None or now.zombie or now.start_ticks != info.pid_start:
+        return False
+    return not (info.boot_id and now.boot_id and info.boot_id != now.boot_id)
 
 
 def pid_alive(pid: int) -> bool:
@@ -255,11 +362,31 @@ def load_session(
 ) -> LoadedSession:
     """The running session in ``state_dir``; NoSession (with the reason) if there is none.
 
-    ``check_alive``: the pid in env.json must be a live upstreamproxy process.
+    ``check_alive``: the process recorded in env.json must still be running
+    (:func:`session_alive`).
     ``check_relay``: the relay port must also accept a connection (the relay logs each such
     probe as a tunnel, so only ``doctor`` asks for it).
     """
     paths = StatePaths(state_dir.expanduser())
+    document = _read_document(paths)  # read once: start may replace the file meanwhile
+    info = _parse_info(paths, document)
+    try:
+        plan = _plan_from_document(document)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
+    if check_alive and not session_alive(info):
+        raise NoSession(
+            f"no session is running: the one that wrote {paths.env_json} (pid {info.pid}) "
+            "has ended; start a new one with `upstreamproxy start`"
+        )
+    if check_relay and not relay_answers(info.proxy_host, info.proxy_port):
+        raise NoSession(
+            f"the session's relay at {info.proxy_url} (pid {info.pid}) does not accept connections"
+        )
+    return LoadedSession(info, plan, paths)
+
+
+def _read_document(paths: StatePaths) -> dict[str, Any]:
     try:
         raw = paths.env_json.read_text()
     except FileNotFoundError:
@@ -271,23 +398,52 @@ def load_session(
         raise NoSession(f"cannot read {paths.env_json}: {exc.strerror}") from None
     try:
         document = json.loads(raw)
+    except ValueError as exc:
+        raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
+    if not isinstance(document, dict):
+        raise NoSession(f"{paths.env_json} is not a session file (not an object)")
+    return document
+
+
+def _read_info(paths: StatePaths) -> SessionInfo:
+    return _parse_info(paths, _read_document(paths))
+
+
+def _parse_info(paths: StatePaths, document: Mapping[str, Any]) -> SessionInfo:
+    try:
         session = dict(document["session"])
         session["no_proxy_extra"] = tuple(session.get("no_proxy_extra", ()))
         session["merged_ca_files"] = tuple(session.get("merged_ca_files", ()))
-        info = SessionInfo(**session)
-        plan = _plan_from_document(document)
+        return SessionInfo(**session)
     except (ValueError, KeyError, TypeError) as exc:
         raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
-    if check_alive and not (pid_alive(info.pid) and _runs_upstreamproxy(info.pid)):
-        raise NoSession(
-            f"no session is running: the one that wrote {paths.env_json} (pid {info.pid}) "
-            "has ended; start a new one with `upstreamproxy start`"
-        )
-    if check_relay and not relay_answers(info.proxy_host, info.proxy_port):
-        raise NoSession(
-            f"the session's relay at {info.proxy_url} (pid {info.pid}) does not accept connections"
-        )
-    return LoadedSession(info, plan, paths)
+
+
+def shared_session(state_dir: Path) -> LoadedSession | None:
+    """The live session in a state directory that root runs for everyone, else None.
+
+    A user whose ``start`` cannot use the directory (it belongs to root, as the Dev Container
+    Feature's ``/run/upstreamproxy`` does) may still use root's session there, exactly as
+    the profile snippet does. Only a root-owned directory that nobody else can write counts:
+    a directory some other user owns could hold anything (a proxy of theirs, their CA).
+    """
+    path = state_dir.expanduser()
+    if os.geteuid() == 0:
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != 0
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        return None
+    try:
+        return load_session(path)
+    except NoSession:
+        return None
 
 
 def child_environment(env: Mapping[str, str]) -> dict[str, str]:

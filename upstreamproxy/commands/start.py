@@ -5,11 +5,23 @@ bootstrap (its log goes to ``<state-dir>/start.log``) and reports the outcome ov
 the parent waits for that report, prints the env file path on stdout (nothing when the proxy
 is disabled) and exits with the child's status. So ``f=$(upstreamproxy start --background)``
 never hangs on the daemon's open stdout, and the hook can ``. "$f"``.
+
+What the person who started it must know reaches the parent's stderr, not only start.log:
+every WARNING the daemon logged before it reported (token file too open, token not deleted
+from a read-only mount, incomplete hardening, CA problems, ...), one line each, then one
+line with the outcome (ready, already running, or why the proxy is disabled).
+
+No zombies, even under a PID 1 that never reaps (``sleep infinity`` as a container's
+command): a daemon that does not go on serving (the proxy is disabled, the start failed, or a
+session already runs) exits right after its report and the parent waits for it, so it is
+reaped here. Only the daemon that serves the session outlives the parent; it is in its own
+session (``setsid``), and what becomes of it when it ends is up to the container's init.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +42,11 @@ from .lock import add_lock_options, add_relay_user_options
 HELP = "bootstrap the sandbox: token, hardening, CA bundle, relay, environment for tools"
 
 log = logging.getLogger("upstreamproxy.start")
+
+#: How long ``--background`` waits for a daemon that reported and is exiting (to reap it).
+REAP_WAIT = 10.0
+MAX_REPORTED_WARNINGS = 20
+MAX_WARNING_LENGTH = 1000
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -206,10 +223,10 @@ def _background(options: StartOptions, ready_timeout: float) -> int:
             os._exit(code)
     os.close(write_fd)
     try:
-        report = _wait_for_report(read_fd, ready_timeout)
+        received = _wait_for_report(read_fd, ready_timeout)
     finally:
         os.close(read_fd)
-    if report is None:
+    if received is None:
         with_kill = _stop_child(pid)
         reason = (
             f"the daemon (pid {pid}) did not report readiness within {ready_timeout:g}s"
@@ -217,13 +234,20 @@ def _background(options: StartOptions, ready_timeout: float) -> int:
             else f"the daemon (pid {pid}) exited without reporting"
         )
         return _parent_give_up(options, reason)
+    report, warnings = received
+    # The daemon already wrote these lines to its log; the caller must see them too.
+    for warning in warnings:
+        if warning != report.message and warning not in report.notes:
+            log.warning("%s", warning)
     _notes_to_stderr(report)
-    if report.status == "ready":
+    if report.serving:
         _reap_if_exited(pid)
+    else:
+        _reap_if_exited(pid, wait=REAP_WAIT)
+    if report.status == "ready":
+        log.info("ready: %s", report.message)
         print(report.env_file, flush=True)
         return 0
-    _reap_if_exited(pid, wait=2.0)
-    # The daemon already wrote this line to its log; the caller must see it too.
     level = logging.ERROR if report.exit_code else logging.WARNING
     log.log(level, "%s", report.message)
     return report.exit_code
@@ -242,13 +266,36 @@ def _daemon(options: StartOptions, write_fd: int) -> int:
     os.setsid()
     os.chdir("/")
     _redirect_output(options.state_dir)
+    warnings = _WarningCollector()
+    logging.getLogger().addHandler(warnings)
 
     def notify(readiness: Readiness) -> None:
-        data = (json.dumps(asdict(readiness)) + "\n").encode()
-        os.write(write_fd, data)
+        logging.getLogger().removeHandler(warnings)  # later warnings: start.log only
+        document = asdict(readiness)
+        document["warnings"] = warnings.lines[:MAX_REPORTED_WARNINGS]
+        os.write(write_fd, (json.dumps(document) + "\n").encode())
         os.close(write_fd)
 
-    return run_session(options, notify)
+    try:
+        return run_session(options, notify)
+    finally:
+        logging.getLogger().removeHandler(warnings)
+
+
+class _WarningCollector(logging.Handler):
+    """Keeps the text of every WARNING-or-worse record, each flattened to one line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = " ".join(record.getMessage().split())
+        except Exception:  # a bad format string must not break the start
+            return
+        if len(self.lines) < MAX_REPORTED_WARNINGS:
+            self.lines.append(text[:MAX_WARNING_LENGTH])
 
 
 def _redirect_output(state_dir: Path) -> None:
@@ -270,7 +317,7 @@ def _redirect_output(state_dir: Path) -> None:
     os.close(null)
 
 
-def _wait_for_report(fd: int, timeout: float) -> Readiness | None:
+def _wait_for_report(fd: int, timeout: float) -> tuple[Readiness, list[str]] | None:
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
@@ -287,38 +334,38 @@ def _wait_for_report(fd: int, timeout: float) -> Readiness | None:
     if b"\n" not in data:
         return None
     try:
-        fields = json.loads(data.split(b"\n", 1)[0])
-        fields["notes"] = tuple(fields.get("notes", ()))
-        return Readiness(**fields)
-    except (ValueError, TypeError):
+        document = json.loads(data.split(b"\n", 1)[0])
+        warnings = [str(w) for w in document.pop("warnings", [])]
+        document["notes"] = tuple(document.get("notes", ()))
+        return Readiness(**document), warnings
+    except (ValueError, TypeError, AttributeError):
         return None
 
 
-def _reap_if_exited(pid: int, wait: float = 0.0) -> None:
+def _reap_if_exited(pid: int, wait: float = 0.0) -> bool:
+    """Reap ``pid`` if it has exited, waiting up to ``wait`` seconds; True once it is gone."""
     deadline = time.monotonic() + wait
     while True:
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if done or time.monotonic() >= deadline:
-            return
+            return True
+        if done:
+            return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
 
 
 def _stop_child(pid: int) -> bool:
-    """Terminate a daemon that never reported; True if it was still running."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
+    """Terminate (and reap) a daemon that never reported; True if it was still running."""
+    if _reap_if_exited(pid):
         return False
-    if done:
-        return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    _reap_if_exited(pid, wait=5.0)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        if _reap_if_exited(pid, wait=REAP_WAIT):
+            break
     return True
 
 

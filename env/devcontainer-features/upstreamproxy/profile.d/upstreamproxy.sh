@@ -1,0 +1,67 @@
+# /etc/profile.d/upstreamproxy.sh: login shells pick up the running upstreamproxy session.
+#
+# Sources <state-dir>/env.sh (HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE, ...) when the session that
+# wrote it is still running; does nothing otherwise. Never fails, never prints. The state
+# directory is found as `upstreamproxy start` chooses it: UPSTREAMPROXY_STATE_DIR, else
+# $XDG_RUNTIME_DIR/upstreamproxy, else $HOME/.cache/upstreamproxy. For interactive shells that
+# are not login shells, source this file from /etc/bash.bashrc (or ~/.bashrc) as well.
+#
+# "Still running" is decided the way `upstreamproxy env` decides it, whatever pid reuse does
+# (a SIGKILLed session leaves its files behind, and after a container restart another process
+# may have its pid): start.pid holds "PID START_TICKS BOOT_ID", and the session counts only
+# while /proc/PID/stat shows that very start time (field 22) on this boot and the process is
+# not a zombie. Two reads of world-readable files, no subprocess. Safe under `set -eu`.
+
+_upstreamproxy_dir=${UPSTREAMPROXY_STATE_DIR:-}
+if [ -z "$_upstreamproxy_dir" ]; then
+    case ${XDG_RUNTIME_DIR:-} in
+        /*) _upstreamproxy_dir=$XDG_RUNTIME_DIR/upstreamproxy ;;
+        *) _upstreamproxy_dir=${HOME:-/nonexistent}/.cache/upstreamproxy ;;
+    esac
+fi
+
+# $1 pid, $2 start ticks, $3 boot id, as recorded by the session. Positional parameters are
+# the function's own, so `set --` does not touch the shell's.
+_upstreamproxy_alive() {
+    _upstreamproxy_stat=
+    [ -r "/proc/$1/stat" ] || return 1
+    read -r _upstreamproxy_stat 2>/dev/null <"/proc/$1/stat" || [ -n "$_upstreamproxy_stat" ] || return 1
+    if [ -r /proc/sys/kernel/random/boot_id ] && [ "$3" != - ]; then
+        _upstreamproxy_boot=
+        read -r _upstreamproxy_boot 2>/dev/null </proc/sys/kernel/random/boot_id
+        [ "$_upstreamproxy_boot" = "$3" ] || return 1
+    fi
+    _upstreamproxy_want=$2
+    # Fields after the command name, which may hold spaces and ")": state is the first,
+    # the start time the twentieth. Split on spaces whatever the caller's IFS is.
+    _upstreamproxy_ifs_set=${IFS+x}
+    _upstreamproxy_ifs=${IFS-}
+    IFS=' '
+    # shellcheck disable=SC2086  # splitting is the point; the fields hold no glob characters
+    set -- ${_upstreamproxy_stat##*) }
+    if [ -n "$_upstreamproxy_ifs_set" ]; then IFS=$_upstreamproxy_ifs; else unset IFS; fi
+    [ "$#" -ge 20 ] || return 1
+    case $1 in Z | X | x) return 1 ;; esac
+    shift 19
+    [ "$1" = "$_upstreamproxy_want" ]
+}
+
+if [ -r "$_upstreamproxy_dir/env.sh" ] && [ -r "$_upstreamproxy_dir/start.pid" ]; then
+    _upstreamproxy_pid= _upstreamproxy_start= _upstreamproxy_bootid=
+    IFS=' ' read -r _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
+        _upstreamproxy_rest 2>/dev/null <"$_upstreamproxy_dir/start.pid" || :
+    case $_upstreamproxy_pid:$_upstreamproxy_start in
+        *[!0-9:]* | :* | *:) ;; # not "PID START": an old or damaged file, trust nothing
+        *)
+            if _upstreamproxy_alive "$_upstreamproxy_pid" "$_upstreamproxy_start" \
+                "${_upstreamproxy_bootid:--}"; then
+                . "$_upstreamproxy_dir/env.sh"
+            fi
+            ;;
+    esac
+fi
+unset _upstreamproxy_dir _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
+    _upstreamproxy_rest _upstreamproxy_stat _upstreamproxy_boot _upstreamproxy_want \
+    _upstreamproxy_ifs _upstreamproxy_ifs_set
+unset -f _upstreamproxy_alive
+true
