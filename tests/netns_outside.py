@@ -17,8 +17,8 @@ import socket
 import sys
 
 from aiohttp import web
+from testpki import make_ca
 
-from upstreamproxy.certs import create_ca
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.policy import PolicyStore, policy_from_allow_list
 from upstreamproxy.egress.server import EgressConfig, EgressServer
@@ -55,7 +55,7 @@ async def main(v4: str, v6: str) -> None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             await loop.create_datagram_endpoint(Echo, local_addr=(host, port), family=family)
     allowed = [f"{v4}:{ORIGIN_PORT}", f"[{v6}]:{ORIGIN_PORT}"]
-    ca = create_ca("netlock CA").cert_pem()
+    ca = make_ca("netlock CA").cert_pem()
     egresses = [
         EgressServer(
             EgressConfig(host=host, port=EGRESS_PORT, ca_cert_pem=ca),

@@ -22,8 +22,6 @@ import tools_fixtures
 from aiohttp import web
 from tools_fixtures import HELLO, READY_PREFIX, UNTRUSTED, Started, World, start_session
 
-from upstreamproxy.certs import issue_leaf
-
 world = tools_fixtures.world
 
 PYTHON_GET = (
@@ -315,7 +313,7 @@ def test_wget2_trusts_the_bundle_through_wget2rc(
     through a proxy at all (no CONNECT), so this checks the CA on a direct connection to an
     origin in NO_PROXY (127.0.0.1), signed by the egress CA that only the bundle holds."""
     need("wget2")
-    leaf = issue_leaf(world.ca, ["127.0.0.1"])
+    leaf = world.ca.issue(["127.0.0.1"])
     (tmp_path / "leaf.pem").write_bytes(leaf.chain_pem())
     (tmp_path / "leaf.key").write_bytes(leaf.key_pem())
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -189,8 +189,8 @@ async def test_sigterm_with_drain_delay_in_the_real_command(tmp_path: Path) -> N
 
 def test_relay_signalled_right_after_its_ready_line_exits_cleanly(tmp_path: Path) -> None:
     token = tmp_path / "token"
-    token.write_text("t0k3n-value")
     for _ in range(3):
+        token.write_text("t0k3n-value")  # the relay deletes it once it listens
         proc = subprocess.Popen(
             [
                 sys.executable,

@@ -191,8 +191,8 @@ def options_from_args(args: argparse.Namespace) -> StartOptions:
 
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    raise_nofile_limit("start")
     if not args.background:
+        raise_nofile_limit("start")
         return run_session(options)  # its log (with any notes) is on stderr already
     return _background(options, args.ready_timeout)
 
@@ -266,6 +266,7 @@ def _daemon(options: StartOptions, write_fd: int) -> int:
     os.setsid()
     os.chdir("/")
     _redirect_output(options.state_dir)
+    raise_nofile_limit("start")  # logged to start.log: stderr gets warnings and the outcome
     warnings = _WarningCollector()
     logging.getLogger().addHandler(warnings)
 
