@@ -19,7 +19,7 @@ from upstreamproxy.tunnel import (
     LOCAL,
     WS,
     Action,
-    CheckLocal,
+    CheckPeers,
     CloseLocal,
     CloseWs,
     CoreMisuse,
@@ -335,7 +335,7 @@ def test_relay_pooled_socket_that_answered_is_not_retried() -> None:
 def test_relay_client_leaving_while_waiting() -> None:
     core = relay_in(State.ESTABLISHING)
     assert core.next_deadline() == 1.0  # the local side is not read: check for a hang-up
-    assert CheckLocal() in core.tick(1.0)
+    assert CheckPeers() in core.tick(1.0)
     actions = core.local_eof(1.5)
     assert actions == [CloseWs(1000), CloseLocal(), Finished("client-closed")]
 
@@ -441,7 +441,7 @@ def test_client_hangup_noticed_while_writes_are_stuck() -> None:
     assert not core.may_read_local
     deadline = core.next_deadline()
     assert deadline is not None and deadline <= 6.0
-    assert CheckLocal() in core.tick(deadline)
+    assert CheckPeers() in core.tick(deadline)
     actions = core.local_eof(deadline)
     assert finished(actions) == "client-closed"
 

@@ -19,8 +19,9 @@ import ipaddress
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from .codec import encode_chunk
 from .connect_head import build_tunnel_request
@@ -106,6 +107,30 @@ class RelayConfig:
             ping_timeout=self.ping_timeout,
             write_stall=self.write_stall_timeout,
         )
+
+
+#: ``UPSTREAMPROXY_*`` variables that tune a relay started by ``start`` (the ``relay``
+#: command has the same as flags), and the RelayConfig field each sets.
+TUNING_ENV: Final = {
+    "POOL_SIZE": ("pool_size", int),
+    "PING_INTERVAL": ("ping_interval", float),
+    "PING_TIMEOUT": ("ping_timeout", float),
+    "WRITE_STALL_TIMEOUT": ("write_stall_timeout", float),
+}
+
+
+def tuning_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """RelayConfig fields from ``UPSTREAMPROXY_*`` tuning variables (ConfigError if bad)."""
+    fields: dict[str, Any] = {}
+    for name, (field_name, convert) in TUNING_ENV.items():
+        raw = environ.get(f"UPSTREAMPROXY_{name}")
+        if raw is None or raw == "":
+            continue
+        try:
+            fields[field_name] = convert(raw)
+        except ValueError:
+            raise ConfigError(field_name, f"UPSTREAMPROXY_{name}={raw!r} is not a number") from None
+    return fields
 
 
 def is_loopback_host(host: str) -> bool:

@@ -33,7 +33,7 @@ from .connect_head import PREOPENED_HEADER, REASON_HEADER
 from .logredact import redacting_logger
 from .secret import Secret
 from .tasks import TaskSet
-from .tunnel.driver import CLOSE_GRACE, OpenFailed, WsClosed
+from .tunnel.driver import CLOSE_GRACE, OpenFailed, WsClosed, reset, transport_hung_up
 
 log = logging.getLogger("upstreamproxy.relay")
 _ws_log = redacting_logger("upstreamproxy.relay.websocket")
@@ -82,7 +82,10 @@ class WebsocketsPort:
         await close_ws(self.ws, code)
 
     def abort(self) -> None:
-        self.ws.transport.abort()
+        reset(self.ws.transport)
+
+    def lost(self) -> bool:
+        return transport_hung_up(self.ws.transport)
 
     @property
     def usable(self) -> bool:
@@ -102,7 +105,7 @@ async def close_ws(ws: ClientConnection, code: int = 1000) -> None:
         except (TimeoutError, ConnectionClosed, OSError):
             pass
         finally:
-            ws.transport.abort()
+            reset(ws.transport)  # no-op once closed; a reset if the handshake never finished
 
     await asyncio.shield(close())
 
@@ -186,7 +189,8 @@ class WsPool:
         self._ping_timeout = ping_timeout
         self._idle: deque[_Idle] = deque()
         self._waiters: deque[asyncio.Future[WebsocketsPort | None]] = deque()
-        self._opening = 0
+        self._opening = 0  # open attempts, including ones backing off
+        self._connecting = 0  # open attempts actually under way
         self._tasks = TaskSet()
         self._backoff = 0.0
         self._closed = False
@@ -213,7 +217,7 @@ class WsPool:
                 self.stats["taken"] += 1
                 return idle.port, True
             idle.port.abort()
-        if self._opening > len(self._waiters):
+        if self._connecting > len(self._waiters):
             # One is on its way and started before this CONNECT: it arrives sooner than a
             # fresh one would, and does not compete with it for the session's limit.
             waiter: asyncio.Future[WebsocketsPort | None] = (
@@ -222,6 +226,11 @@ class WsPool:
             self._waiters.append(waiter)
             try:
                 port = await waiter
+            except asyncio.CancelledError:
+                handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
+                if handed is not None:
+                    handed.abort()  # handed over just as this CONNECT gave up
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
@@ -253,6 +262,7 @@ class WsPool:
         try:
             if self._backoff:
                 await asyncio.sleep(self._backoff)
+            self._connecting += 1
             try:
                 port = await self._open()
             except OpenFailed as exc:
@@ -262,6 +272,8 @@ class WsPool:
                 if self._waiters:  # that CONNECT opens its own and gets the real answer
                     self._waiters.popleft().set_result(None)
                 return
+            finally:
+                self._connecting -= 1
             if self._backoff:
                 log.info("pre-opening WebSockets works again")
             self._backoff = 0.0

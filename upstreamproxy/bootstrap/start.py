@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from ..errors import ConfigError, UpstreamProxyError
-from ..relay import Relay, RelayConfig
+from ..relay import Relay, RelayConfig, tuning_from_env
 from ..secret import Secret
 from .ca_bundle import prepare_ca_bundle, redact_url
 from .hardening import make_non_dumpable
@@ -258,6 +258,7 @@ def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
         listen_host="127.0.0.1",
         listen_port=options.port,
         egress_ca_file=options.egress_ca_file,
+        **tuning_from_env(os.environ),
     )
     config.validate()
     return config

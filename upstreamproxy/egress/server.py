@@ -76,6 +76,7 @@ class EgressServer:
         dial: DialFn = dial_addresses,
         interception: Callable[[EgressMetrics], Interception] | None = None,
     ) -> None:
+        config.timeouts.validate()
         self.config = config
         self.authenticator = authenticator
         self.policies = policies

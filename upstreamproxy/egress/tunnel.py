@@ -12,16 +12,14 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
 
 from aiohttp import WSMsgType, web
 
 from ..connect_head import REASON_HEADER, RULE_HEADER
-from ..errors import AuthError, HeadError
+from ..errors import AuthError, ConfigError, HeadError
 from ..tunnel import Open, Role, Timeouts, TunnelCore
 from ..tunnel.driver import (
     CLOSE_GRACE,
@@ -30,6 +28,8 @@ from ..tunnel.driver import (
     OpenStale,
     TunnelDriver,
     WsClosed,
+    reset,
+    transport_hung_up,
 )
 from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
@@ -40,7 +40,6 @@ log = logging.getLogger("upstreamproxy.egress.tunnel")
 
 __all__ = ["REASON_HEADER", "RULE_HEADER", "InterceptFn", "Tunnel", "TunnelTimeouts"]
 
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 #: Serves an intercepted tunnel on the inner end of a socketpair (see egress/interception).
 InterceptFn = Callable[[socket.socket, Route, AdmissionRecord, Session], Awaitable[object]]
@@ -60,6 +59,20 @@ class TunnelTimeouts:
     #: A WebSocket that sent only keepalives so far (a relay's pre-opened one) waits this
     #: long after each keepalive for its CONNECT, instead of ``head``.
     pooled_wait: float = 90.0
+
+    def validate(self) -> None:
+        names = {
+            "head": "head_timeout",
+            "dial": "dial_timeout",
+            "idle": "idle_timeout",
+            "ping_interval": "ping_interval",
+            "ping_timeout": "ping_timeout",
+            "write_stall": "write_stall_timeout",
+            "pooled_wait": "preopened_wait",
+        }
+        for name, option in names.items():
+            if getattr(self, name) <= 0:
+                raise ConfigError(option, "must be positive")
 
     def core(self) -> Timeouts:
         return Timeouts(
@@ -161,15 +174,11 @@ class AiohttpPort:
         except (TimeoutError, ConnectionError, RuntimeError):
             self.abort()
 
+    def lost(self) -> bool:
+        return transport_hung_up(self._transport)
+
     def abort(self) -> None:
-        transport = self._transport
-        if transport is None or (transport.is_closing() and not transport.get_write_buffer_size()):
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        transport.abort()
+        reset(self._transport)
 
 
 class Tunnel:

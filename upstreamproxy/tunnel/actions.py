@@ -64,8 +64,10 @@ class SendPing:
 
 
 @dataclass(frozen=True, slots=True)
-class CheckLocal:
-    """Check, without reading, whether the local peer hung up; report it with ``local_eof``."""
+class CheckPeers:
+    """Check, without reading, whether a peer hung up: the local one (report ``local_eof``)
+    or the WebSocket's (report ``ws_closed``). Asked for while a side is not being read -
+    paused by backpressure, or its reader stuck in a write - where a hang-up shows no other way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +98,7 @@ Action = (
     | SendConnect
     | Open
     | SendPing
-    | CheckLocal
+    | CheckPeers
     | CloseWs
     | CloseLocal
     | Finished

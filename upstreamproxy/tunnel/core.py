@@ -61,7 +61,7 @@ from .actions import (
     LOCAL,
     WS,
     Action,
-    CheckLocal,
+    CheckPeers,
     CloseLocal,
     CloseWs,
     Finished,
@@ -130,7 +130,7 @@ class Timeouts:
     #: Egress: a pre-opened WebSocket waits this long for its CONNECT (renewed by each
     #: keepalive) instead of ``head``.
     pooled_wait: float = 90.0
-    #: While the local side is not being read, check this often whether it hung up.
+    #: While a side is not being read, check this often whether its peer hung up.
     hangup_check: float | None = 1.0
 
 
@@ -333,12 +333,12 @@ class TunnelCore:
                 self._next_keepalive = now + self._keepalive_interval()
                 actions.append(self._send(KEEPALIVE, 0, now))
         if self._next_hangup_check is not None and now >= self._next_hangup_check:
-            if self._reading_local():
+            if self._reading_both():
                 self._next_hangup_check = None
             else:
                 assert self.timeouts.hangup_check is not None
                 self._next_hangup_check = now + self.timeouts.hangup_check
-                actions.append(CheckLocal())
+                actions.append(CheckPeers())
         return actions
 
     def next_deadline(self) -> float | None:
@@ -597,18 +597,21 @@ class TunnelCore:
         assert self.timeouts.keepalive is not None
         return self.timeouts.keepalive
 
-    def _reading_local(self) -> bool:
-        return self.may_read_local and self._pending[WS] == 0
+    def _reading_both(self) -> bool:
+        """Whether both sides are being read (a hang-up then shows as EOF by itself)."""
+        local = not self._local_open or (self.may_read_local and self._pending[WS] == 0)
+        ws = not self._ws_open or (self.may_read_ws and self._pending[LOCAL] == 0)
+        return local and ws
 
     def _update_hangup_check(self, now: float) -> None:
-        """Arm a hang-up check when the local side is not being read.
+        """Arm a hang-up check when a side is not being read.
 
         Armed, never disarmed here: :meth:`tick` disarms it if reading resumed, so a busy
         tunnel re-arms it at most once per interval instead of once per chunk.
         """
         if self.timeouts.hangup_check is None or self.state is State.CLOSED:
             self._next_hangup_check = None
-        elif self._next_hangup_check is None and self._local_open and not self._reading_local():
+        elif self._next_hangup_check is None and not self._reading_both():
             self._next_hangup_check = now + self.timeouts.hangup_check
 
     def _peer(self, side: Side) -> str:
@@ -731,6 +734,9 @@ TRANSITIONS: Final[dict[tuple[Role, State], dict[str, _Handler]]] = {
     },
     (Role.RELAY, State.OPENING): {
         "local_eof": _H._local_eof,
+        # Only a socket being replaced can be reported closed here (its reader and a send
+        # may both notice); the one on its way is not open yet.
+        "ws_closed": _IGNORE,
         "ws_opened": _H._relay_opened,
         "open_failed": _H._relay_open_failed,
         "drain": _IGNORE,

@@ -36,7 +36,7 @@ from .actions import (
     LOCAL,
     WS,
     Action,
-    CheckLocal,
+    CheckPeers,
     CloseLocal,
     CloseWs,
     Finished,
@@ -74,6 +74,9 @@ class WsPort(Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once."""
+
+    def lost(self) -> bool:
+        """Whether the connection is gone (seen without reading from it)."""
 
 
 class WsClosed(Exception):
@@ -230,6 +233,9 @@ class TunnelDriver:
 
     async def _execute(self, actions: list[Action]) -> None:
         core = self.core
+        # The input that produced these actions may have moved a deadline earlier (a write
+        # now outstanding arms the stall and hang-up timers): re-arm before any await.
+        self._sync()
         for action in actions:
             if isinstance(action, SendChunk):
                 await self._send(action.message)
@@ -242,9 +248,12 @@ class TunnelDriver:
                 self._opening = self._spawn(self._open(action))
             elif isinstance(action, SendPing):
                 self._spawn(self._ping())
-            elif isinstance(action, CheckLocal):
+            elif isinstance(action, CheckPeers):
                 if self.writer is not None and hung_up(self.writer):
                     await self._execute(core.local_eof(self._loop.time()))
+                    return
+                if self.ws is not None and self.ws.lost():
+                    await self._execute(core.ws_closed(None, self._loop.time()))
                     return
             elif isinstance(action, CloseWs | CloseLocal):
                 self._closing.append(action)
@@ -358,9 +367,17 @@ async def _discard(opened: Opened) -> None:
 
 def hung_up(writer: asyncio.StreamWriter) -> bool:
     """Whether the peer of ``writer``'s socket hung up, checked without reading."""
-    sock = writer.get_extra_info("socket")
+    return transport_hung_up(writer.transport)
+
+
+def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
+    """Whether a transport is closed or its socket's peer hung up (FIN or RST), checked
+    without reading - a transport whose reading is paused sees neither by itself."""
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
     if sock is None:
-        return writer.is_closing()
+        return False
     poller = select.poll()
     try:
         poller.register(sock.fileno(), _HANGUP)
@@ -384,10 +401,22 @@ async def close_stream(writer: asyncio.StreamWriter, *, abort: bool = False) -> 
             return
         except (TimeoutError, ConnectionError, OSError):
             pass
-    sock = writer.get_extra_info("socket")
+    reset(transport)
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
+
+
+def reset(transport: asyncio.WriteTransport | None) -> None:
+    """Drop a connection at once with a TCP reset.
+
+    A plain ``abort()`` closes the socket, but the kernel still queues a FIN behind any
+    unsent data - to a peer whose window is closed it never arrives, and the peer never
+    learns we left. ``SO_LINGER`` 0 makes the close a reset, which always gets through.
+    """
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
