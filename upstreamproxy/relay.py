@@ -264,8 +264,9 @@ class Relay:
             log.exception("tunnel %s failed unexpectedly", stats.target)
         finally:
             self._handlers.discard(task)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(close_stream(writer))
+            if not writer.transport.is_closing():  # the driver closes it; this is a backstop
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(close_stream(writer))
             if core.target is not None:
                 stats.target = core.target.authority
             log.info(

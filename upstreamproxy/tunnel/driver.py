@@ -136,7 +136,6 @@ class TunnelDriver:
         self._closing: list[Action] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._opening: asyncio.Task[None] | None = None
 
     # -- running -----------------------------------------------------------------------------
 
@@ -245,7 +244,9 @@ class TunnelDriver:
                 assert self._connect_chunk is not None
                 await self._send(self._connect_chunk(action), counted=False)
             elif isinstance(action, Open):
-                self._opening = self._spawn(self._open(action))
+                # Inline: the task that got here (the reader of the side that asked) reads
+                # nothing more until the tunnel is open anyway; one task fewer per tunnel.
+                await self._open(action)
             elif isinstance(action, SendPing):
                 self._spawn(self._ping())
             elif isinstance(action, CheckPeers):
