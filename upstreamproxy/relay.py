@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from .codec import encode_chunk
-from .connect_head import build_tunnel_request
+from .connect_head import Target, build_tunnel_request, parse_status_head
 from .errors import ConfigError
+from .memstream import stream_pair
 from .relay_link import LinkConfig, WsPool, open_ws
 from .secret import Secret
+from .tasks import TaskSet
 from .tunnel import Open, Role, SendConnect, Timeouts, TunnelCore
 from .tunnel.driver import Opened, TunnelDriver, close_stream
 
@@ -150,6 +152,15 @@ class TunnelStats:
     outcome: str = "open"
 
 
+class TunnelRefused(Exception):
+    """:meth:`Relay.open_tunnel` did not get a ``200``: ``status`` and the whole ``answer``."""
+
+    def __init__(self, status: int, answer: bytes) -> None:
+        super().__init__(f"tunnel not established: HTTP {status}")
+        self.status = status
+        self.answer = answer
+
+
 class Relay:
     """The CONNECT listener. ``start()`` binds, ``stop()`` closes the listener and every tunnel."""
 
@@ -177,6 +188,7 @@ class Relay:
             ping_timeout=config.ping_timeout,
         )
         self._stopping = False
+        self._inner = TaskSet()  # tunnels opened by open_tunnel()
 
     @property
     def port(self) -> int:
@@ -222,6 +234,7 @@ class Relay:
             task.cancel()
         if handlers:
             await asyncio.wait(handlers, timeout=grace)
+        await self._inner.cancel_all(grace)
         await self.pool.close()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -241,6 +254,43 @@ class Relay:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- in-process tunnels ---------------------------------------------------------------
+
+    async def open_tunnel(
+        self, target: Target
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a tunnel to ``target`` for code in this process (e.g. plain-HTTP forwarding).
+
+        It runs the very same path as a client's CONNECT - the tunnel core, the pool, every
+        deadline, the log line - over an in-memory stream pair instead of a socket: this
+        writes ``CONNECT target`` into one end, :meth:`_handle` serves the other, and once
+        the egress answered ``200`` the returned ``(reader, writer)`` carry the raw tunnel
+        bytes. Closing the writer (or EOF) ends the tunnel as a client's FIN would.
+
+        Raises :class:`TunnelRefused` with the status and the whole answer (the egress's
+        refusal, or the relay's own ``502``/``504``) when the tunnel is not established.
+        """
+        if self._server is None:
+            raise RuntimeError("relay is not started")
+        (reader, writer), (inner_reader, inner_writer) = stream_pair(2 * READ_SIZE)
+        self._inner.spawn(self._handle(inner_reader, inner_writer), name="open-tunnel")
+        writer.write(f"CONNECT {target.authority} HTTP/1.1\r\n\r\n".encode())
+        try:
+            # Bounded by the tunnel's own deadlines: the handler always answers or closes.
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            raise TunnelRefused(502, b"") from None
+        except BaseException:
+            writer.close()
+            raise
+        status = parse_status_head(head).status
+        if status != 200:
+            body = await reader.read()
+            writer.close()
+            raise TunnelRefused(status, head + body)
+        return reader, writer
 
     # -- per connection -----------------------------------------------------------------
 
