@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from ..certs import parse_ca_certificate
 from ..egress import audit
 from ..egress.auth import Authenticator, SignedTokens, StaticTokens
-from ..egress.interception import Interception, InterceptionConfig
+from ..egress.intercept_wiring import Interception, InterceptionConfig
 from ..egress.limits import LimitConfig
 from ..egress.metrics import EgressMetrics
 from ..egress.policy import PolicyStore, policy_from_allow_list

@@ -29,7 +29,7 @@ from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
 from .auth import Authenticator, Session, bearer_token
 from .dialer import IPAddress, dial_addresses
-from .interception import Interception
+from .intercept_wiring import Interception
 from .limits import LimitConfig, Limiter, LimitExceeded
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
 from .policy import PolicyStore

@@ -41,7 +41,7 @@ log = logging.getLogger("upstreamproxy.egress.tunnel")
 __all__ = ["REASON_HEADER", "RULE_HEADER", "InterceptFn", "Tunnel", "TunnelTimeouts"]
 
 
-#: Serves an intercepted tunnel on the inner end of a socketpair (see egress/interception).
+#: Serves an intercepted tunnel on the inner end of a socketpair (see egress/intercept_wiring).
 InterceptFn = Callable[[socket.socket, Route, AdmissionRecord, Session], Awaitable[object]]
 
 

@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Final
 
 import h11
 
+from ...connect_head import REASON_HEADER
 from .headers import (
     PreparedRequest,
     Refusal,
@@ -53,8 +53,6 @@ from .secretstore import SecretStore
 from .upstream import UpstreamConnector, make_upstream_context, open_upstream
 
 log = logging.getLogger("upstreamproxy.egress.intercept")
-
-REASON_HEADER: Final = "X-Upstreamproxy-Reason"
 
 AuditFn = Callable[[dict[str, object]], None]
 
