@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from aiohttp import WSMsgType, web
 
@@ -120,6 +121,20 @@ class TunnelContext:
         return self._core_timeouts
 
 
+#: Frames larger than this go out in one write by :meth:`AiohttpPort._send_one_write`
+#: (aiohttp's own threshold for writing header and payload separately).
+ONE_WRITE_ABOVE: Final = 16 * 1024
+
+
+def binary_frame_header(size: int) -> bytes:
+    """The header of an unmasked, final, binary WebSocket frame of ``size`` bytes (RFC 6455)."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 1 << 16:
+        return bytes((0x82, 126)) + size.to_bytes(2, "big")
+    return bytes((0x82, 127)) + size.to_bytes(8, "big")
+
+
 class AiohttpPort:
     """:class:`~upstreamproxy.tunnel.driver.WsPort` over an aiohttp server WebSocket."""
 
@@ -129,12 +144,47 @@ class AiohttpPort:
         self._pongs: list[asyncio.Future[None]] = []
 
     async def send(self, message: bytes) -> None:
-        if self.ws.closed:
+        ws = self.ws
+        if ws.closed:
             raise WsClosed()
         try:
-            await self.ws.send_bytes(message)
+            if len(message) > ONE_WRITE_ABOVE and await self._send_one_write(message):
+                return
+            await ws.send_bytes(message)
         except (ConnectionError, RuntimeError):
             raise WsClosed() from None
+
+    async def _send_one_write(self, message: bytes) -> bool:
+        """Write one binary frame - header and payload - with one ``transport.write``.
+
+        aiohttp writes a frame over 16 KiB as two writes, header then payload: two send()
+        calls and a 10-byte TCP segment per tunnel chunk. This does the same framing as
+        aiohttp (server frames are unmasked, no compression here) and its flow control, in
+        one write. Returns False (the caller uses aiohttp) if aiohttp's writer is not what
+        this expects.
+        """
+        writer = getattr(self.ws, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        protocol = getattr(writer, "protocol", None)
+        if (
+            writer is None
+            or transport is None
+            or protocol is None
+            or writer.use_mask
+            or writer.compress
+            or writer._closing
+            or transport.is_closing()
+            or not hasattr(writer, "_output_size")
+            or not hasattr(protocol, "_drain_helper")
+        ):
+            return False
+        transport.write(binary_frame_header(len(message)) + message)
+        writer._output_size += len(message) + 10
+        if writer._output_size > writer._limit:
+            writer._output_size = 0
+            if protocol._paused:
+                await protocol._drain_helper()
+        return True
 
     async def recv(self) -> bytes | str | None:
         ws = self.ws
