@@ -48,9 +48,10 @@ async def test_each_message_is_one_write_and_arrives_intact(size: int) -> None:
     app.router.add_get("/ws", handler)
     runner, port_number = await _serve(app, None)
     try:
-        async with aiohttp.ClientSession() as session, session.ws_connect(
-            f"http://127.0.0.1:{port_number}/ws", max_msg_size=0
-        ) as ws:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://127.0.0.1:{port_number}/ws", max_msg_size=0) as ws,
+        ):
             for _ in range(2):
                 received = await asyncio.wait_for(ws.receive_bytes(), 10)
                 assert received == message

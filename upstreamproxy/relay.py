@@ -214,7 +214,7 @@ class Relay:
             self.config.listen_port,
             # The head is bounded by the core itself; a small stream limit would only make
             # the reader pause and resume the socket every few KiB of tunnel data.
-            limit=2 * READ_SIZE,
+            limit=READ_SIZE // 2,
             backlog=LISTEN_BACKLOG,
         )
         self.pool.start()

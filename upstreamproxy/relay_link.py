@@ -42,8 +42,8 @@ _ws_log = redacting_logger("upstreamproxy.relay.websocket")
 _ws_log.setLevel(logging.INFO)
 
 #: Messages websockets buffers before it stops reading the socket (backpressure).
-WS_MAX_QUEUE: Final = 4
-WS_WRITE_LIMIT: Final = 256 * 1024
+WS_MAX_QUEUE: Final = 1
+WS_WRITE_LIMIT: Final = 64 * 1024
 #: Refill back-off after a failed pre-open (doubling up to the maximum).
 POOL_BACKOFF: Final = 1.0
 POOL_BACKOFF_MAX: Final = 30.0

@@ -231,6 +231,19 @@ class AiohttpPort:
         reset(self._transport)
 
 
+#: What an upstream's StreamReader may buffer before it stops reading the socket is twice
+#: this. The tunnel reads 128 KiB at a time and writes it out before reading on, so more
+#: buffering only holds memory while the relay is slow (it was 512 KiB per busy tunnel).
+UPSTREAM_BUFFER_LIMIT: Final = 64 * 1024
+
+
+def _bound_buffer(reader: asyncio.StreamReader) -> None:
+    # StreamReader takes its limit only at construction (the dialer's, sized for its own
+    # use); ``_limit`` is what its pause check reads, in every supported Python.
+    if getattr(reader, "_limit", 0) > UPSTREAM_BUFFER_LIMIT:
+        reader._limit = UPSTREAM_BUFFER_LIMIT  # type: ignore[attr-defined]
+
+
 class Tunnel:
     def __init__(
         self,
@@ -334,6 +347,7 @@ class Tunnel:
                 self.ctx.metrics.dial_seconds.observe(self.admitted.dial_seconds)
         if route.intercept is None:
             assert route.upstream is not None
+            _bound_buffer(route.upstream.reader)
             return Opened(reader=route.upstream.reader, writer=route.upstream.writer)
         if self.ctx.intercept is None:
             raise OpenFailed(502, "interception-not-configured", self.admitted.rule)
