@@ -104,6 +104,15 @@ class Rig:
         return self.egress
 
 
+async def log_shows(proc: Proc, text: str, timeout: float = 10.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while text not in proc.log.read_text():
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"{text!r} not in {proc.log.read_text()[-2000:]}") from None
+
+
 async def baseline(proc: Proc, settle: float = 1.0) -> int:
     """The fd count once it stopped moving (pre-opened sockets filled, and so on)."""
     last, stable_since = proc.fds(), time.monotonic()
@@ -222,7 +231,7 @@ async def test_egress_frozen_during_a_transfer(rig: Rig, streaming_origin: int) 
     finally:
         rig.egress.proc.send_signal(signal.SIGCONT)
     writer.close()
-    assert "egress-unresponsive" in rig.relay.log.read_text()
+    await log_shows(rig.relay, "egress-unresponsive")  # logged as the handler finishes
     await back_to(rig.relay, relay_fds)
     await back_to(rig.egress, egress_fds)
 

@@ -348,11 +348,8 @@ class Relay:
             core, opener, reader=reader, writer=writer, connect_chunk=connect_chunk
         )
         await driver.run()
+        target = core.target.authority if core.target is not None else "-"
         if core.error is not None:
-            log.error(
-                "tunnel %s: protocol error: %s", core.target and core.target.authority, core.error
-            )
-        elif core.status and core.status != 200 and core.outcome.startswith("failed"):
-            log.warning(
-                "tunnel %s not established: %s", core.target and core.target.authority, core.outcome
-            )
+            log.error("tunnel %s: protocol error: %s", target, core.error)
+        elif core.reason:
+            log.warning("tunnel %s not established: %s", target, core.reason)

@@ -194,6 +194,7 @@ class TunnelCore:
         self._ws_open = role is Role.EGRESS  # the egress core starts on an upgraded socket
         self._local_open = role is Role.RELAY  # the egress has an upstream once dialled
         self.refusal: tuple[str, str] | None = None  # egress: (reason, rule) it answered with
+        self.reason = ""  # relay: the reason it answered its client with
         wait = timeouts.pooled_wait if preopened else timeouts.head
         self._state_deadline: float | None = now + wait
         self._last_payload = now
@@ -667,6 +668,7 @@ class TunnelCore:
     ) -> list[Action]:
         """Relay: answer the client ourselves (before establishment only), then close."""
         self.status = status
+        self.reason = reason
         write = self._write_local(relay_answer(status, reason), now)
         return [write, *self._finish(now, outcome or f"failed-{status}", ws_code=ws_code)]
 
