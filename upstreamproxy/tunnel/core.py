@@ -194,6 +194,10 @@ class TunnelCore:
         self._ws_open = role is Role.EGRESS  # the egress core starts on an upgraded socket
         self._local_open = role is Role.RELAY  # the egress has an upstream once dialled
         self.refusal: tuple[str, str] | None = None  # egress: (reason, rule) it answered with
+        #: Set when a deadline may have moved earlier; the adapter clears it once it has
+        #: looked at :meth:`next_deadline` (later deadlines need no re-arming: an early
+        #: timer just ticks and re-arms), so a busy tunnel does not recompute it per chunk.
+        self.deadline_moved = True
         self.reason = ""  # relay: the reason it answered its client with
         wait = timeouts.pooled_wait if preopened else timeouts.head
         self._state_deadline: float | None = now + wait
@@ -517,6 +521,7 @@ class TunnelCore:
         if not (self.preopened or self._keepalive_seen) and now < self._created + DRAIN_MIN_AGE:
             # Upgraded just now: its CONNECT may be on the way. Give it a moment.
             self._state_deadline = min(self._state_deadline or now, self._created + DRAIN_MIN_AGE)
+            self.deadline_moved = True
             return []
         return self._finish(now, "drained-before-connect", ws_code=CLOSE_GOING_AWAY)
 
@@ -582,12 +587,14 @@ class TunnelCore:
     def _enter(self, state: State, deadline: float | None) -> None:
         self.state = state
         self._state_deadline = deadline
+        self.deadline_moved = True
 
     def _start_ws_timers(self, now: float) -> None:
         self._last_heard = now
         self._ping_sent = None
         if self.timeouts.keepalive is not None:
             self._next_keepalive = now + self.timeouts.keepalive
+        self.deadline_moved = True
 
     def _stop_ws_timers(self) -> None:
         self._ws_open = False
@@ -614,6 +621,7 @@ class TunnelCore:
             self._next_hangup_check = None
         elif self._next_hangup_check is None and not self._reading_both():
             self._next_hangup_check = now + self.timeouts.hangup_check
+            self.deadline_moved = True
 
     def _peer(self, side: Side) -> str:
         if side is LOCAL:
@@ -623,6 +631,7 @@ class TunnelCore:
     def _send(self, message: bytes, payload_size: int, now: float) -> SendChunk:
         if self._pending[WS] == 0:
             self._stall_since[WS] = now
+            self.deadline_moved = True
         self._pending[WS] += 1
         self._pending_bytes[WS] += len(message)
         return SendChunk(message, payload_size)
@@ -630,6 +639,7 @@ class TunnelCore:
     def _write_local(self, data: bytes, now: float) -> WriteLocal:
         if self._pending[LOCAL] == 0:
             self._stall_since[LOCAL] = now
+            self.deadline_moved = True
         self._pending[LOCAL] += 1
         self._pending_bytes[LOCAL] += len(data)
         return WriteLocal(data)

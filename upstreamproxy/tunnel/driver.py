@@ -212,6 +212,9 @@ class TunnelDriver:
             self._ws_go.set()
         else:
             self._ws_go.clear()
+        if not core.deadline_moved:
+            return
+        core.deadline_moved = False
         deadline = core.next_deadline()
         # Only an earlier deadline re-arms: a timer that fires early just ticks and re-arms.
         if deadline is not None and (self._timer_at is None or deadline < self._timer_at):
@@ -223,6 +226,7 @@ class TunnelDriver:
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
         actions = self.core.tick(self._loop.time())
+        self.core.deadline_moved = True  # the timer is gone: always re-arm
         if actions:
             self._spawn(self._execute(actions))
         else:
