@@ -491,6 +491,21 @@ def test_egress_refuses_a_bad_head_in_the_tunnel(head: bytes, status: int) -> No
     assert actions[1:] == [CloseWs(1000), Finished(f"refused-{status}")]
 
 
+@pytest.mark.parametrize("message", [*malformed_messages(), "text"])
+def test_egress_malformed_chunk_while_dialling_closes_1002(message: bytes | str) -> None:
+    core = egress_in(State.OPENING)
+    actions = core.ws_message(message, 1.0)
+    assert actions == [CloseWs(1002), Finished("protocol-error")]
+    assert core.open_done(2.0) == []  # a dial finishing afterwards changes nothing
+
+
+def test_egress_holds_pipelined_data_until_200_and_bounds_it() -> None:
+    core = egress_in(State.OPENING)
+    assert core.ws_message(encode_chunk(b"early"), 1.0) == []
+    actions = core.ws_message(encode_chunk(b"x" * HIGH_WATER), 1.0)
+    assert finished(actions) == "protocol-error"  # more than a head's worth before the 200
+
+
 def test_egress_head_timeout_is_400() -> None:
     core = TunnelCore(Role.EGRESS, TE, 0.0)
     core.ws_message(KEEPALIVE, 5.0)  # a keepalive does not extend an ordinary socket
