@@ -68,7 +68,9 @@ async def stand_in(
     return runner, f"ws://127.0.0.1:{port}/ws"
 
 
-def frozen_egress(answer: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def frozen_egress(
+    answer: bool, release: asyncio.Event
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Upgrades, maybe answers 200, then stops reading its socket and never answers a ping:
     what a SIGSTOPped egress or a path that drops packets looks like from the relay."""
 
@@ -81,14 +83,17 @@ def frozen_egress(answer: bool) -> Callable[[web.Request], Awaitable[web.StreamR
             await ws.send_bytes(encode_chunk(build_status_head(200)))
         assert request.transport is not None
         request.transport.pause_reading()
-        await asyncio.sleep(30)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), 30)
+        request.transport.abort()  # no close handshake with a "frozen" socket
         return ws
 
     return handler
 
 
 async def test_relay_closes_an_established_tunnel_whose_egress_froze() -> None:
-    runner, url = await stand_in(frozen_egress(answer=True))
+    release = asyncio.Event()
+    runner, url = await stand_in(frozen_egress(answer=True, release=release))
     try:
         async with make_relay(url, pool_size=0, **FAST) as relay:
             reader, writer, head = await connect_via(relay.port, "a.test:443")
@@ -99,11 +104,13 @@ async def test_relay_closes_an_established_tunnel_whose_egress_froze() -> None:
             writer.close()
             await until(lambda: relay.active_tunnels == 0)
     finally:
+        release.set()
         await runner.cleanup()
 
 
 async def test_relay_answers_504_when_the_egress_froze_before_answering() -> None:
-    runner, url = await stand_in(frozen_egress(answer=False))
+    release = asyncio.Event()
+    runner, url = await stand_in(frozen_egress(answer=False, release=release))
     try:
         async with make_relay(url, pool_size=0, establish_timeout=60, **FAST) as relay:
             started = time.monotonic()
@@ -112,6 +119,7 @@ async def test_relay_answers_504_when_the_egress_froze_before_answering() -> Non
             assert b"egress-unresponsive" in answer
             assert time.monotonic() - started < 5
     finally:
+        release.set()
         await runner.cleanup()
 
 
