@@ -203,3 +203,34 @@ async def test_pooled_sockets_never_cost_a_client_a_tunnel(echo_port: int) -> No
         writer.close()
         for _, w, _ in held:
             w.close()
+
+
+async def test_upgrade_refused_while_draining_is_tried_again(echo_port: int) -> None:
+    """A stand-in (named so) answering the first two upgrades 503 draining, as a replica
+    behind a load balancer does while it drains; the next try reaches a live one."""
+    refused: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if len(refused) < 2:
+            refused.append(1)
+            return web.json_response(
+                {"error": "draining"}, status=503, headers={"X-Upstreamproxy-Reason": "draining"}
+            )
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        await ws.send_bytes(encode_chunk(build_status_head(200)))
+        async for message in ws:
+            if message.type is WSMsgType.BINARY and decode_chunk(message.data):
+                await ws.send_bytes(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner, port = await _serve(app, None)
+    try:
+        async with make_relay(f"ws://127.0.0.1:{port}/ws", pool_size=0) as relay:
+            assert await echo_roundtrip(relay, echo_port) == b"ping"
+    finally:
+        await runner.cleanup()
+    assert len(refused) == 2

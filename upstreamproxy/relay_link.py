@@ -119,7 +119,29 @@ class LinkConfig:
     ssl: ssl.SSLContext | None
 
 
+#: An upgrade refused because that egress is draining is tried again this many times (after
+#: DRAINING_RETRY_DELAY, doubling): behind a load balancer the next try usually reaches a
+#: replica that is not, and nothing of the client's was sent yet.
+DRAINING_RETRIES: Final = 3
+DRAINING_RETRY_DELAY: Final = 0.1
+
+
 async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WebsocketsPort:
+    """Upgrade one WebSocket to the egress (see :func:`_open_ws_once`), trying again when
+    the egress that answered is draining."""
+    delay = DRAINING_RETRY_DELAY
+    for attempt in range(DRAINING_RETRIES + 1):
+        try:
+            return await _open_ws_once(cfg, preopened=preopened)
+        except OpenFailed as exc:
+            if exc.status != 503 or exc.reason != "draining" or attempt == DRAINING_RETRIES:
+                raise
+        await asyncio.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+async def _open_ws_once(cfg: LinkConfig, *, preopened: bool = False) -> WebsocketsPort:
     """Upgrade one WebSocket to the egress, or raise :class:`OpenFailed` with the answer.
 
     ``preopened``: for the pool; the upgrade says so (``X-Upstreamproxy-Preopened: 1``, an
