@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import TLSFiles
 
 from upstreamproxy.memstream import stream_pair
 
@@ -50,3 +51,32 @@ async def test_abort_drops_pending_data_and_ends_both() -> None:
     assert data == b"q" * 5000  # what was delivered stays; what was held is dropped
     assert wa.transport.is_closing()
     assert await asyncio.wait_for(ra.read(), 1) == b""
+
+
+async def test_tls_runs_over_the_pair(tls: TLSFiles) -> None:
+    # How the egress hands an intercepted tunnel to the interception engine: the engine's
+    # TLS server (loop.start_tls) on one end, the tunnel's bytes on the other.
+    (ra, wa), (_, wb) = stream_pair()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+
+    async def server() -> None:
+        transport = await loop.start_tls(
+            wb.transport,
+            protocol,
+            tls.server_context(),
+            server_side=True,  # type: ignore[arg-type]
+        )
+        assert transport is not None
+        protocol.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        writer.write((await reader.readexactly(5)).upper() * 50_000)
+        await writer.drain()
+        writer.close()
+
+    served = asyncio.ensure_future(server())
+    await wa.start_tls(tls.client_context(), server_hostname="localhost")
+    wa.write(b"hello")
+    assert await asyncio.wait_for(ra.read(), 10) == b"HELLO" * 50_000
+    await served

@@ -19,6 +19,10 @@ DEFAULT_LIMIT: Final = 256 * 1024
 
 
 class _MemoryTransport(asyncio.Transport):
+    # loop.start_tls() accepts only transports that say so; this one can be switched to a
+    # new protocol (set_protocol, pause/resume) as it requires.
+    _start_tls_compatible = True
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self._loop = loop
@@ -34,8 +38,8 @@ class _MemoryTransport(asyncio.Transport):
     # -- wiring --------------------------------------------------------------------------
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        assert isinstance(protocol, asyncio.Protocol)
-        self._protocol = protocol
+        self._protocol = protocol  # type: ignore[assignment]
+        self._writing_paused = False  # a new protocol starts unpaused (start_tls swaps)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         assert self._protocol is not None
@@ -89,7 +93,7 @@ class _MemoryTransport(asyncio.Transport):
             return
         if self._pending and peer._reading:
             data, self._pending = bytes(self._pending), bytearray()
-            peer._protocol.data_received(data)
+            _deliver(peer._protocol, data)
         if self._pending or not peer._reading:
             self._pause_writer()
         else:
@@ -144,6 +148,21 @@ class _MemoryTransport(asyncio.Transport):
     def _lost(self) -> None:
         if self._protocol is not None:
             self._protocol.connection_lost(None)
+
+
+def _deliver(protocol: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand bytes to a protocol, streaming or buffered (``start_tls``'s SSL protocol is one)."""
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        view = memoryview(data)
+        while view:
+            buffer = memoryview(protocol.get_buffer(len(view)))
+            size = min(len(buffer), len(view))
+            buffer[:size] = view[:size]
+            protocol.buffer_updated(size)
+            view = view[size:]
+    else:
+        assert isinstance(protocol, asyncio.Protocol)
+        protocol.data_received(data)
 
 
 def stream_pair(

@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from .intercept import (
     make_upstream_context,
     serve_intercepted,
 )
+from .intercept.engine import Downstream
 from .policy import PolicySet
 
 log = logging.getLogger("upstreamproxy.egress.intercept_wiring")
@@ -100,7 +100,7 @@ class Interception:
 
     async def serve(
         self,
-        inner: socket.socket,
+        inner: Downstream,
         route: Route,
         admitted: AdmissionRecord,
         session: Session,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
 from .auth import Authenticator, Session, bearer_token
 from .dialer import IPAddress, dial_addresses
+from .intercept.engine import Downstream
 from .intercept_wiring import Interception
 from .limits import LimitConfig, Limiter, LimitExceeded
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
@@ -98,7 +98,7 @@ class EgressServer:
             engine = self.interception
 
             async def intercept(
-                sock: socket.socket, route: Route, admitted: AdmissionRecord, session: Session
+                sock: Downstream, route: Route, admitted: AdmissionRecord, session: Session
             ) -> object:
                 return await engine.serve(sock, route, admitted, session, self.admission)
 

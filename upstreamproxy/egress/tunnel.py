@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from aiohttp import WSMsgType, web
 
 from ..connect_head import REASON_HEADER, RULE_HEADER
 from ..errors import AuthError, ConfigError, HeadError
+from ..memstream import stream_pair
 from ..tunnel import Open, Role, Timeouts, TunnelCore
 from ..tunnel.driver import (
     CLOSE_GRACE,
@@ -34,6 +34,7 @@ from ..tunnel.driver import (
 )
 from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
+from .intercept.engine import Downstream
 from .limits import Limiter
 from .metrics import EgressMetrics
 
@@ -42,8 +43,9 @@ log = logging.getLogger("upstreamproxy.egress.tunnel")
 __all__ = ["REASON_HEADER", "RULE_HEADER", "InterceptFn", "Tunnel", "TunnelTimeouts"]
 
 
-#: Serves an intercepted tunnel on the inner end of a socketpair (see egress/intercept_wiring).
-InterceptFn = Callable[[socket.socket, Route, AdmissionRecord, Session], Awaitable[object]]
+#: Serves an intercepted tunnel on the inner end of an in-memory stream pair (see
+#: egress/intercept_wiring).
+InterceptFn = Callable[[Downstream, Route, AdmissionRecord, Session], Awaitable[object]]
 
 
 @dataclass
@@ -269,7 +271,7 @@ class Tunnel:
             preopened=preopened,
         )
         self._engine: asyncio.Future[object] | None = None
-        self._inner: socket.socket | None = None
+        self._inner: asyncio.StreamWriter | None = None
 
     def drain(self) -> None:
         """The egress is shutting down: a socket still waiting for its CONNECT closes (1001)."""
@@ -351,11 +353,12 @@ class Tunnel:
             return Opened(reader=route.upstream.reader, writer=route.upstream.writer)
         if self.ctx.intercept is None:
             raise OpenFailed(502, "interception-not-configured", self.admitted.rule)
-        outer, inner = socket.socketpair()
+        # A memory-level hand-off: the engine terminates TLS on the inner end of an
+        # in-memory stream pair; the tunnel drives the outer end like any upstream.
+        (reader, writer), (_, inner) = stream_pair(UPSTREAM_BUFFER_LIMIT)
         self._inner = inner
-        reader, writer = await asyncio.open_connection(sock=outer)
         self._engine = asyncio.ensure_future(
-            self.ctx.intercept(inner, route, self.admitted, self.session)
+            self.ctx.intercept(inner.transport, route, self.admitted, self.session)  # type: ignore[arg-type]
         )
         return Opened(reader=reader, writer=writer)
 
@@ -374,4 +377,4 @@ class Tunnel:
             if not engine.cancelled() and engine.exception() is not None:
                 log.error("interception engine failed: %r", engine.exception())
             if self._inner is not None:
-                self._inner.close()
+                self._inner.transport.abort()

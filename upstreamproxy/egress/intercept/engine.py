@@ -1,8 +1,9 @@
 """Serving one intercepted tunnel: the sandbox's TLS ends here, HTTP/1.1 is relayed upstream.
 
 The egress has authenticated the tunnel, parsed its CONNECT, applied policy and chosen
-interception for the rule; it hands :func:`serve_intercepted` one end of a socket pair whose
-other end carries the tunnel's raw bytes. From there:
+interception for the rule; it hands :func:`serve_intercepted` one end of an in-memory stream
+pair (a transport; a connected socket works too) whose other end carries the tunnel's raw
+bytes. From there:
 
 1. TLS handshake as the server, with a leaf for the CONNECT host issued from the egress CA.
    The client must send SNI equal to the CONNECT host (an IP-literal host may omit it, since
@@ -154,8 +155,12 @@ class _Exchange:
     error: str | None = None
 
 
+#: What the engine serves on: a connected socket, or a transport (an in-memory one, say).
+Downstream = socket.socket | asyncio.Transport
+
+
 async def serve_intercepted(
-    sock: socket.socket,
+    sock: Downstream,
     connect_host: str,
     connect_port: int,
     rule: InterceptRule,
@@ -190,7 +195,7 @@ class _Session:
 
     # -- connection ---------------------------------------------------------------------------
 
-    async def run(self, sock: socket.socket) -> None:
+    async def run(self, sock: Downstream) -> None:
         try:
             self.expected = normalize_name(self.connect_host)
             leaf_context = self.env.leaves.get(self.expected)
@@ -209,7 +214,7 @@ class _Session:
             await self._drop_upstream()
             await client.aclose()
 
-    async def _handshake(self, sock: socket.socket, leaf_context: ssl.SSLContext) -> Peer | None:
+    async def _handshake(self, sock: Downstream, leaf_context: ssl.SSLContext) -> Peer | None:
         gate = _SniGate(
             self.expected, is_ip_literal(self.expected), leaf_context, self.env.refuse_unlisted_sni
         )
@@ -218,11 +223,8 @@ class _Session:
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
             async with asyncio.timeout(self.timeouts.handshake + 1):
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol,
-                    sock,
-                    ssl=gate.context(),
-                    ssl_handshake_timeout=self.timeouts.handshake,
+                transport = await _accept_tls(
+                    loop, sock, protocol, gate.context(), self.timeouts.handshake
                 )
         except (OSError, TimeoutError) as exc:
             self.result.sni = gate.server_name
@@ -598,6 +600,28 @@ def _first_peer_error(errors: BaseExceptionGroup[BaseException]) -> PeerError:
         if isinstance(error, BaseExceptionGroup):
             return _first_peer_error(error)
     raise AssertionError("no PeerError in the group")
+
+
+async def _accept_tls(
+    loop: asyncio.AbstractEventLoop,
+    downstream: Downstream,
+    protocol: asyncio.StreamReaderProtocol,
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+) -> asyncio.Transport:
+    """The server side of the client's TLS handshake, over a socket or a transport."""
+    if isinstance(downstream, socket.socket):
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, downstream, ssl=context, ssl_handshake_timeout=handshake_timeout
+        )
+        return transport
+    tls = await loop.start_tls(
+        downstream, protocol, context, server_side=True, ssl_handshake_timeout=handshake_timeout
+    )
+    if tls is None:  # the transport closed during the handshake
+        raise ConnectionResetError("closed during the TLS handshake")
+    protocol.connection_made(tls)
+    return tls
 
 
 __all__ = [
