@@ -144,14 +144,6 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-@dataclass
-class TunnelStats:
-    target: str = "-"
-    sent: int = 0
-    received: int = 0
-    outcome: str = "open"
-
-
 class TunnelRefused(Exception):
     """:meth:`Relay.open_tunnel` did not get a ``200``: ``status`` and the whole ``answer``."""
 
@@ -298,7 +290,6 @@ class Relay:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        stats = TunnelStats()
         started = time.monotonic()
         core = TunnelCore(Role.RELAY, self._timeouts, asyncio.get_running_loop().time())
         try:
@@ -311,17 +302,15 @@ class Relay:
             # CancelledError traceback per open tunnel (Python 3.11).
         except Exception:  # a bug must not take the listener down; it closes this tunnel
             core.outcome = "internal-error"
-            log.exception("tunnel %s failed unexpectedly", stats.target)
+            log.exception("tunnel %s failed unexpectedly", _target(core))
         finally:
             self._handlers.discard(task)
             if not writer.transport.is_closing():  # the driver closes it; this is a backstop
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(close_stream(writer))
-            if core.target is not None:
-                stats.target = core.target.authority
             log.info(
                 "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
-                stats.target,
+                _target(core),
                 core.outcome,
                 core.counters.to_ws,
                 core.counters.to_local,
@@ -348,8 +337,11 @@ class Relay:
             core, opener, reader=reader, writer=writer, connect_chunk=connect_chunk
         )
         await driver.run()
-        target = core.target.authority if core.target is not None else "-"
         if core.error is not None:
-            log.error("tunnel %s: protocol error: %s", target, core.error)
+            log.error("tunnel %s: protocol error: %s", _target(core), core.error)
         elif core.reason:
-            log.warning("tunnel %s not established: %s", target, core.reason)
+            log.warning("tunnel %s not established: %s", _target(core), core.reason)
+
+
+def _target(core: TunnelCore) -> str:
+    return core.target.authority if core.target is not None else "-"

@@ -271,6 +271,7 @@ class Tunnel:
             preopened=preopened,
         )
         self._engine: asyncio.Future[object] | None = None
+        self._driver: TunnelDriver | None = None
         self._inner: asyncio.StreamWriter | None = None
 
     def drain(self) -> None:
@@ -278,8 +279,6 @@ class Tunnel:
         actions = self.core.drain(asyncio.get_running_loop().time())
         if actions and self._driver is not None:
             self._driver.execute_soon(actions)
-
-    _driver: TunnelDriver | None = None
 
     async def run(self) -> None:
         self._driver = TunnelDriver(self.core, self._open, ws=self.port)
