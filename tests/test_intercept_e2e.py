@@ -23,7 +23,7 @@ from conftest import SESSION, TOKEN, _serve, connect_via, run
 from testpki import make_ca
 
 from upstreamproxy.egress.auth import Session, StaticTokens
-from upstreamproxy.egress.interception import Interception, InterceptionConfig
+from upstreamproxy.egress.intercept_wiring import Interception, InterceptionConfig
 from upstreamproxy.egress.policy import PolicyStore, parse_policy_document
 from upstreamproxy.egress.resolver import StaticResolver
 from upstreamproxy.egress.server import EgressConfig, EgressServer

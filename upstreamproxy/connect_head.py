@@ -19,6 +19,11 @@ from typing import Final
 
 from .errors import HeadError
 
+#: Headers the egress (and the relay, for its own answers) explain a refusal with.
+REASON_HEADER: Final = "X-Upstreamproxy-Reason"
+RULE_HEADER: Final = "X-Upstreamproxy-Rule"
+#: Optional upgrade header: the relay opens this WebSocket ahead of any CONNECT (a pool).
+PREOPENED_HEADER: Final = "X-Upstreamproxy-Preopened"
 #: Largest CONNECT head accepted, terminator included.
 MAX_HEAD_BYTES: Final = 8 * 1024
 MAX_HEADERS: Final = 100

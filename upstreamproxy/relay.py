@@ -1,16 +1,14 @@
 """The relay: a loopback HTTP CONNECT listener that carries each tunnel over a WebSocket.
 
-Per client connection: read the CONNECT head (bounded, with a deadline), open one WebSocket
-to the egress with the session's bearer token, send the first chunk (request line and
-``Proxy-Authorization`` only), relay the egress's in-tunnel status head, then pump bytes both
-ways. Backpressure comes from never reading a side faster than the other side drains:
+Per client connection the tunnel protocol core (:mod:`upstreamproxy.tunnel.core`, relay role)
+decides everything - the CONNECT head, the first chunk, the egress's status head, keepalives,
+pings, deadlines, close codes - and :class:`~upstreamproxy.tunnel.driver.TunnelDriver` runs it
+over the client's socket and a WebSocket to the egress, taken from a small pool of
+pre-opened ones (:mod:`upstreamproxy.relay_link`) so a CONNECT waits only for its answer.
 
-* client -> egress: the next ``read()`` waits for ``ws.send()``, which waits for the socket's
-  write buffer to drain below ``write_limit``;
-* egress -> client: the next ``recv()`` waits for ``writer.drain()``; meanwhile websockets
-  stops reading the socket once ``max_queue`` messages are buffered.
-
-So a tunnel holds at most a few chunks in memory however fast either sender is.
+Backpressure: a side is read only while what was read from it has been written to the other
+(websockets' ``write_limit`` and ``max_queue`` bound the socket buffers), so a tunnel holds at
+most a few chunks in memory however fast either sender is.
 """
 
 from __future__ import annotations
@@ -21,34 +19,22 @@ import ipaddress
 import logging
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-
-from . import __version__
 from .acceptor import StreamServer, refuse_http_503, start_server
-from .codec import KEEPALIVE, MAX_MESSAGE_BYTES, decode_chunk, encode_chunk
-from .connect_head import (
-    MAX_HEAD_BYTES,
-    Target,
-    build_status_head,
-    build_tunnel_request,
-    parse_connect_head,
-    parse_status_head,
-    split_head,
-)
-from .errors import ConfigError, HeadError, ProtocolError
-from .forward_request import is_forward_request
-from .logredact import redacting_logger
+from .codec import encode_chunk
+from .connect_head import Target, build_tunnel_request, parse_status_head
+from .errors import ConfigError
+from .memstream import stream_pair
+from .relay_link import LinkConfig, WsPool, open_ws
 from .secret import Secret
+from .tasks import TaskSet
+from .tunnel import Open, Role, SendConnect, Timeouts, TunnelCore
+from .tunnel.driver import Opened, TunnelDriver, close_stream
 
 log = logging.getLogger("upstreamproxy.relay")
-_ws_log = redacting_logger("upstreamproxy.relay.websocket")
-# websockets logs every frame at DEBUG, abbreviated in the middle: the first chunk's
-# credentials could show up cut where no redaction pattern matches. Frames are never logged.
-_ws_log.setLevel(logging.INFO)
 
 #: Bytes read from the client per chunk; well under the 512 KiB payload cap. Larger reads
 #: mean fewer frames (and fewer syscalls and mask draws) per byte relayed.
@@ -56,13 +42,6 @@ READ_SIZE: Final = 128 * 1024
 #: Pending connections the kernel queues for us; bursts of tools opening many tunnels at once
 #: overflowed the default 100 and stalled clients for a 1 s SYN retry.
 LISTEN_BACKLOG: Final = 1024
-#: Messages websockets buffers before it stops reading the socket (backpressure).
-WS_MAX_QUEUE: Final = 4
-WS_WRITE_LIMIT: Final = 256 * 1024
-#: How long a closing tunnel waits for the egress's close frame before aborting the socket.
-#: The frame may sit behind data we no longer read, so waiting longer only holds resources.
-WS_CLOSE_GRACE: Final = 1.0
-REASON_HEADER: Final = "X-Upstreamproxy-Reason"
 
 
 @dataclass(frozen=True)
@@ -81,6 +60,14 @@ class RelayConfig:
     handshake_timeout: float = 10.0
     establish_timeout: float = 30.0
     keepalive_interval: float = 30.0
+    #: A WebSocket ping after this long without hearing from the egress; the egress is dead
+    #: (tunnel closed, or 504 before establishment) when no pong follows within ping_timeout.
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    #: A client or egress that accepts no bytes for this long ends the tunnel.
+    write_stall_timeout: float = 60.0
+    #: Pre-opened WebSockets kept ready (0: open one per CONNECT).
+    pool_size: int = 2
 
     def validate(self) -> None:
         if not self.egress_url.startswith(("ws://", "wss://")):
@@ -100,9 +87,53 @@ class RelayConfig:
             "handshake_timeout",
             "establish_timeout",
             "keepalive_interval",
+            "ping_interval",
+            "ping_timeout",
+            "write_stall_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be positive")
+        if self.pool_size < 0:
+            raise ConfigError("pool_size", "must be 0 or more")
+        if self.egress_proxy is not None and not self.egress_proxy.startswith(
+            ("http://", "https://", "socks5://", "socks5h://", "socks4://", "socks4a://")
+        ):
+            raise ConfigError("egress_proxy", "must be an http://, https:// or socks5:// URL")
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(
+            head=self.head_timeout,
+            open=self.handshake_timeout,
+            establish=self.establish_timeout,
+            keepalive=self.keepalive_interval,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            write_stall=self.write_stall_timeout,
+        )
+
+
+#: ``UPSTREAMPROXY_*`` variables that tune a relay started by ``start`` (the ``relay``
+#: command has the same as flags), and the RelayConfig field each sets.
+TUNING_ENV: Final = {
+    "POOL_SIZE": ("pool_size", int),
+    "PING_INTERVAL": ("ping_interval", float),
+    "PING_TIMEOUT": ("ping_timeout", float),
+    "WRITE_STALL_TIMEOUT": ("write_stall_timeout", float),
+}
+
+
+def tuning_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """RelayConfig fields from ``UPSTREAMPROXY_*`` tuning variables (ConfigError if bad)."""
+    fields: dict[str, Any] = {}
+    for name, (field_name, convert) in TUNING_ENV.items():
+        raw = environ.get(f"UPSTREAMPROXY_{name}")
+        if raw is None or raw == "":
+            continue
+        try:
+            fields[field_name] = convert(raw)
+        except ValueError:
+            raise ConfigError(field_name, f"UPSTREAMPROXY_{name}={raw!r} is not a number") from None
+    return fields
 
 
 def is_loopback_host(host: str) -> bool:
@@ -114,25 +145,13 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-class _PumpFinished(Exception):
-    """Raised by a pump that ended normally, to stop its sibling pumps."""
+class TunnelRefused(Exception):
+    """:meth:`Relay.open_tunnel` did not get a ``200``: ``status`` and the whole ``answer``."""
 
-
-class _TunnelFailed(Exception):
-    """The tunnel could not be established; ``status`` is what the client is told."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, status: int, answer: bytes) -> None:
+        super().__init__(f"tunnel not established: HTTP {status}")
         self.status = status
-        self.reason = reason
-
-
-@dataclass
-class TunnelStats:
-    target: str = "-"
-    sent: int = 0
-    received: int = 0
-    outcome: str = "open"
+        self.answer = answer
 
 
 class Relay:
@@ -146,6 +165,23 @@ class Relay:
         self._ssl: ssl.SSLContext | None = None
         if config.egress_url.startswith("wss://"):
             self._ssl = ssl.create_default_context(cafile=config.egress_ca_file)
+        self._timeouts = config.timeouts()
+        self._link = LinkConfig(
+            config.egress_url,
+            config.token,
+            config.handshake_timeout,
+            config.egress_proxy,
+            self._ssl,
+        )
+        self.pool = WsPool(
+            config.pool_size,
+            lambda: open_ws(self._link, preopened=True),
+            keepalive=config.keepalive_interval,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+        )
+        self._stopping = False
+        self._inner = TaskSet()  # tunnels opened by open_tunnel()
 
     @property
     def port(self) -> int:
@@ -170,15 +206,22 @@ class Relay:
             self._handle,
             self.config.listen_host,
             self.config.listen_port,
-            # The head is bounded by _read_head itself; a small stream limit would only make
+            # The head is bounded by the core itself; a small stream limit would only make
             # the reader pause and resume the socket every few KiB of tunnel data.
-            limit=2 * READ_SIZE,
+            limit=READ_SIZE // 2,
             backlog=LISTEN_BACKLOG,
             on_shed=refuse_http_503,
         )
-        log.info("relay listening on %s -> %s", self.proxy_url, self.config.egress_url)
+        self.pool.start()
+        log.info(
+            "relay listening on %s -> %s (%d pre-opened WebSockets)",
+            self.proxy_url,
+            self.config.egress_url,
+            self.config.pool_size,
+        )
 
     async def stop(self, grace: float = 5.0) -> None:
+        self._stopping = True
         if self._server is not None:
             self._server.close()
         handlers = list(self._handlers)
@@ -186,6 +229,8 @@ class Relay:
             task.cancel()
         if handlers:
             await asyncio.wait(handlers, timeout=grace)
+        await self._inner.cancel_all(grace)
+        await self.pool.close()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), grace)
@@ -205,233 +250,109 @@ class Relay:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    # -- in-process tunnels ---------------------------------------------------------------
+
+    async def open_tunnel(
+        self, target: Target
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a tunnel to ``target`` for code in this process (e.g. plain-HTTP forwarding).
+
+        It runs the very same path as a client's CONNECT - the tunnel core, the pool, every
+        deadline, the log line - over an in-memory stream pair instead of a socket: this
+        writes ``CONNECT target`` into one end, :meth:`_handle` serves the other, and once
+        the egress answered ``200`` the returned ``(reader, writer)`` carry the raw tunnel
+        bytes. Closing the writer (or EOF) ends the tunnel as a client's FIN would.
+
+        Raises :class:`TunnelRefused` with the status and the whole answer (the egress's
+        refusal, or the relay's own ``502``/``504``) when the tunnel is not established.
+        """
+        if self._server is None:
+            raise RuntimeError("relay is not started")
+        (reader, writer), (inner_reader, inner_writer) = stream_pair(2 * READ_SIZE)
+        self._inner.spawn(self._handle(inner_reader, inner_writer), name="open-tunnel")
+        writer.write(f"CONNECT {target.authority} HTTP/1.1\r\n\r\n".encode())
+        try:
+            # Bounded by the tunnel's own deadlines: the handler always answers or closes.
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            raise TunnelRefused(502, b"") from None
+        except BaseException:
+            writer.close()
+            raise
+        status = parse_status_head(head).status
+        if status != 200:
+            body = await reader.read()
+            writer.close()
+            raise TunnelRefused(status, head + body)
+        return reader, writer
+
     # -- per connection -----------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        stats = TunnelStats()
         started = time.monotonic()
+        core = TunnelCore(
+            Role.RELAY, self._timeouts, asyncio.get_running_loop().time(), plain_http=True
+        )
         try:
-            await self._serve_client(reader, writer, stats)
+            await self._run(core, reader, writer)
         except asyncio.CancelledError:
-            stats.outcome = "cancelled"
-            raise
+            core.outcome = "relay-stopping" if self._stopping else "cancelled"
+            if not self._stopping:
+                raise
+            # Stopping: the tunnel is closed; ending quietly keeps asyncio from logging a
+            # CancelledError traceback per open tunnel (Python 3.11).
         except Exception:  # a bug must not take the listener down; it closes this tunnel
-            stats.outcome = "internal-error"
-            log.exception("tunnel %s failed unexpectedly", stats.target)
+            core.outcome = "internal-error"
+            log.exception("tunnel %s failed unexpectedly", _target(core))
         finally:
             self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(asyncio.wait_for(writer.wait_closed(), 1.0))
+            if not writer.transport.is_closing():  # the driver closes it; this is a backstop
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(close_stream(writer))
             log.info(
                 "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
-                stats.target,
-                stats.outcome,
-                stats.sent,
-                stats.received,
+                _target(core),
+                core.outcome,
+                core.counters.to_ws,
+                core.counters.to_local,
                 time.monotonic() - started,
             )
 
-    async def _serve_client(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stats: TunnelStats
+    async def _run(
+        self, core: TunnelCore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        try:
-            head, early = await self._read_head(reader)
-            if is_forward_request(head):  # plain HTTP (absolute-form): see relay_forward.py
-                from .relay_forward import serve_plain_http
+        async def opener(action: Open) -> Opened:
+            if action.fresh:
+                return Opened(ws=await open_ws(self._link))
+            port, pooled = await self.pool.take()
+            return Opened(ws=port, pooled=pooled)
 
-                stats.target = "plain-http"
-                stats.outcome = (await serve_plain_http(self, reader, writer, head + early)).outcome
-                return
-            request = parse_connect_head(head)
-        except HeadError as exc:
-            stats.outcome = f"refused-{exc.status}"
-            await _answer(writer, exc.status, exc.reason)
-            return
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            stats.outcome = "client-gone-before-head"
-            return
-        stats.target = request.target.authority
-        try:
-            ws, status_head, rest = await self._open_tunnel(request.target)
-        except _TunnelFailed as exc:
-            stats.outcome = f"failed-{exc.status}"
-            log.warning("tunnel %s not established: %s", stats.target, exc.reason)
-            await _answer(writer, exc.status, exc.reason)
-            return
-        try:
-            writer.write(status_head + rest)
-            await writer.drain()
-            if parse_status_head(status_head).status != 200:
-                stats.outcome = "refused-by-egress"
-                return
-            stats.outcome = "established"
-            stats.received += len(rest)
-            for chunk_start in range(0, len(early), READ_SIZE):
-                piece = early[chunk_start : chunk_start + READ_SIZE]
-                await ws.send(encode_chunk(piece))
-                stats.sent += len(piece)
-            await self._pump(reader, writer, ws, stats)
-        except (ConnectionError, ConnectionClosed) as exc:
-            # Either side went away between the status head and the pumps: just close.
-            stats.outcome = f"connection-lost ({type(exc).__name__})"
-        finally:
-            await _close_ws(ws)
-
-    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-        buffer = bytearray()
-        async with asyncio.timeout(self.config.head_timeout):
-            while True:
-                parts = split_head(buffer)
-                if parts is not None:
-                    return parts
-                # Never read past the head limit: early tunnel bytes stay bounded by it.
-                data = await reader.read(MAX_HEAD_BYTES - len(buffer))
-                if not data:
-                    raise asyncio.IncompleteReadError(bytes(buffer), None)
-                buffer += data
-
-    async def _open_tunnel(self, target: Target) -> tuple[ClientConnection, bytes, bytes]:
-        cfg = self.config
-        try:
-            ws = await connect(
-                cfg.egress_url,
-                additional_headers={
-                    "Authorization": f"Bearer {cfg.token.reveal()}",
-                    "Content-Type": "application/proto",
-                },
-                user_agent_header=f"upstreamproxy-relay/{__version__}",
-                open_timeout=cfg.handshake_timeout,
-                proxy=cfg.egress_proxy,
-                ssl=self._ssl,
-                compression=None,
-                ping_interval=None,
-                close_timeout=WS_CLOSE_GRACE,
-                logger=_ws_log,
-                max_size=MAX_MESSAGE_BYTES,
-                max_queue=WS_MAX_QUEUE,
-                write_limit=WS_WRITE_LIMIT,
+        def connect_chunk(action: SendConnect) -> bytes:
+            return encode_chunk(
+                build_tunnel_request(
+                    action.target, self.config.session_id, self.config.token.reveal()
+                )
             )
-        except TimeoutError:
-            raise _TunnelFailed(504, "timed out opening the WebSocket to the egress") from None
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            reason = exc.response.headers.get(REASON_HEADER, "")
-            if status in (429, 503):  # a limit or a drain: the client may retry later
-                raise _TunnelFailed(status, reason or f"egress answered HTTP {status}") from None
-            detail = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
-            raise _TunnelFailed(502, f"egress refused the WebSocket upgrade ({detail})") from None
-        except (InvalidHandshake, InvalidURI, OSError) as exc:
-            raise _TunnelFailed(502, f"cannot reach the egress: {type(exc).__name__}") from None
-        try:
-            await ws.send(
-                encode_chunk(build_tunnel_request(target, cfg.session_id, cfg.token.reveal()))
-            )
-            head, rest = await self._read_status(ws)
-            parse_status_head(head)
-            return ws, head, rest
-        except HeadError as exc:
-            await _close_ws(ws)
-            raise _TunnelFailed(502, exc.reason) from None
-        except (ConnectionClosed, OSError):
-            # The egress hung up right after the upgrade (e.g. draining): still a 502, never an
-            # empty reply.
-            await _close_ws(ws)
-            raise _TunnelFailed(502, "egress closed the tunnel before establishing it") from None
-        except BaseException:
-            await _close_ws(ws)
-            raise
 
-    async def _read_status(self, ws: ClientConnection) -> tuple[bytes, bytes]:
-        buffer = bytearray()
-        try:
-            async with asyncio.timeout(self.config.establish_timeout):
-                while True:
-                    message = await ws.recv()
-                    if isinstance(message, str):
-                        raise _TunnelFailed(502, "egress sent a text frame")
-                    buffer += decode_chunk(message)
-                    parts = split_head(buffer)
-                    if parts is not None:
-                        return parts
-        except TimeoutError:
-            raise _TunnelFailed(504, "egress did not answer the CONNECT in time") from None
-        except ConnectionClosed:
-            raise _TunnelFailed(502, "egress closed the tunnel before establishing it") from None
-        except ProtocolError as exc:
-            raise _TunnelFailed(502, f"protocol error from egress: {exc}") from None
+        driver = TunnelDriver(
+            core, opener, reader=reader, writer=writer, connect_chunk=connect_chunk
+        )
+        await driver.run()
+        if driver.handed_off is not None:  # plain HTTP (absolute-form): see relay_forward.py
+            from .relay_forward import serve_plain_http
 
-    async def _pump(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        ws: ClientConnection,
-        stats: TunnelStats,
-    ) -> None:
-        async def client_to_egress() -> None:
-            while data := await reader.read(READ_SIZE):
-                await ws.send(encode_chunk(data))
-                stats.sent += len(data)
-            raise _PumpFinished("client closed")
-
-        async def egress_to_client() -> None:
-            async for message in ws:
-                if isinstance(message, str):
-                    raise ProtocolError("egress sent a text frame")
-                payload = decode_chunk(message)
-                if payload:
-                    writer.write(payload)
-                    await writer.drain()
-                    stats.received += len(payload)
-            raise _PumpFinished("egress closed")
-
-        async def keepalive() -> None:
-            while True:
-                await asyncio.sleep(self.config.keepalive_interval)
-                await ws.send(KEEPALIVE)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(client_to_egress())
-                group.create_task(egress_to_client())
-                group.create_task(keepalive())
-        except* _PumpFinished as finished:
-            stats.outcome = str(finished.exceptions[0])
-        except* ProtocolError as errors:
-            stats.outcome = "protocol-error"
-            log.error("tunnel %s: protocol error: %s", stats.target, errors.exceptions[0])
-            await _close_ws(ws, 1002)
-        except* (ConnectionClosed, ConnectionError, OSError) as errors:
-            stats.outcome = f"connection-lost ({type(errors.exceptions[0]).__name__})"
+            forwarded = await serve_plain_http(self, reader, writer, driver.handed_off)
+            core.outcome = f"plain-http: {forwarded.outcome}"
+            return
+        if core.error is not None:
+            log.error("tunnel %s: protocol error: %s", _target(core), core.error)
+        elif core.reason:
+            log.warning("tunnel %s not established: %s", _target(core), core.reason)
 
 
-async def _close_ws(ws: ClientConnection, code: int = 1000) -> None:
-    """Close the WebSocket, aborting the socket if the close handshake does not finish soon.
-
-    Shielded so a cancelled tunnel (relay stopping) still releases its socket.
-    """
-
-    async def close() -> None:
-        try:
-            async with asyncio.timeout(WS_CLOSE_GRACE):
-                await ws.close(code)
-        except (TimeoutError, ConnectionClosed, OSError):
-            pass
-        finally:
-            ws.transport.abort()
-
-    await asyncio.shield(close())
-
-
-async def _answer(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
-    """Answer the client ourselves (only before a tunnel is established)."""
-    body = (reason + "\n").encode("utf-8", "replace")
-    safe_reason = (
-        reason.encode("ascii", "replace").decode("ascii").replace("\r", " ").replace("\n", " ")
-    )
-    with contextlib.suppress(ConnectionError):
-        writer.write(build_status_head(status, ((REASON_HEADER, safe_reason),), body))
-        await writer.drain()
+def _target(core: TunnelCore) -> str:
+    return core.target.authority if core.target is not None else "-"

@@ -1,12 +1,10 @@
-"""Plain-HTTP forwarding plugged into the relay: ``open_tunnel`` over the relay's WebSockets.
+"""Plain-HTTP forwarding plugged into the relay: ``open_tunnel`` on :meth:`.Relay.open_tunnel`.
 
 :mod:`.http_forward` needs an ``open_tunnel(host, port)`` that gives a byte stream to the
-target through the egress. This module implements it on :class:`.relay.Relay`'s own tunnel
-opening (``Relay._open_tunnel``: WebSocket upgrade, first chunk, the egress's status head),
-so a forwarded request is, on the wire, exactly a ``CONNECT host:port`` tunnel.
-
-It is the only place that knows both sides; when the relay moves onto another tunnel core,
-only this adapter changes.
+target through the egress. :meth:`.relay.Relay.open_tunnel` runs the relay's own CONNECT path
+(the tunnel core, the pre-opened WebSockets, every deadline) over an in-memory stream pair, so
+a forwarded request is, on the wire, exactly a ``CONNECT host:port`` tunnel. This module only
+adapts that stream pair and its refusals to the forwarder's interface.
 """
 
 from __future__ import annotations
@@ -14,86 +12,58 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
-
-from .codec import KEEPALIVE, decode_chunk, encode_chunk
-from .connect_head import Target, header_values, parse_status_head
-from .errors import HeadError, ProtocolError
-from .http_forward import REASON_HEADER, ForwardStats, OpenTunnel, TunnelRefused, serve_forward
+from .connect_head import REASON_HEADER, Target, header_values, parse_status_head, split_head
+from .errors import HeadError
+from .http_forward import ForwardStats, OpenTunnel, TunnelRefused, serve_forward
+from .tunnel.driver import close_stream
 
 if TYPE_CHECKING:
-    from websockets.asyncio.client import ClientConnection
-
     from .relay import Relay
 
-#: Largest payload per chunk sent to the egress (well under the 512 KiB cap).
-SEND_SIZE = 128 * 1024
 
+class StreamTunnel:
+    """An established tunnel's stream pair as the forwarder's ``TunnelStream``."""
 
-class WsTunnelStream:
-    """An established tunnel as a byte stream; sends the keepalive while it waits to read."""
-
-    def __init__(self, ws: ClientConnection, early: bytes, keepalive_interval: float) -> None:
-        self._ws = ws
-        self._pending = bytearray(early)
-        self._keepalive = keepalive_interval
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
 
     async def receive(self, max_bytes: int) -> bytes:
-        while not self._pending:
-            try:
-                async with asyncio.timeout(self._keepalive):
-                    message = await self._ws.recv()  # cancel-safe in websockets' asyncio API
-            except TimeoutError:
-                await self.send(b"")
-                continue
-            except ConnectionClosedOK:
-                return b""
-            except ConnectionClosed as exc:
-                raise ConnectionError(f"egress WebSocket closed: {exc}") from None
-            if isinstance(message, str):
-                raise ConnectionError("egress sent a text frame")
-            try:
-                self._pending += decode_chunk(message)
-            except ProtocolError as exc:
-                raise ConnectionError(f"protocol error from egress: {exc}") from None
-        data = bytes(self._pending[:max_bytes])
-        del self._pending[:max_bytes]
-        return data
+        return await self._reader.read(max_bytes)
 
     async def send(self, data: bytes) -> None:
-        try:
-            if not data:
-                await self._ws.send(KEEPALIVE)
-            for start in range(0, len(data), SEND_SIZE):
-                await self._ws.send(encode_chunk(data[start : start + SEND_SIZE]))
-        except ConnectionClosed as exc:
-            raise ConnectionError(f"egress WebSocket closed: {exc}") from None
+        if self._writer.is_closing():
+            raise ConnectionError("tunnel closed")
+        self._writer.write(data)
+        await self._writer.drain()  # in-memory backpressure from the tunnel core
 
     async def aclose(self) -> None:
-        from .relay import _close_ws
+        await close_stream(self._writer)
 
-        await _close_ws(self._ws)
+
+def refusal(status: int, answer: bytes) -> TunnelRefused:
+    """The forwarder's refusal from the relay's (or egress's) whole answer."""
+    try:
+        parts = split_head(answer)
+        head = parse_status_head(parts[0]) if parts is not None else None
+    except HeadError:
+        head = None
+    if head is None:
+        return TunnelRefused(status, "cannot reach the egress" if status == 502 else "refused")
+    reason = next(iter(header_values(head.headers, REASON_HEADER)), head.reason)
+    return TunnelRefused(status, reason, head.headers)
 
 
 def relay_open_tunnel(relay: Relay) -> OpenTunnel:
     """``open_tunnel`` for :func:`.http_forward.serve_forward`, on ``relay``'s tunnels."""
-    from .relay import _close_ws, _TunnelFailed
+    from .relay import TunnelRefused as RelayRefused
 
-    async def open_tunnel(host: str, port: int) -> WsTunnelStream:
+    async def open_tunnel(host: str, port: int) -> StreamTunnel:
         try:
-            ws, head, rest = await relay._open_tunnel(Target(host, port))
-        except _TunnelFailed as exc:
-            raise TunnelRefused(exc.status, exc.reason) from None
-        try:
-            status = parse_status_head(head)
-        except HeadError as exc:
-            await _close_ws(ws)
-            raise TunnelRefused(502, exc.reason) from None
-        if status.status != 200:
-            await _close_ws(ws)
-            reason = next(iter(header_values(status.headers, REASON_HEADER)), status.reason)
-            raise TunnelRefused(status.status, reason, status.headers)
-        return WsTunnelStream(ws, rest, relay.config.keepalive_interval)
+            reader, writer = await relay.open_tunnel(Target(host, port))
+        except RelayRefused as exc:
+            raise refusal(exc.status, exc.answer) from None
+        return StreamTunnel(reader, writer)
 
     return open_tunnel
 

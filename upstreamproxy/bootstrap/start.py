@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from ..errors import ConfigError, UpstreamProxyError
-from ..relay import Relay, RelayConfig
+from ..relay import Relay, RelayConfig, tuning_from_env
 from ..secret import Secret
 from .ca_bundle import prepare_ca_bundle, redact_url
 from .hardening import HardeningError, make_non_dumpable, ptrace_scope, refuse_if_traced
@@ -355,6 +355,7 @@ def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
         listen_port=options.port,
         egress_ca_file=options.egress_ca_file,
         egress_proxy=_check_egress_proxy(options.egress_proxy),
+        **tuning_from_env(os.environ),
     )
     config.validate()
     return config

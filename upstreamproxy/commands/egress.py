@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from ..certs import parse_ca_certificate
 from ..egress import audit
 from ..egress.auth import Authenticator, SignedTokens, StaticTokens
-from ..egress.interception import Interception, InterceptionConfig
+from ..egress.intercept_wiring import Interception, InterceptionConfig
 from ..egress.limits import LimitConfig
 from ..egress.metrics import EgressMetrics
 from ..egress.policy import PolicyStore, policy_from_allow_list
@@ -199,6 +199,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
     )
     add_option(
+        lim,
+        "--ping-interval",
+        "PING_INTERVAL",
+        "seconds without hearing from a relay before a WebSocket ping",
+        default=20.0,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--ping-timeout",
+        "PING_TIMEOUT",
+        "seconds to wait for the pong before the relay counts as dead",
+        default=20.0,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--write-stall-timeout",
+        "WRITE_STALL_TIMEOUT",
+        "seconds a relay or upstream may accept no bytes before the tunnel ends",
+        default=60.0,
+        type=float,
+    )
+    add_option(
+        lim,
+        "--preopened-wait",
+        "PREOPENED_WAIT",
+        "seconds a pre-opened WebSocket waits for its CONNECT, renewed by each keepalive",
+        default=90.0,
+        type=float,
+    )
+    add_option(
         pol,
         "--reload-interval",
         "RELOAD_INTERVAL",
@@ -311,7 +343,13 @@ def build_server(args: argparse.Namespace) -> EgressServer:
         drain_delay=args.drain_delay,
         reload_interval=args.reload_interval,
         timeouts=TunnelTimeouts(
-            head=args.head_timeout, dial=args.dial_timeout, idle=args.idle_timeout
+            head=args.head_timeout,
+            dial=args.dial_timeout,
+            idle=args.idle_timeout,
+            ping_interval=args.ping_interval,
+            ping_timeout=args.ping_timeout,
+            write_stall=args.write_stall_timeout,
+            pooled_wait=args.preopened_wait,
         ),
         limits=LimitConfig(
             args.max_tunnels, args.max_session_tunnels, args.session_rate, args.session_burst

@@ -93,6 +93,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         type=float,
     )
+    add_liveness_options(parser)
+
+
+def add_liveness_options(parser: argparse._ActionsContainer) -> None:
+    """Liveness, write deadline and pool flags (see README "Liveness, deadlines, pool")."""
+    add_option(
+        parser,
+        "--pool-size",
+        "POOL_SIZE",
+        "pre-opened WebSockets kept ready (0: one per CONNECT)",
+        default=2,
+        type=int,
+    )
+    add_option(
+        parser,
+        "--ping-interval",
+        "PING_INTERVAL",
+        "seconds without hearing from the egress before a WebSocket ping",
+        default=20.0,
+        type=float,
+    )
+    add_option(
+        parser,
+        "--ping-timeout",
+        "PING_TIMEOUT",
+        "seconds to wait for the pong before the egress counts as dead",
+        default=20.0,
+        type=float,
+    )
+    add_option(
+        parser,
+        "--write-stall-timeout",
+        "WRITE_STALL_TIMEOUT",
+        "seconds a client or the egress may accept no bytes before the tunnel ends",
+        default=60.0,
+        type=float,
+    )
 
 
 def config_from_args(args: argparse.Namespace, token: Secret) -> RelayConfig:
@@ -111,6 +148,10 @@ def config_from_args(args: argparse.Namespace, token: Secret) -> RelayConfig:
         egress_proxy=args.egress_proxy,
         handshake_timeout=args.handshake_timeout,
         keepalive_interval=args.keepalive,
+        pool_size=args.pool_size,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        write_stall_timeout=args.write_stall_timeout,
     )
 
 

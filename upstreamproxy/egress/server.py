@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -24,13 +23,15 @@ from typing import Final
 from aiohttp import web
 
 from ..codec import MAX_MESSAGE_BYTES
+from ..connect_head import PREOPENED_HEADER
 from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
 from .auth import Authenticator, Session, bearer_token
 from .dialer import IPAddress, dial_addresses
-from .interception import Interception
+from .intercept.engine import Downstream
+from .intercept_wiring import Interception
 from .limits import LimitConfig, Limiter, LimitExceeded
 from .listener import GuardedSite
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
@@ -83,6 +84,7 @@ class EgressServer:
         dial: DialFn = dial_addresses,
         interception: Callable[[EgressMetrics], Interception] | None = None,
     ) -> None:
+        config.timeouts.validate()
         self.config = config
         self.authenticator = authenticator
         self.policies = policies
@@ -106,7 +108,7 @@ class EgressServer:
             engine = self.interception
 
             async def intercept(
-                sock: socket.socket, route: Route, admitted: AdmissionRecord, session: Session
+                sock: Downstream, route: Route, admitted: AdmissionRecord, session: Session
             ) -> object:
                 return await engine.serve(sock, route, admitted, session, self.admission)
 
@@ -114,9 +116,15 @@ class EgressServer:
         elif self.policies.current.intercept_rules():
             raise ConfigError("ca_key", "the policy intercepts hosts but no CA key is configured")
         self.context = TunnelContext(
-            self.admission, self.limiter, self.metrics, config.timeouts, intercept
+            self.admission,
+            self.limiter,
+            self.metrics,
+            config.timeouts,
+            intercept,
+            authenticate=lambda token: self.authenticator.authenticate(token),
         )
         self.active: set[asyncio.Task[None]] = set()
+        self._tunnels: dict[asyncio.Task[None], Tunnel] = {}
         self._runner: web.AppRunner | None = None
         self._site: GuardedSite | None = None
         self._metrics_runner: web.AppRunner | None = None
@@ -221,6 +229,10 @@ class EgressServer:
             self._watcher.cancel()
         if self.interception is not None:
             self.interception.stop()
+        # Pre-opened sockets that have not sent a CONNECT close now (1001): the relay
+        # replaces them elsewhere, no client involved. Tunnels in use get the grace.
+        for tunnel in list(self._tunnels.values()):
+            tunnel.drain()
         if grace > 0 and self.active:
             log.info("draining %d tunnels for up to %.0fs", len(self.active), grace)
             await asyncio.wait(list(self.active), timeout=grace)
@@ -311,7 +323,8 @@ class EgressServer:
                 status=401,
                 headers={REASON_HEADER: exc.reason},
             )
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, autoping=True)
+        # autoping off: the tunnel answers pings itself and sees pongs (its liveness check).
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, autoping=False)
         if not ws.can_prepare(request).ok:
             return web.json_response({"error": "websocket upgrade required"}, status=400)
         # Limits count WebSockets, not CONNECT heads: a session cannot hold more sockets open
@@ -339,7 +352,15 @@ class EgressServer:
         assert task is not None
         self.active.add(task)
         self.metrics.active.inc()
-        tunnel = Tunnel(ws, session, token, self.context)
+        tunnel = Tunnel(
+            ws,
+            session,
+            token,
+            self.context,
+            request.transport,
+            preopened=request.headers.get(PREOPENED_HEADER) == "1",
+        )
+        self._tunnels[task] = tunnel
         try:
             await tunnel.run()
         except asyncio.CancelledError:
@@ -349,6 +370,7 @@ class EgressServer:
             raise
         finally:
             self.active.discard(task)
+            self._tunnels.pop(task, None)
             self.metrics.active.dec()
             self._audit(tunnel)
         return ws

@@ -1,45 +1,51 @@
-"""One tunnel on the egress side: in-tunnel CONNECT, limits, admission, then bytes both ways.
+"""One tunnel on the egress side: the tunnel core (egress role) over an aiohttp WebSocket.
 
-The WebSocket has been upgraded and the bearer token verified before this runs. Answers go
-*inside* the tunnel as an HTTP/1.1 status head; after ``200`` the chunks are the raw stream.
+The WebSocket has been upgraded and the bearer token verified before this runs. The core
+(:mod:`upstreamproxy.tunnel.core`) reads the in-tunnel CONNECT, answers inside the tunnel and
+keeps every deadline; this module supplies what only the egress knows: the opening step
+(in-tunnel credentials, admission, dial or interception) and the audit record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from aiohttp import WSMsgType, web
 
-from ..codec import MAX_CHUNK_PAYLOAD, decode_chunk, encode_chunk
-from ..connect_head import (
-    MAX_HEAD_BYTES,
-    ConnectRequest,
-    build_status_head,
-    parse_connect_head,
-    split_head,
+from ..connect_head import REASON_HEADER, RULE_HEADER
+from ..errors import AuthError, ConfigError, HeadError
+from ..memstream import stream_pair
+from ..tunnel import Open, Role, Timeouts, TunnelCore
+from ..tunnel.driver import (
+    CLOSE_GRACE,
+    Opened,
+    OpenFailed,
+    OpenStale,
+    TunnelDriver,
+    WsClosed,
+    reset,
+    transport_hung_up,
 )
-from ..errors import ChunkError, HeadError, ProtocolError
 from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
-from .dialer import Upstream
+from .intercept.engine import Downstream
 from .limits import Limiter
 from .metrics import EgressMetrics
 
 log = logging.getLogger("upstreamproxy.egress.tunnel")
 
-UPSTREAM_READ_SIZE = 128 * 1024
-REASON_HEADER = "X-Upstreamproxy-Reason"
-RULE_HEADER = "X-Upstreamproxy-Rule"
+__all__ = ["REASON_HEADER", "RULE_HEADER", "InterceptFn", "Tunnel", "TunnelTimeouts"]
 
-#: Serves an intercepted tunnel on the inner end of a socketpair (see egress/interception).
-InterceptFn = Callable[[socket.socket, Route, AdmissionRecord, Session], Awaitable[object]]
+
+#: Serves an intercepted tunnel on the inner end of an in-memory stream pair (see
+#: egress/intercept_wiring).
+InterceptFn = Callable[[Downstream, Route, AdmissionRecord, Session], Awaitable[object]]
 
 
 @dataclass
@@ -47,6 +53,41 @@ class TunnelTimeouts:
     head: float = 10.0
     dial: float = 10.0
     idle: float = 300.0
+    #: Ping the relay after this long without hearing from it; it is dead when no pong
+    #: follows within ping_timeout.
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    #: A relay or upstream that accepts no bytes for this long ends the tunnel.
+    write_stall: float = 60.0
+    #: A WebSocket that sent only keepalives so far (a relay's pre-opened one) waits this
+    #: long after each keepalive for its CONNECT, instead of ``head``.
+    pooled_wait: float = 90.0
+
+    def validate(self) -> None:
+        names = {
+            "head": "head_timeout",
+            "dial": "dial_timeout",
+            "idle": "idle_timeout",
+            "ping_interval": "ping_interval",
+            "ping_timeout": "ping_timeout",
+            "write_stall": "write_stall_timeout",
+            "pooled_wait": "preopened_wait",
+        }
+        for name, option in names.items():
+            if getattr(self, name) <= 0:
+                raise ConfigError(option, "must be positive")
+
+    def core(self) -> Timeouts:
+        return Timeouts(
+            head=self.head,
+            # Admission bounds resolution and dialling itself; this is a backstop.
+            open=3 * self.dial + 5.0,
+            idle=self.idle,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            write_stall=self.write_stall,
+            pooled_wait=self.pooled_wait,
+        )
 
 
 @dataclass
@@ -62,14 +103,6 @@ class TunnelRecord:
     started: float = field(default_factory=time.monotonic)
 
 
-class _ClosedByPeer(Exception):
-    pass
-
-
-class _Idle(Exception):
-    pass
-
-
 @dataclass
 class TunnelContext:
     """Everything a tunnel needs from its server."""
@@ -79,96 +112,257 @@ class TunnelContext:
     metrics: EgressMetrics
     timeouts: TunnelTimeouts
     intercept: InterceptFn | None = None
+    #: Re-checks a pre-opened socket's token at its CONNECT (it may have expired since).
+    authenticate: Callable[[str], Session] | None = None
+    _core_timeouts: Timeouts | None = None
+
+    @property
+    def core_timeouts(self) -> Timeouts:
+        if self._core_timeouts is None:
+            self._core_timeouts = self.timeouts.core()
+        return self._core_timeouts
+
+
+#: Frames larger than this go out in one write by :meth:`AiohttpPort._send_one_write`
+#: (aiohttp's own threshold for writing header and payload separately).
+ONE_WRITE_ABOVE: Final = 16 * 1024
+
+
+def binary_frame_header(size: int) -> bytes:
+    """The header of an unmasked, final, binary WebSocket frame of ``size`` bytes (RFC 6455)."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 1 << 16:
+        return bytes((0x82, 126)) + size.to_bytes(2, "big")
+    return bytes((0x82, 127)) + size.to_bytes(8, "big")
+
+
+class AiohttpPort:
+    """:class:`~upstreamproxy.tunnel.driver.WsPort` over an aiohttp server WebSocket."""
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+        self.ws = ws
+        self._transport = transport
+        self._pongs: list[asyncio.Future[None]] = []
+
+    async def send(self, message: bytes) -> None:
+        ws = self.ws
+        if ws.closed:
+            raise WsClosed()
+        try:
+            if len(message) > ONE_WRITE_ABOVE and await self._send_one_write(message):
+                return
+            await ws.send_bytes(message)
+        except (ConnectionError, RuntimeError):
+            raise WsClosed() from None
+
+    async def _send_one_write(self, message: bytes) -> bool:
+        """Write one binary frame - header and payload - with one ``transport.write``.
+
+        aiohttp writes a frame over 16 KiB as two writes, header then payload: two send()
+        calls and a 10-byte TCP segment per tunnel chunk. This does the same framing as
+        aiohttp (server frames are unmasked, no compression here) and its flow control, in
+        one write. Returns False (the caller uses aiohttp) if aiohttp's writer is not what
+        this expects.
+        """
+        writer = getattr(self.ws, "_writer", None)
+        transport = getattr(writer, "transport", None)
+        protocol = getattr(writer, "protocol", None)
+        if (
+            writer is None
+            or transport is None
+            or protocol is None
+            or writer.use_mask
+            or writer.compress
+            or writer._closing
+            or transport.is_closing()
+            or not hasattr(writer, "_output_size")
+            or not hasattr(protocol, "_drain_helper")
+        ):
+            return False
+        transport.write(binary_frame_header(len(message)) + message)
+        writer._output_size += len(message) + 10
+        if writer._output_size > writer._limit:
+            writer._output_size = 0
+            if protocol._paused:
+                await protocol._drain_helper()
+        return True
+
+    async def recv(self) -> bytes | str | None:
+        ws = self.ws
+        while True:
+            message = await ws.receive()
+            kind = message.type
+            if kind is WSMsgType.BINARY:
+                data: bytes = message.data
+                return data
+            if kind is WSMsgType.TEXT:
+                text: str = message.data
+                return text
+            if kind is WSMsgType.PING:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await ws.pong(message.data)
+            elif kind is WSMsgType.PONG:
+                pongs, self._pongs = self._pongs, []
+                for waiter in pongs:
+                    if not waiter.done():
+                        waiter.set_result(None)
+            else:  # CLOSE, CLOSING, CLOSED, ERROR
+                return None
+
+    async def ping(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._pongs.append(waiter)
+        try:
+            await self.ws.ping()
+        except (ConnectionError, RuntimeError):
+            raise WsClosed() from None
+        await waiter
+
+    async def close(self, code: int) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_GRACE):
+                await self.ws.close(code=code)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            self.abort()
+
+    def lost(self) -> bool:
+        return transport_hung_up(self._transport)
+
+    def abort(self) -> None:
+        reset(self._transport)
+
+
+#: What an upstream's StreamReader may buffer before it stops reading the socket is twice
+#: this. The tunnel reads 128 KiB at a time and writes it out before reading on, so more
+#: buffering only holds memory while the relay is slow (it was 512 KiB per busy tunnel).
+UPSTREAM_BUFFER_LIMIT: Final = 64 * 1024
+
+
+def _bound_buffer(reader: asyncio.StreamReader) -> None:
+    # StreamReader takes its limit only at construction (the dialer's, sized for its own
+    # use); ``_limit`` is what its pause check reads, in every supported Python.
+    if getattr(reader, "_limit", 0) > UPSTREAM_BUFFER_LIMIT:
+        reader._limit = UPSTREAM_BUFFER_LIMIT  # type: ignore[attr-defined]
 
 
 class Tunnel:
     def __init__(
-        self, ws: web.WebSocketResponse, session: Session, token: str, context: TunnelContext
+        self,
+        ws: web.WebSocketResponse,
+        session: Session,
+        token: str,
+        context: TunnelContext,
+        transport: asyncio.Transport | None = None,
+        *,
+        preopened: bool = False,
     ) -> None:
         self.ws = ws
+        self.port = AiohttpPort(ws, transport)
         self.session = session
         self._token = token
         self.ctx = context
         self.record = TunnelRecord(session=session.session_id)
         self.admitted = AdmissionRecord()
-        self._last_activity = time.monotonic()
+        self.core = TunnelCore(
+            Role.EGRESS,
+            context.core_timeouts,
+            asyncio.get_running_loop().time(),
+            preopened=preopened,
+        )
+        self._engine: asyncio.Future[object] | None = None
+        self._driver: TunnelDriver | None = None
+        self._inner: asyncio.StreamWriter | None = None
+
+    def drain(self) -> None:
+        """The egress is shutting down: a socket still waiting for its CONNECT closes (1001)."""
+        actions = self.core.drain(asyncio.get_running_loop().time())
+        if actions and self._driver is not None:
+            self._driver.execute_soon(actions)
 
     async def run(self) -> None:
+        self._driver = TunnelDriver(self.core, self._open, ws=self.port)
         try:
-            await self._run()
-        except ProtocolError as exc:
-            self.record.close_cause = "protocol-error"
+            await self._driver.run()
+        finally:
+            await self._stop_engine()
+            self._finish_record()
+
+    def _finish_record(self) -> None:
+        core, record, metrics = self.core, self.record, self.ctx.metrics
+        if core.target is not None:
+            record.target = core.target.authority
+        record.status = core.status
+        record.bytes_up = core.counters.to_local
+        record.bytes_down = core.counters.to_ws
+        if record.bytes_up:
+            metrics.bytes_up.inc(record.bytes_up)
+        if record.bytes_down:
+            metrics.bytes_down.inc(record.bytes_down)
+        if record.close_cause == "-":
+            record.close_cause = core.outcome
+        if core.refusal is not None:
+            reason, rule = core.refusal
+            if self.admitted.decision == "-":
+                self.admitted.decision = "error"
+            self.admitted.reason = reason
+            if rule != "-":
+                self.admitted.rule = rule
+        if core.error is not None:
             if self.admitted.decision == "-":
                 self.admitted.decision = "error"  # counted, not left without a decision
-            self.ctx.metrics.protocol_errors.inc()
+            metrics.protocol_errors.inc()
             log.error(
                 "session %s tunnel %s: protocol error: %s",
                 self.session.session_id,
-                self.record.target,
-                exc,
+                record.target,
+                core.error,
             )
-            await self.ws.close(code=1002, message=b"protocol error")
 
-    async def _run(self) -> None:
-        try:
-            request, early = await self._read_connect()
-        except HeadError as exc:
-            await self._refuse(exc.status, exc.reason)
-            return
-        except _ClosedByPeer:
-            self.record.close_cause = "closed-before-connect"
-            return
-        except TimeoutError:
-            await self._refuse(400, "timed out waiting for the CONNECT head")
-            return
-        self.record.target = request.target.authority
+    async def _open(self, action: Open) -> Opened:
+        """In-tunnel credentials, admission, then the upstream (or the interception engine)."""
+        request = action.request
+        assert request is not None
         try:
             check_tunnel_credentials(
                 request.header("Proxy-Authorization"), self.session, self._token
             )
         except HeadError as exc:
             self.ctx.metrics.auth_failures.labels("tunnel-credentials").inc()
-            await self._refuse(exc.status, exc.reason)
-            return
-        await self._admitted(request, early)
-
-    async def _admitted(self, request: ConnectRequest, early: bytes) -> None:
+            raise OpenFailed(exc.status, exc.reason) from None
+        if self.core.preopened and self.ctx.authenticate is not None:
+            # Authenticated at its upgrade, maybe long ago: the token must still be good.
+            try:
+                self.ctx.authenticate(self._token)
+            except AuthError as exc:
+                self.ctx.metrics.auth_failures.labels(exc.reason).inc()
+                raise OpenStale() from None
         try:
             route = await self.ctx.admission.admit(self.session, request.target, self.admitted)
         except Refusal as exc:
             if exc.status == 403:
                 self.ctx.metrics.denies.labels(exc.reason, exc.rule).inc()
-            await self._refuse(exc.status, exc.reason, exc.rule)
-            return
-        if route.intercept is not None:
-            await self._serve_intercepted(route, early)
-            return
-        assert route.upstream is not None
-        await self._serve_opaque(route.upstream, early)
-
-    async def _serve_opaque(self, upstream: Upstream, early: bytes) -> None:
-        try:
-            await self._establish()
-            if early:
-                upstream.writer.write(early)
-                self._count_up(len(early))
-            await self._pump(upstream)
-        finally:
-            upstream.writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.wait_for(upstream.writer.wait_closed(), 1.0))
-
-    async def _serve_intercepted(self, route: Route, early: bytes) -> None:
+            raise OpenFailed(exc.status, exc.reason, exc.rule) from None
+        if route.intercept is None:
+            assert route.upstream is not None
+            _bound_buffer(route.upstream.reader)
+            return Opened(reader=route.upstream.reader, writer=route.upstream.writer)
         if self.ctx.intercept is None:
-            await self._refuse(502, "interception-not-configured", self.admitted.rule)
-            return
-        outer, inner = socket.socketpair()
-        reader, writer = await asyncio.open_connection(sock=outer)
-        engine = asyncio.ensure_future(
-            self.ctx.intercept(inner, route, self.admitted, self.session)
+            raise OpenFailed(502, "interception-not-configured", self.admitted.rule)
+        # A memory-level hand-off: the engine terminates TLS on the inner end of an
+        # in-memory stream pair; the tunnel drives the outer end like any upstream.
+        (reader, writer), (_, inner) = stream_pair(UPSTREAM_BUFFER_LIMIT)
+        self._inner = inner
+        self._engine = asyncio.ensure_future(
+            self.ctx.intercept(inner.transport, route, self.admitted, self.session)  # type: ignore[arg-type]
         )
+        return Opened(reader=reader, writer=writer)
+
+    async def _stop_engine(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
         try:
-            await self._serve_opaque(Upstream(reader, writer, "intercept"), early)
             if not engine.done():  # let the engine finish the response it is writing
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(engine), 2.0)
@@ -178,92 +372,5 @@ class Tunnel:
             await asyncio.wait([engine])
             if not engine.cancelled() and engine.exception() is not None:
                 log.error("interception engine failed: %r", engine.exception())
-            inner.close()
-
-    async def _establish(self) -> None:
-        self.record.status = 200
-        await self.ws.send_bytes(encode_chunk(build_status_head(200)))
-
-    async def _refuse(self, status: int, reason: str, rule: str = "-") -> None:
-        self.record.status = status
-        if self.admitted.decision == "-":
-            self.admitted.decision = "error"
-        self.admitted.reason = reason
-        self.admitted.rule = rule if rule != "-" else self.admitted.rule
-        self.record.close_cause = f"refused-{status}"
-        # The rule header is always there ("-": no rule matched) so a client can rely on it.
-        headers = [(REASON_HEADER, reason), (RULE_HEADER, rule)]
-        body = json.dumps({"status": status, "reason": reason, "rule": rule}).encode() + b"\n"
-        with contextlib.suppress(ConnectionError):
-            await self.ws.send_bytes(encode_chunk(build_status_head(status, tuple(headers), body)))
-        await self.ws.close()
-
-    async def _receive_payload(self) -> bytes:
-        """The next chunk's payload (possibly empty: a keepalive)."""
-        message = await self.ws.receive()
-        if message.type == WSMsgType.BINARY:
-            payload = decode_chunk(message.data)
-            if payload:  # keepalives keep the WebSocket open, not an idle tunnel
-                self._last_activity = time.monotonic()
-            return payload
-        if message.type == WSMsgType.TEXT:
-            raise ChunkError("text-frame", "text frames are not part of the protocol")
-        raise _ClosedByPeer()
-
-    async def _read_connect(self) -> tuple[ConnectRequest, bytes]:
-        buffer = bytearray()
-        async with asyncio.timeout(self.ctx.timeouts.head):
-            while True:
-                buffer += await self._receive_payload()
-                parts = split_head(buffer, MAX_HEAD_BYTES)
-                if parts is not None:
-                    head, early = parts
-                    return parse_connect_head(head), early
-
-    def _count_up(self, size: int) -> None:
-        self.record.bytes_up += size
-        self.ctx.metrics.bytes_up.inc(size)
-
-    async def _pump(self, upstream: Upstream) -> None:
-        async def relay_to_upstream() -> None:
-            while True:
-                payload = await self._receive_payload()
-                if payload:
-                    upstream.writer.write(payload)
-                    await upstream.writer.drain()
-                    self._count_up(len(payload))
-
-        async def upstream_to_relay() -> None:
-            down = self.ctx.metrics.bytes_down
-            while data := await upstream.reader.read(UPSTREAM_READ_SIZE):
-                # send_bytes waits while the socket's write buffer is over its limit.
-                for start in range(0, len(data), MAX_CHUNK_PAYLOAD):
-                    await self.ws.send_bytes(encode_chunk(data[start : start + MAX_CHUNK_PAYLOAD]))
-                self.record.bytes_down += len(data)
-                down.inc(len(data))
-                self._last_activity = time.monotonic()
-            raise _ClosedByPeer("upstream")
-
-        async def idle_watch() -> None:
-            while True:
-                remaining = self._last_activity + self.ctx.timeouts.idle - time.monotonic()
-                if remaining <= 0:
-                    raise _Idle()
-                await asyncio.sleep(remaining)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(relay_to_upstream())
-                group.create_task(upstream_to_relay())
-                group.create_task(idle_watch())
-        except* _ClosedByPeer as closed:
-            side = str(closed.exceptions[0]) or "relay"
-            self.record.close_cause = f"{side}-closed"
-        except* _Idle:
-            self.record.close_cause = "idle-timeout"
-        except* (ConnectionError, OSError) as errors:
-            self.record.close_cause = f"connection-lost ({type(errors.exceptions[0]).__name__})"
-        except* ProtocolError as errors:
-            raise errors.exceptions[0] from None  # run() closes with 1002
-        if not self.ws.closed:
-            await self.ws.close()
+            if self._inner is not None:
+                self._inner.transport.abort()

@@ -1,7 +1,7 @@
 """TLS interception with credential injection, for hosts whose policy rule asks for it.
 
-The egress calls :func:`serve_intercepted` with one end of a socket pair carrying an
-established tunnel's bytes; the engine terminates the sandbox's TLS with a leaf certificate from
+The egress calls :func:`serve_intercepted` with one end of an in-memory stream pair carrying
+an established tunnel's bytes; the engine terminates the sandbox's TLS with a leaf certificate from
 the egress CA (:class:`LeafCache`), relays HTTP/1.1 to the real upstream over verified TLS, and
 rewrites headers with values from the secrets directory (:class:`SecretStore`) that the sandbox
 never sees. The policy loader turns a rule's ``intercept:`` mapping into an

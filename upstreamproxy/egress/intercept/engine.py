@@ -1,8 +1,9 @@
 """Serving one intercepted tunnel: the sandbox's TLS ends here, HTTP/1.1 is relayed upstream.
 
 The egress has authenticated the tunnel, parsed its CONNECT, applied policy and chosen
-interception for the rule; it hands :func:`serve_intercepted` one end of a socket pair whose
-other end carries the tunnel's raw bytes. From there:
+interception for the rule; it hands :func:`serve_intercepted` one end of an in-memory stream
+pair (a transport; a connected socket works too) whose other end carries the tunnel's raw
+bytes. From there:
 
 1. TLS handshake as the server, with a leaf for the CONNECT host issued from the egress CA.
    The client must send SNI equal to the CONNECT host (an IP-literal host may omit it, since
@@ -37,6 +38,8 @@ from typing import Final
 
 import h11
 
+from ...connect_head import REASON_HEADER
+from ...memstream import PeekableTransport
 from .clienthello import (
     MAX_CLIENT_HELLO,
     NO_APPLICATION_PROTOCOL_ALERT,
@@ -63,7 +66,6 @@ from .upstream import UpstreamConnector, make_upstream_context, open_upstream
 log = logging.getLogger("upstreamproxy.egress.intercept")
 ALPN_BYTES: Final = frozenset(name.encode("ascii") for name in ALPN_PROTOCOLS)
 
-REASON_HEADER: Final = "X-Upstreamproxy-Reason"
 #: RFC 9110 §9.2.2: only these may be sent again after a connection failed before an answer.
 IDEMPOTENT_METHODS: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -167,8 +169,12 @@ class _Exchange:
     error: str | None = None
 
 
+#: What the engine serves on: a connected socket, or a transport (an in-memory one, say).
+Downstream = socket.socket | asyncio.Transport
+
+
 async def serve_intercepted(
-    sock: socket.socket,
+    sock: Downstream,
     connect_host: str,
     connect_port: int,
     rule: InterceptRule,
@@ -203,7 +209,7 @@ class _Session:
 
     # -- connection ---------------------------------------------------------------------------
 
-    async def run(self, sock: socket.socket) -> None:
+    async def run(self, sock: Downstream) -> None:
         try:
             self.expected = normalize_name(self.connect_host)
             leaf_context = self.env.leaves.get(self.expected)
@@ -222,7 +228,7 @@ class _Session:
             await self._drop_upstream()
             await client.aclose()
 
-    async def _handshake(self, sock: socket.socket, leaf_context: ssl.SSLContext) -> Peer | None:
+    async def _handshake(self, sock: Downstream, leaf_context: ssl.SSLContext) -> Peer | None:
         gate = _SniGate(
             self.expected, is_ip_literal(self.expected), leaf_context, self.env.refuse_unlisted_sni
         )
@@ -238,11 +244,8 @@ class _Session:
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
             async with asyncio.timeout(self.timeouts.handshake + 1):
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol,
-                    sock,
-                    ssl=gate.context(),
-                    ssl_handshake_timeout=self.timeouts.handshake,
+                transport = await _accept_tls(
+                    loop, sock, protocol, gate.context(), self.timeouts.handshake
                 )
         except (OSError, TimeoutError) as exc:
             self.result.sni = gate.server_name
@@ -617,9 +620,43 @@ class _Session:
             log.exception("intercept: the audit callback failed")
 
 
-async def _alpn_unacceptable(sock: socket.socket, within: float) -> bool:
+def _alpn_verdict(data: bytes) -> bool | None:
+    """True: the ClientHello offers ALPN without HTTP/1.1 (refuse); False: leave it to
+    OpenSSL (no ALPN, not TLS, oversized); None: the hello is not complete yet."""
+    try:
+        offered = offered_alpn(data)
+    except NeedMore:
+        return False if len(data) >= MAX_CLIENT_HELLO else None
+    except NotClientHello:
+        return False
+    return offered is not None and not any(name in ALPN_BYTES for name in offered)
+
+
+async def _alpn_unacceptable(downstream: Downstream, within: float) -> bool:
     """Peek at the ClientHello; if it offers ALPN without HTTP/1.1, consume it and answer
     the alert (True). Anything unusual (no ALPN, not TLS, too slow) is left to OpenSSL."""
+    if isinstance(downstream, socket.socket):
+        return await _alpn_unacceptable_socket(downstream, within)
+    if not isinstance(downstream, PeekableTransport):
+        return False
+    # Reading stays paused: the hello waits in the transport until start_tls() resumes it.
+    downstream.pause_reading()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        data, ended = downstream.peek_incoming()
+        verdict = _alpn_verdict(data)
+        if verdict is None and not ended:
+            await asyncio.sleep(0.01)
+            continue
+        if verdict:
+            downstream.discard_incoming(len(data))
+            downstream.write(NO_APPLICATION_PROTOCOL_ALERT)
+        return bool(verdict)
+    return False
+
+
+async def _alpn_unacceptable_socket(sock: socket.socket, within: float) -> bool:
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
@@ -633,23 +670,17 @@ async def _alpn_unacceptable(sock: socket.socket, within: float) -> bool:
         else:
             if not data:
                 return False  # EOF: OpenSSL reports the failed handshake
-        try:
-            offered = offered_alpn(data)
-        except NeedMore:
-            if len(data) >= MAX_CLIENT_HELLO:
-                return False  # an oversized hello: OpenSSL decides
+        verdict = _alpn_verdict(data)
+        if verdict is None:
             # Level-triggered readiness would fire at once for bytes already peeked:
             # wait for more with a short sleep (a ClientHello is nearly always one segment).
             await _readable(sock, 0.01 if data else deadline - loop.time())
             continue
-        except NotClientHello:
-            return False
-        if offered is None or any(name in ALPN_BYTES for name in offered):
-            return False
-        with contextlib.suppress(OSError):
-            sock.recv(len(data))  # consume the hello so closing does not reset the alert
-            sock.send(NO_APPLICATION_PROTOCOL_ALERT)
-        return True
+        if verdict:
+            with contextlib.suppress(OSError):
+                sock.recv(len(data))  # consume the hello so closing does not reset the alert
+                sock.send(NO_APPLICATION_PROTOCOL_ALERT)
+        return verdict
     return False
 
 
@@ -683,6 +714,28 @@ def _first_peer_error(errors: BaseExceptionGroup[BaseException]) -> PeerError:
         if isinstance(error, BaseExceptionGroup):
             return _first_peer_error(error)
     raise AssertionError("no PeerError in the group")
+
+
+async def _accept_tls(
+    loop: asyncio.AbstractEventLoop,
+    downstream: Downstream,
+    protocol: asyncio.StreamReaderProtocol,
+    context: ssl.SSLContext,
+    handshake_timeout: float,
+) -> asyncio.Transport:
+    """The server side of the client's TLS handshake, over a socket or a transport."""
+    if isinstance(downstream, socket.socket):
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, downstream, ssl=context, ssl_handshake_timeout=handshake_timeout
+        )
+        return transport
+    tls = await loop.start_tls(
+        downstream, protocol, context, server_side=True, ssl_handshake_timeout=handshake_timeout
+    )
+    if tls is None:  # the transport closed during the handshake
+        raise ConnectionResetError("closed during the TLS handshake")
+    protocol.connection_made(tls)
+    return tls
 
 
 __all__ = [

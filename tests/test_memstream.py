@@ -1,0 +1,82 @@
+"""The in-memory stream pair: data both ways, backpressure, EOF, close and abort."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import TLSFiles
+
+from upstreamproxy.memstream import stream_pair
+
+
+async def test_bytes_flow_both_ways_in_order() -> None:
+    (ra, wa), (rb, wb) = stream_pair()
+    wa.write(b"hello ")
+    wa.write(b"world")
+    await wa.drain()
+    assert await rb.readexactly(11) == b"hello world"
+    wb.write(b"back")
+    assert await ra.readexactly(4) == b"back"
+
+
+async def test_a_reader_that_does_not_read_pushes_back() -> None:
+    (_, wa), (rb, _) = stream_pair(limit=1024)
+    wa.write(b"x" * 10_000)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(wa.drain(), 0.2)  # nobody reads: the writer waits
+    wa.write(b"x" * 10_000)  # held by the writer's end while the reader is paused
+    assert wa.transport.get_write_buffer_size() == 10_000
+    assert len(await rb.readexactly(20_000)) == 20_000  # reading releases it
+    await asyncio.wait_for(wa.drain(), 1)
+
+
+async def test_eof_and_close_arrive_after_the_data() -> None:
+    (_, wa), (rb, wb) = stream_pair(limit=1024)
+    wa.write(b"y" * 5000)
+    wa.close()  # the peer is still paused: close flushes first, like a socket
+    assert await asyncio.wait_for(rb.read(), 1) == b"y" * 5000
+    await asyncio.wait_for(wa.wait_closed(), 1)
+    with pytest.raises(ConnectionError):
+        wb.write(b"z")
+        await wb.drain()
+
+
+async def test_abort_drops_pending_data_and_ends_both() -> None:
+    (ra, wa), (rb, _) = stream_pair(limit=1024)
+    wa.write(b"q" * 5000)  # delivered; the reader is now over its limit and paused
+    wa.write(b"r" * 5000)  # held by the writer's end
+    wa.transport.abort()
+    data = await asyncio.wait_for(rb.read(), 1)
+    assert data == b"q" * 5000  # what was delivered stays; what was held is dropped
+    assert wa.transport.is_closing()
+    assert await asyncio.wait_for(ra.read(), 1) == b""
+
+
+async def test_tls_runs_over_the_pair(tls: TLSFiles) -> None:
+    # How the egress hands an intercepted tunnel to the interception engine: the engine's
+    # TLS server (loop.start_tls) on one end, the tunnel's bytes on the other.
+    (ra, wa), (_, wb) = stream_pair()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+
+    async def server() -> None:
+        transport = await loop.start_tls(
+            wb.transport,
+            protocol,
+            tls.server_context(),
+            server_side=True,  # type: ignore[arg-type]
+        )
+        assert transport is not None
+        protocol.connection_made(transport)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        writer.write((await reader.readexactly(5)).upper() * 50_000)
+        await writer.drain()
+        writer.close()
+
+    served = asyncio.ensure_future(server())
+    await wa.start_tls(tls.client_context(), server_hostname="localhost")
+    wa.write(b"hello")
+    assert await asyncio.wait_for(ra.read(), 10) == b"HELLO" * 50_000
+    await served

@@ -1,0 +1,236 @@
+"""Pre-opened WebSockets: the relay's pool against the real egress and against stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import WSMsgType, web
+from conftest import SESSION, TOKEN, _serve, connect_via, loopback_policy
+
+from upstreamproxy.codec import decode_chunk, encode_chunk
+from upstreamproxy.connect_head import PREOPENED_HEADER, build_status_head
+from upstreamproxy.egress.auth import Session, StaticTokens
+from upstreamproxy.egress.limits import LimitConfig
+from upstreamproxy.egress.server import EgressConfig, EgressServer
+from upstreamproxy.relay import Relay, RelayConfig
+from upstreamproxy.secret import Secret
+
+
+def make_relay(url: str, **kwargs: object) -> Relay:
+    return Relay(
+        RelayConfig(egress_url=url, session_id=SESSION, token=Secret(TOKEN), **kwargs)  # type: ignore[arg-type]
+    )
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def echo_roundtrip(relay: Relay, port: int) -> bytes:
+    reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+    try:
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.write(b"ping")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(4), 10)
+    finally:
+        writer.close()
+
+
+def egress_server(**config: object) -> EgressServer:
+    return EgressServer(
+        EgressConfig(**config),  # type: ignore[arg-type]
+        StaticTokens({TOKEN: Session(SESSION)}),
+        loopback_policy(),
+    )
+
+
+async def test_pool_fills_and_a_connect_takes_a_ready_socket(echo_port: int) -> None:
+    async with egress_server() as egress, make_relay(egress.url, pool_size=2) as relay:
+        await until(lambda: len(relay.pool) == 2)
+        assert len(egress.active) == 2  # pre-opened sockets are tunnels to the egress
+        assert await echo_roundtrip(relay, echo_port) == b"ping"
+        assert relay.pool.stats["taken"] == 1 and relay.pool.stats["missed"] == 0
+        await until(lambda: len(relay.pool) == 2)  # refilled in the background
+
+
+async def test_pool_size_0_opens_one_socket_per_connect(echo_port: int) -> None:
+    async with egress_server() as egress, make_relay(egress.url, pool_size=0) as relay:
+        assert await echo_roundtrip(relay, echo_port) == b"ping"
+        assert len(relay.pool) == 0 and relay.pool.stats["taken"] == 0
+
+
+async def test_preopened_socket_outlives_the_head_timeout_while_kept_alive(
+    echo_port: int,
+) -> None:
+    from upstreamproxy.egress.tunnel import TunnelTimeouts
+
+    timeouts = TunnelTimeouts(head=0.3, pooled_wait=1.0)
+    async with (
+        egress_server(timeouts=timeouts) as egress,
+        make_relay(egress.url, pool_size=1, keepalive_interval=0.3) as relay,
+    ):
+        await until(lambda: len(relay.pool) == 1)
+        await asyncio.sleep(1.5)  # > head and > pooled_wait, but keepalives renew it
+        assert len(relay.pool) == 1
+        assert await echo_roundtrip(relay, echo_port) == b"ping"
+        assert relay.pool.stats["replaced"] == 0
+
+
+async def test_drain_retires_idle_preopened_sockets_and_relay_notices(echo_port: int) -> None:
+    egress = egress_server()
+    await egress.start()
+    async with make_relay(egress.url, pool_size=2) as relay:
+        await until(lambda: len(relay.pool) == 2)
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(egress.stop(grace=30))
+        # The idle pre-opened sockets close at once (1001), so the drain does not wait the
+        # grace for them; the relay drops them without any client involved.
+        await asyncio.wait_for(stopping, 10)
+        assert time.monotonic() - started < 5
+        await until(lambda: relay.pool.stats["replaced"] == 2)
+
+
+async def test_dead_pooled_socket_is_replaced_without_the_client_noticing(
+    echo_port: int,
+) -> None:
+    """A stand-in egress (named so) that drops every pre-opened socket when its CONNECT
+    arrives - a CONNECT racing a retire - and serves fresh sockets normally."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        preopened = request.headers.get(PREOPENED_HEADER) == "1"
+        message = await ws.receive()
+        if message.type is not WSMsgType.BINARY:
+            return ws
+        seen.append("preopened" if preopened else "fresh")
+        if preopened:
+            await ws.close(code=1001)
+            return ws
+        await ws.send_bytes(encode_chunk(build_status_head(200)))
+        async for message in ws:
+            if message.type is WSMsgType.BINARY and decode_chunk(message.data):
+                await ws.send_bytes(message.data)
+        return ws
+
+    await _with_stand_in(handler, _roundtrip_expect_ok(echo_port))
+    assert seen == ["preopened", "fresh"]
+
+
+async def test_pool_works_against_a_server_that_knows_nothing_of_pools(echo_port: int) -> None:
+    """A CCR-style stand-in (named so): ignores the pre-open header and closes any socket
+    that has not sent its CONNECT within 0.3 s. The relay's pool keeps losing sockets, and
+    clients never notice."""
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        try:
+            message = await ws.receive(timeout=0.3)
+        except TimeoutError:
+            await ws.close(code=1000)
+            return ws
+        while message.type is WSMsgType.BINARY and not decode_chunk(message.data):
+            message = await ws.receive()  # keepalives
+        if message.type is not WSMsgType.BINARY:
+            return ws
+        await ws.send_bytes(encode_chunk(build_status_head(200)))
+        async for message in ws:
+            if message.type is WSMsgType.BINARY and decode_chunk(message.data):
+                await ws.send_bytes(message.data)
+        return ws
+
+    async def clients(relay: Relay) -> None:
+        for _ in range(5):
+            assert await echo_roundtrip(relay, echo_port) == b"ping"
+            await asyncio.sleep(0.4)  # long enough for the pooled sockets to be closed
+
+    await _with_stand_in(handler, clients)
+
+
+def _roundtrip_expect_ok(port: int) -> Callable[[Relay], Awaitable[None]]:
+    async def check(relay: Relay) -> None:
+        await until(lambda: len(relay.pool) == 1)
+        assert await echo_roundtrip(relay, port) == b"ping"
+
+    return check
+
+
+async def _with_stand_in(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    body: Callable[[Relay], Awaitable[None]],
+) -> None:
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner, port = await _serve(app, None)
+    try:
+        async with make_relay(f"ws://127.0.0.1:{port}/ws", pool_size=1) as relay:
+            await body(relay)
+    finally:
+        await runner.cleanup()
+
+
+async def test_pooled_sockets_never_cost_a_client_a_tunnel(echo_port: int) -> None:
+    # Session limit 2, pool 2: the pool holds both slots, and still both CONNECTs get one.
+    async with (
+        egress_server(limits=LimitConfig(max_session_tunnels=2)) as egress,
+        make_relay(egress.url, pool_size=2) as relay,
+    ):
+        held = [await connect_via(relay.port, f"127.0.0.1:{echo_port}") for _ in range(2)]
+        assert all(head.startswith(b"HTTP/1.1 200") for _, _, head in held)
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
+        assert head.startswith(b"HTTP/1.1 429")  # the real limit, passed on
+        writer.close()
+        for _, w, _ in held:
+            w.close()
+
+
+async def test_upgrade_refused_while_draining_is_tried_again(echo_port: int) -> None:
+    """A stand-in (named so) answering the first two upgrades 503 draining, as a replica
+    behind a load balancer does while it drains; the next try reaches a live one."""
+    refused: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if len(refused) < 2:
+            refused.append(1)
+            return web.json_response(
+                {"error": "draining"}, status=503, headers={"X-Upstreamproxy-Reason": "draining"}
+            )
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()
+        await ws.send_bytes(encode_chunk(build_status_head(200)))
+        async for message in ws:
+            if message.type is WSMsgType.BINARY and decode_chunk(message.data):
+                await ws.send_bytes(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner, port = await _serve(app, None)
+    try:
+        async with make_relay(f"ws://127.0.0.1:{port}/ws", pool_size=0) as relay:
+            assert await echo_roundtrip(relay, echo_port) == b"ping"
+    finally:
+        await runner.cleanup()
+    assert len(refused) == 2

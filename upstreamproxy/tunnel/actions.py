@@ -1,0 +1,115 @@
+"""What the tunnel core asks its adapter to do (outputs of :mod:`.core`), in order.
+
+Every action is a small frozen value; the adapter executes a returned list front to back.
+Writes (:class:`SendChunk`, :class:`WriteLocal`) stay outstanding until the adapter reports
+them done with ``TunnelCore.written``; that is how the core sees backpressure and stalls.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..connect_head import ConnectRequest, Target
+
+
+class Side(enum.Enum):
+    LOCAL = "local"  # the client at the relay, the upstream at the egress
+    WS = "ws"  # the WebSocket between relay and egress
+
+
+LOCAL = Side.LOCAL
+WS = Side.WS
+
+
+@dataclass(frozen=True, slots=True)
+class SendChunk:
+    """Send one binary WebSocket message (already an encoded UpstreamProxyChunk)."""
+
+    message: bytes
+    payload_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteLocal:
+    """Write bytes to the local stream (stream data, or the relay's answer head)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendConnect:
+    """Relay: send the first chunk for ``target`` (the adapter adds the credentials, so the
+    core never holds the token)."""
+
+    target: Target
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Perform the opening step, then report ``ws_opened``/``open_done`` or ``open_failed``.
+
+    Relay: get a WebSocket to the egress - a pre-opened one unless ``fresh``. Egress: check
+    the in-tunnel credentials of ``request``, admit its target and dial it.
+    """
+
+    target: Target
+    request: ConnectRequest | None = None
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendPing:
+    """Send a WebSocket ping without waiting for it (report the pong with ``pong()``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckPeers:
+    """Check, without reading, whether a peer hung up: the local one (report ``local_eof``)
+    or the WebSocket's (report ``ws_closed``). Asked for while a side is not being read -
+    paused by backpressure, or its reader stuck in a write - where a hang-up shows no other way."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseWs:
+    """Close the WebSocket with ``code``; ``abort``: drop the socket without a handshake."""
+
+    code: int
+    abort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLocal:
+    """Close the local stream; ``abort`` (unsendable data, or an error) resets it at once."""
+
+    abort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """Relay: the client's head is a plain-HTTP request (absolute-form ``http://``), not a
+    CONNECT. The local stream is not closed: the adapter serves it with the plain-HTTP
+    forwarder, which starts from ``initial`` (the head and any bytes after it)."""
+
+    initial: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The tunnel is over; ``outcome`` says why (for the log/audit line)."""
+
+    outcome: str
+
+
+Action = (
+    SendChunk
+    | WriteLocal
+    | SendConnect
+    | Open
+    | SendPing
+    | CheckPeers
+    | CloseWs
+    | CloseLocal
+    | HandOff
+    | Finished
+)
