@@ -301,6 +301,7 @@ async def test_fd_limit_1024_with_more_tunnels_than_fds(tmp_path: Path) -> None:
         kinds: dict[str, int] = {}
         for kind, _ in outcomes:
             kinds[kind] = kinds.get(kind, 0) + 1
+        print(f"[fd limit 1024] {clients} concurrent tunnels: {kinds}", flush=True)
         # All at once: some tunnels run, the rest are refused cleanly (502/503/close); none
         # hangs, breaks mid-stream or gets corrupted data.
         assert kinds.get("ok", 0) >= 100, kinds

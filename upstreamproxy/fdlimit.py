@@ -59,3 +59,20 @@ def raise_nofile_limit(process: str) -> FdLimit:
     result = FdLimit(soft, now, hard)
     log.info("%s: %s", process, result.describe())
     return result
+
+
+#: Descriptors kept back from tunnels: listeners, log files, DNS, the pool, a reserve fd.
+FD_RESERVE: Final = 64
+
+
+def tunnel_budget(fds_per_tunnel: int = 2, reserve: int = FD_RESERVE) -> int:
+    """How many tunnels this process can hold open with the soft limit it has now.
+
+    A tunnel that is accepted but cannot open its second socket only ends in a 502 after
+    using a descriptor another tunnel needed; refusing it at once (503) keeps those that fit
+    working.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = UNLIMITED_FALLBACK
+    return max(16, (soft - reserve) // fds_per_tunnel)

@@ -23,15 +23,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .acceptor import StreamServer, refuse_http_503, start_server
+from .acceptor import RateLimitedLog, StreamServer, refuse_http_503, start_server
 from .codec import encode_chunk
 from .connect_head import Target, build_tunnel_request, parse_status_head
 from .errors import ConfigError
+from .fdlimit import tunnel_budget
 from .memstream import stream_pair
 from .relay_link import LinkConfig, WsPool, open_ws
 from .secret import Secret
 from .tasks import TaskSet
 from .tunnel import Open, Role, SendConnect, Timeouts, TunnelCore
+from .tunnel.core import relay_answer
 from .tunnel.driver import Opened, TunnelDriver, close_stream
 
 log = logging.getLogger("upstreamproxy.relay")
@@ -182,6 +184,10 @@ class Relay:
         )
         self._stopping = False
         self._inner = TaskSet()  # tunnels opened by open_tunnel()
+        #: Tunnels this process has descriptors for (client socket + WebSocket each); set
+        #: at start(), after the command raised the soft limit.
+        self._budget = 0
+        self._over_budget_log = RateLimitedLog(log)
 
     @property
     def port(self) -> int:
@@ -201,6 +207,7 @@ class Relay:
         return len(self._handlers)
 
     async def start(self) -> None:
+        self._budget = tunnel_budget()
         # Our accept loop: fd exhaustion pauses accepts with one log line, not a flood.
         self._server = await start_server(
             self._handle,
@@ -292,6 +299,9 @@ class Relay:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._handlers) >= self._budget:
+            await self._refuse_over_budget(writer)
+            return
         self._handlers.add(task)
         started = time.monotonic()
         core = TunnelCore(
@@ -321,6 +331,17 @@ class Relay:
                 core.counters.to_local,
                 time.monotonic() - started,
             )
+
+    async def _refuse_over_budget(self, writer: asyncio.StreamWriter) -> None:
+        """No descriptors left for this tunnel's WebSocket: say so at once (503)."""
+        self._over_budget_log.warning(
+            "refusing tunnels: %d open, the file descriptor limit allows %d",
+            len(self._handlers),
+            self._budget,
+        )
+        with contextlib.suppress(ConnectionError):
+            writer.write(relay_answer(503, "too-many-tunnels (file descriptor limit)"))
+        await close_stream(writer)
 
     async def _run(
         self, core: TunnelCore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
