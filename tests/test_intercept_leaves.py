@@ -126,7 +126,7 @@ def test_leaf_never_outlives_the_ca() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "bad name", "a..b", "-a.test", "bücher.de", "a" * 64, "x/y", "*.example.com"]
+    "name", ["", "bad name", "a..b", "-a.test", "a" * 64, "x/y", "*.example.com", "[::1", "a:1"]
 )
 def test_invalid_names_are_refused(name: str) -> None:
     with pytest.raises(ValueError):
@@ -137,6 +137,8 @@ def test_normalize_name() -> None:
     assert normalize_name(" Example.COM. ") == "example.com"
     assert normalize_name("[2001:DB8:0::1]") == "2001:db8::1"
     assert normalize_name("xn--bcher-kva.de") == "xn--bcher-kva.de"
+    # The policy's normaliser: a U-label is the same host as its A-label.
+    assert normalize_name("Bücher.de") == "xn--bcher-kva.de"
 
 
 @pytest.mark.parametrize(

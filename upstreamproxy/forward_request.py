@@ -38,13 +38,12 @@ from typing import Final
 
 import h11
 
-from .connect_head import Target, build_status_head, parse_target
+from .connect_head import REASON_HEADER, RULE_HEADER, Target, build_status_head, parse_target
 from .errors import HeadError
 
 DEFAULT_PORT: Final = 80
-REASON_HEADER: Final = "X-Upstreamproxy-Reason"
 #: Headers the egress puts on a refusal that the client is also shown.
-PASSED_REFUSAL_HEADERS: Final = frozenset({"x-upstreamproxy-reason", "x-upstreamproxy-rule"})
+PASSED_REFUSAL_HEADERS: Final = frozenset({REASON_HEADER.lower(), RULE_HEADER.lower()})
 
 # RFC 9110 §7.6.1 and the de-facto ones (Keep-Alive, Proxy-Connection).
 HOP_BY_HOP: Final = frozenset(

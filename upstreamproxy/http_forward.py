@@ -44,8 +44,8 @@ from typing import Final, Protocol
 
 import h11
 
+from .connect_head import REASON_HEADER
 from .forward_request import (
-    REASON_HEADER,
     ForwardRefused,
     ForwardTarget,
     TunnelRefused,

@@ -43,13 +43,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
+from ..connect_head import REASON_HEADER
 from ..tasks import TaskSet
 from .state import LoadedSession, session_env
 
 TOOLS: Final = ("curl", "wget", "git", "pip", "npm", "node", "python", "java", "mvn", "apt")
 MAX_PROXY_HEAD: Final = 16 * 1024
 PROBE_PACKAGE: Final = "upstreamproxy-doctor-probe"
-REASON_HEADER: Final = b"x-upstreamproxy-reason"
+_REASON: Final = REASON_HEADER.lower().encode()
 RULE_HEADER: Final = b"x-upstreamproxy-rule"
 
 # Messages by which curl/OpenSSL, git (OpenSSL or GnuTLS), pip/urllib3, Python and Node
@@ -204,7 +205,7 @@ def _parse_answer(answer: bytes, seen: TunnelSeen) -> None:
         seen.status = int(fields[1])
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        if name.strip().lower() == REASON_HEADER:
+        if name.strip().lower() == _REASON:
             seen.reason = value.strip().decode("latin-1")
         elif name.strip().lower() == RULE_HEADER:
             seen.rule = value.strip().decode("latin-1")

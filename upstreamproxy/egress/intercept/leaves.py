@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
-import re
 import ssl
 import tempfile
 from collections import OrderedDict
@@ -23,34 +22,26 @@ from typing import Final
 
 from ...certs import DEFAULT_LEAF_TTL, LEAF_BACKDATE, CertificateAuthority, Leaf, issue_leaf
 from ...errors import ConfigError
+from ..hostnames import normalise_host, parse_ip_literal
 from .metrics import NOOP_METRICS, InterceptMetrics
 
 DEFAULT_CACHE_CAP: Final = 1024
 MAX_REFRESH_BEFORE: Final = dt.timedelta(hours=1)
 ALPN_PROTOCOLS: Final = ("http/1.1",)
 
-_DNS_NAME_RE: Final = re.compile(
-    r"(?=.{1,253}\Z)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\Z"
-)
-
 
 def normalize_name(name: str) -> str:
-    """Canonical form of a host name or IP literal: lower-case, no trailing dot, no brackets,
-    IPv6 compressed. Raises ValueError for anything that is neither."""
-    text = name.strip().lower()
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            return ipaddress.IPv6Address(text[1:-1]).compressed
-        except ValueError:
-            raise ValueError(f"{name!r} is not an IPv6 literal") from None
-    try:
-        return ipaddress.ip_address(text).compressed
-    except ValueError:
-        pass
-    text = text.removesuffix(".")
-    if not _DNS_NAME_RE.match(text):
+    """Canonical form of a host name or IP literal, for comparing CONNECT host, SNI and Host:
+    an address in its compressed form (brackets dropped), a name as the policy sees it
+    (:func:`~upstreamproxy.egress.hostnames.normalise_host`: lower-case, no trailing dot,
+    IDNA A-labels). Raises ValueError for anything that is neither."""
+    text = name.strip()
+    address = parse_ip_literal(text)
+    if address is not None:
+        return address.compressed
+    if text.startswith("[") or ":" in text:
         raise ValueError(f"{name!r} is not a host name or IP address")
-    return text
+    return normalise_host(text)
 
 
 def is_ip_literal(name: str) -> bool:
