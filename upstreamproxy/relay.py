@@ -28,6 +28,7 @@ from .codec import encode_chunk
 from .connect_head import Target, build_tunnel_request, parse_status_head
 from .errors import ConfigError
 from .memstream import stream_pair
+from .memtrim import Trimmer
 from .relay_link import LinkConfig, WsPool, open_ws
 from .secret import Secret
 from .tasks import TaskSet
@@ -182,6 +183,7 @@ class Relay:
         )
         self._stopping = False
         self._inner = TaskSet()  # tunnels opened by open_tunnel()
+        self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
 
     @property
     def port(self) -> int:
@@ -231,6 +233,7 @@ class Relay:
             await asyncio.wait(handlers, timeout=grace)
         await self._inner.cancel_all(grace)
         await self.pool.close()
+        self.trimmer.close()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), grace)
@@ -310,6 +313,7 @@ class Relay:
             log.exception("tunnel %s failed unexpectedly", _target(core))
         finally:
             self._handlers.discard(task)
+            self.trimmer.tunnel_ended()
             if not writer.transport.is_closing():  # the driver closes it; this is a backstop
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(close_stream(writer))
