@@ -39,7 +39,7 @@ log = logging.getLogger("upstreamproxy.relay")
 
 #: Bytes read from the client per chunk; well under the 512 KiB payload cap. Larger reads
 #: mean fewer frames (and fewer syscalls and mask draws) per byte relayed.
-READ_SIZE: Final = 64 * 1024
+READ_SIZE: Final = 128 * 1024
 #: Pending connections the kernel queues for us; bursts of tools opening many tunnels at once
 #: overflowed the default 100 and stalled clients for a 1 s SYN retry.
 LISTEN_BACKLOG: Final = 1024

@@ -237,9 +237,9 @@ class AiohttpPort:
 
 
 #: What an upstream's StreamReader may buffer before it stops reading the socket is twice
-#: this. The tunnel reads 64 KiB at a time and writes it out before reading on, so more
+#: this. The tunnel reads 128 KiB at a time and writes it out before reading on, so more
 #: buffering only holds memory while the relay is slow (it was 512 KiB per busy tunnel).
-UPSTREAM_BUFFER_LIMIT: Final = 32 * 1024
+UPSTREAM_BUFFER_LIMIT: Final = 64 * 1024
 
 
 def _bound_buffer(reader: asyncio.StreamReader) -> None:

@@ -76,11 +76,11 @@ from .actions import (
 )
 
 #: Largest local read the core asks for once established (well under the 512 KiB payload cap).
-#: 64 KiB: every buffer on the path is sized from it, so a busy tunnel holds about half of
-#: what 128 KiB chunks held, and the CPU per GiB measured the same (benchmarks/README.md).
-READ_SIZE: Final = 64 * 1024
+#: 64 KiB halved a busy tunnel's worst-case memory but cost 40-70% more CPU per GiB over the
+#: benchmark's veth path (benchmarks/README.md): 128 KiB it is.
+READ_SIZE: Final = 128 * 1024
 #: A side is not read while this many bytes fed from it still wait to be written to the other.
-HIGH_WATER: Final = 128 * 1024
+HIGH_WATER: Final = 256 * 1024
 
 #: Egress draining: a socket that has sent nothing yet is closed once it is this old (its
 #: CONNECT would have come by then unless it is a pre-opened one).
