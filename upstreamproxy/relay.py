@@ -317,14 +317,15 @@ class Relay:
             if not writer.transport.is_closing():  # the driver closes it; this is a backstop
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(close_stream(writer))
-            log.info(
-                "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
-                _target(core),
-                core.outcome,
-                core.counters.to_ws,
-                core.counters.to_local,
-                time.monotonic() - started,
-            )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
+                    _target(core),
+                    core.outcome,
+                    core.counters.to_ws,
+                    core.counters.to_local,
+                    time.monotonic() - started,
+                )
 
     async def _run(
         self, core: TunnelCore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
