@@ -794,3 +794,46 @@ def test_cli_configuration_errors_exit_2(
     args = [part.replace("{tmp}", str(tmp_path)) for part in argv]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+# --- the verified-token cache ----------------------------------------------------------------
+
+
+def test_a_verified_token_is_not_verified_again_but_its_time_still_is(
+    verifier: TokenVerifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real = TokenVerifier._signature_ok
+
+    def counting(key: object, signature: bytes, segment: str) -> bool:
+        calls.append(segment)
+        return real(key, signature, segment)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TokenVerifier, "_signature_ok", staticmethod(counting))
+    token = make()
+    for _ in range(5):
+        assert verifier.verify(token, NOW + 10).session_id == "sess-1"
+    assert len(calls) == 1
+    # Cached, but the clock is checked on every call.
+    assert refusal(verifier, token, now=NOW + 300 + 61) == "expired"
+    assert refusal(verifier, token, now=NOW - 61) == "not-yet-valid"
+    assert len(calls) == 1
+    # A tampered token is a different string: verified (and refused) on its own.
+    assert refusal(verifier, token[:-2] + ("AA" if token[-2:] != "AA" else "BB")) in (
+        "bad-signature",
+        "malformed",
+    )
+    assert len(calls) == 2
+
+
+def test_verified_cache_is_bounded(verifier: TokenVerifier) -> None:
+    for index in range(tokens.VERIFIED_CACHE_SIZE + 50):
+        verifier.verify(make(session_id=f"sess-{index}"), NOW)
+    assert len(verifier._verified) == tokens.VERIFIED_CACHE_SIZE
+
+
+def test_a_refused_token_is_not_cached(verifier: TokenVerifier) -> None:
+    bad = make(key=KEY_B, kid="a")  # signed by the wrong key
+    for _ in range(3):
+        assert refusal(verifier, bad) == "bad-signature"
+    assert not verifier._verified

@@ -29,6 +29,7 @@ from .connect_head import Target, build_tunnel_request, parse_status_head
 from .errors import ConfigError
 from .fdlimit import tunnel_budget
 from .memstream import stream_pair
+from .memtrim import Trimmer
 from .relay_link import LinkConfig, WsPool, open_ws
 from .secret import Secret
 from .tasks import TaskSet
@@ -188,6 +189,7 @@ class Relay:
         #: at start(), after the command raised the soft limit.
         self._budget = 0
         self._over_budget_log = RateLimitedLog(log)
+        self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
 
     @property
     def port(self) -> int:
@@ -238,6 +240,7 @@ class Relay:
             await asyncio.wait(handlers, timeout=grace)
         await self._inner.cancel_all(grace)
         await self.pool.close()
+        self.trimmer.close()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), grace)
@@ -320,17 +323,19 @@ class Relay:
             log.exception("tunnel %s failed unexpectedly", _target(core))
         finally:
             self._handlers.discard(task)
+            self.trimmer.tunnel_ended()
             if not writer.transport.is_closing():  # the driver closes it; this is a backstop
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(close_stream(writer))
-            log.info(
-                "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
-                _target(core),
-                core.outcome,
-                core.counters.to_ws,
-                core.counters.to_local,
-                time.monotonic() - started,
-            )
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
+                    _target(core),
+                    core.outcome,
+                    core.counters.to_ws,
+                    core.counters.to_local,
+                    time.monotonic() - started,
+                )
 
     async def _refuse_over_budget(self, writer: asyncio.StreamWriter) -> None:
         """No descriptors left for this tunnel's WebSocket: say so at once (503)."""

@@ -33,7 +33,15 @@ from .connect_head import PREOPENED_HEADER, REASON_HEADER
 from .logredact import redacting_logger
 from .secret import Secret
 from .tasks import TaskSet
-from .tunnel.driver import CLOSE_GRACE, OpenFailed, WsClosed, reset, transport_hung_up
+from .tunnel.core import READ_SIZE
+from .tunnel.driver import (
+    CLOSE_GRACE,
+    OpenFailed,
+    WsClosed,
+    cap_reads,
+    reset,
+    transport_hung_up,
+)
 
 log = logging.getLogger("upstreamproxy.relay")
 _ws_log = redacting_logger("upstreamproxy.relay.websocket")
@@ -56,6 +64,7 @@ class WebsocketsPort:
 
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
+        cap_reads(ws.transport, 2 * READ_SIZE)  # a chunk and its framing in one recv
 
     async def send(self, message: bytes) -> None:
         try:

@@ -231,10 +231,14 @@ def _valid_claims(obj: dict[str, Any]) -> SessionClaims | None:
         return None
 
 
+#: Signature-verified tokens a :class:`TokenVerifier` remembers (oldest dropped first).
+VERIFIED_CACHE_SIZE: Final = 1024
+
+
 class TokenVerifier:
     """Verifies tokens against one or more public keys (several at once during rotation)."""
 
-    __slots__ = ("_audience", "_keys", "_leeway")
+    __slots__ = ("_audience", "_keys", "_leeway", "_verified")
 
     def __init__(
         self,
@@ -256,6 +260,11 @@ class TokenVerifier:
         self._keys = dict(public_keys)
         self._audience = audience
         self._leeway = int(leeway_seconds)
+        #: Tokens whose signature and claims checked out, with their claims: the relay sends
+        #: the same token on every upgrade, and an Ed25519 verify costs more than the rest
+        #: of an upgrade's parsing. Only the signature is cached - audience and time are
+        #: checked on every call. Bounded; a reload builds a new verifier (an empty cache).
+        self._verified: dict[str, SessionClaims] = {}
 
     @property
     def key_ids(self) -> frozenset[str]:
@@ -275,6 +284,24 @@ class TokenVerifier:
             raise AuthError("malformed")
         if len(text) > MAX_TOKEN_LENGTH:
             raise AuthError("too-large")
+        claims = self._verified.get(text)
+        if claims is None:
+            claims = self._verify_signed(text)
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                del self._verified[next(iter(self._verified))]  # the oldest entry
+            self._verified[text] = claims
+        if claims.audience != self._audience:
+            raise AuthError("wrong-audience")
+        if claims.not_before is not None and now + self._leeway < claims.not_before:
+            raise AuthError("not-yet-valid")
+        if now + self._leeway < claims.issued_at:
+            raise AuthError("not-yet-valid")
+        if now >= claims.expires_at + self._leeway:
+            raise AuthError("expired")
+        return claims
+
+    def _verify_signed(self, text: str) -> SessionClaims:
+        """Format, claims and signature: everything about a token that does not change."""
         if not text.isascii():
             raise AuthError("malformed")
         parts = text.split(".")
@@ -295,14 +322,6 @@ class TokenVerifier:
             raise AuthError("unknown-key")
         if not self._signature_ok(key, signature, segment):
             raise AuthError("bad-signature")
-        if claims.audience != self._audience:
-            raise AuthError("wrong-audience")
-        if claims.not_before is not None and now + self._leeway < claims.not_before:
-            raise AuthError("not-yet-valid")
-        if now + self._leeway < claims.issued_at:
-            raise AuthError("not-yet-valid")
-        if now >= claims.expires_at + self._leeway:
-            raise AuthError("expired")
         return claims
 
     @staticmethod

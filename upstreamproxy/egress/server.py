@@ -26,6 +26,7 @@ from ..codec import MAX_MESSAGE_BYTES
 from ..connect_head import PREOPENED_HEADER
 from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
+from ..memtrim import Trimmer
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
 from .auth import Authenticator, Session, bearer_token
@@ -136,6 +137,7 @@ class EgressServer:
         self._draining = False  # readiness 503
         self._refusing = False  # new tunnels refused (503 draining)
         self._watcher: asyncio.Task[None] | None = None
+        self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -244,6 +246,7 @@ class EgressServer:
             if runner is not None:
                 await runner.cleanup()
         self._runner = self._metrics_runner = None
+        self.trimmer.close()
         self._started = False
 
     def reload(self) -> bool:
@@ -373,6 +376,7 @@ class EgressServer:
             self._tunnels.pop(task, None)
             self.metrics.active.dec()
             self._audit(tunnel)
+            self.trimmer.tunnel_ended()
         return ws
 
     def _audit(self, tunnel: Tunnel) -> None:

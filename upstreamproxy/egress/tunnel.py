@@ -22,6 +22,7 @@ from ..connect_head import REASON_HEADER, RULE_HEADER
 from ..errors import AuthError, ConfigError, HeadError
 from ..memstream import stream_pair
 from ..tunnel import Open, Role, Timeouts, TunnelCore
+from ..tunnel.core import READ_SIZE
 from ..tunnel.driver import (
     CLOSE_GRACE,
     Opened,
@@ -29,6 +30,7 @@ from ..tunnel.driver import (
     OpenStale,
     TunnelDriver,
     WsClosed,
+    cap_reads,
     reset,
     transport_hung_up,
 )
@@ -143,6 +145,7 @@ class AiohttpPort:
     def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
         self.ws = ws
         self._transport = transport
+        cap_reads(transport, 2 * READ_SIZE)  # a chunk and its framing in one recv
         self._pongs: list[asyncio.Future[None]] = []
 
     async def send(self, message: bytes) -> None:

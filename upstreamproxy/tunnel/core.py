@@ -76,6 +76,8 @@ from .actions import (
 )
 
 #: Largest local read the core asks for once established (well under the 512 KiB payload cap).
+#: 64 KiB halved a busy tunnel's worst-case memory but cost 40-70% more CPU per GiB over the
+#: benchmark's veth path (benchmarks/README.md): 128 KiB it is.
 READ_SIZE: Final = 128 * 1024
 #: A side is not read while this many bytes fed from it still wait to be written to the other.
 HIGH_WATER: Final = 256 * 1024

@@ -47,7 +47,7 @@ from .actions import (
     SendPing,
     WriteLocal,
 )
-from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, TunnelCore
+from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, READ_SIZE, TunnelCore
 
 log = logging.getLogger("upstreamproxy.tunnel")
 
@@ -127,6 +127,8 @@ class TunnelDriver:
         self.ws = ws
         self.reader = reader
         self.writer = writer
+        if writer is not None:
+            cap_reads(writer.transport, READ_SIZE)
         self._opener = opener
         self._connect_chunk = connect_chunk
         self._loop = asyncio.get_running_loop()
@@ -366,6 +368,8 @@ class TunnelDriver:
             await self._execute(core.ws_opened(loop.time(), pooled=opened.pooled))
         else:
             self.reader, self.writer = opened.reader, opened.writer
+            if opened.writer is not None:
+                cap_reads(opened.writer.transport, READ_SIZE)
             self._spawn(self._read_local())
             await self._execute(core.open_done(loop.time()))
 
@@ -375,6 +379,18 @@ async def _discard(opened: Opened) -> None:
         opened.ws.abort()
     if opened.writer is not None:
         await close_stream(opened.writer, abort=True)
+
+
+def cap_reads(transport: asyncio.BaseTransport | None, size: int) -> None:
+    """Make a socket transport ``recv`` at most ``size`` bytes at a time.
+
+    asyncio's selector transports read up to 256 KiB per ``recv`` into a fresh buffer: per busy
+    tunnel that is a quarter MiB allocated (and left in the allocator's free lists) for data
+    the tunnel will not take before it is written out anyway. ``max_size`` is the attribute
+    every supported CPython's selector transport reads; any other transport is left alone.
+    """
+    if transport is not None and getattr(transport, "max_size", 0) > size:
+        transport.max_size = size  # type: ignore[attr-defined]
 
 
 def hung_up(writer: asyncio.StreamWriter) -> bool:
