@@ -80,3 +80,26 @@ async def test_tls_runs_over_the_pair(tls: TLSFiles) -> None:
     wa.write(b"hello")
     assert await asyncio.wait_for(ra.read(), 10) == b"HELLO" * 50_000
     await served
+
+
+async def test_bytes_written_while_paused_wait_for_the_next_protocol() -> None:
+    """What the egress relies on for interception: bytes that arrive before the engine's
+    start_tls() stay in the transport (peekable) and go to the protocol that resumes it."""
+    (_, outer), (inner_reader, inner) = stream_pair()
+    transport = inner.transport
+    transport.pause_reading()
+    outer.write(b"hello, pipelined")
+    await asyncio.sleep(0)
+    assert transport.peek_incoming() == (b"hello, pipelined", False)  # type: ignore[attr-defined]
+    assert inner_reader._buffer == b""  # type: ignore[attr-defined]  # nothing went astray
+
+    got = bytearray()
+
+    class Taker(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            got.extend(data)
+
+    transport.set_protocol(Taker())
+    transport.resume_reading()
+    await asyncio.sleep(0.01)
+    assert bytes(got) == b"hello, pipelined"

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 from aiohttp import WSMsgType, web
 
@@ -355,9 +355,13 @@ class Tunnel:
         # A memory-level hand-off: the engine terminates TLS on the inner end of an
         # in-memory stream pair; the tunnel drives the outer end like any upstream.
         (reader, writer), (_, inner) = stream_pair(UPSTREAM_BUFFER_LIMIT)
+        # Held in the transport until the engine's start_tls() resumes reading: bytes that
+        # came with the CONNECT (a pipelined ClientHello) must reach TLS, not the unused reader.
+        transport = cast(asyncio.Transport, inner.transport)  # a memstream transport
+        transport.pause_reading()
         self._inner = inner
         self._engine = asyncio.ensure_future(
-            self.ctx.intercept(inner.transport, route, self.admitted, self.session)  # type: ignore[arg-type]
+            self.ctx.intercept(transport, route, self.admitted, self.session)
         )
         return Opened(reader=reader, writer=writer)
 
