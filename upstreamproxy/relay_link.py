@@ -15,7 +15,6 @@ server that knows nothing of pools serves it too (within its own head timeout; s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections import deque
@@ -24,8 +23,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-from websockets.protocol import State as WsState
+from websockets.exceptions import InvalidStatus, WebSocketException
 
 from . import __version__
 from .codec import KEEPALIVE, MAX_MESSAGE_BYTES
@@ -33,15 +31,9 @@ from .connect_head import PREOPENED_HEADER, REASON_HEADER
 from .logredact import redacting_logger
 from .secret import Secret
 from .tasks import TaskSet
-from .tunnel.core import READ_SIZE
-from .tunnel.driver import (
-    CLOSE_GRACE,
-    OpenFailed,
-    WsClosed,
-    cap_reads,
-    reset,
-    transport_hung_up,
-)
+from .tunnel.driver import CLOSE_GRACE, OpenFailed
+from .tunnel.links import WsLink
+from .tunnel.wsframes import Close, Event, Ping, Pong
 
 log = logging.getLogger("upstreamproxy.relay")
 _ws_log = redacting_logger("upstreamproxy.relay.websocket")
@@ -57,66 +49,13 @@ POOL_BACKOFF: Final = 1.0
 POOL_BACKOFF_MAX: Final = 30.0
 
 
-class WebsocketsPort:
-    """:class:`~upstreamproxy.tunnel.driver.WsPort` over a websockets client connection."""
-
-    __slots__ = ("ws",)
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-        cap_reads(ws.transport, 2 * READ_SIZE)  # a chunk and its framing in one recv
-
-    async def send(self, message: bytes) -> None:
-        try:
-            await self.ws.send(message)
-        except ConnectionClosed:
-            raise WsClosed() from None
-
-    async def recv(self) -> bytes | str | None:
-        try:
-            return await self.ws.recv()
-        except ConnectionClosed:
-            return None
-
-    async def ping(self) -> None:
-        # Not websockets' own keepalive: it awaits the drain of the ping before timing the
-        # pong, so behind a stalled write it never times out. The core times the pong.
-        try:
-            waiter = await self.ws.ping()
-            await waiter
-        except ConnectionClosed:
-            raise WsClosed() from None
-
-    async def close(self, code: int) -> None:
-        await close_ws(self.ws, code)
-
-    def abort(self) -> None:
-        reset(self.ws.transport)
-
-    def lost(self) -> bool:
-        return transport_hung_up(self.ws.transport)
-
-    @property
-    def usable(self) -> bool:
-        return self.ws.state is WsState.OPEN
-
-
-async def close_ws(ws: ClientConnection, code: int = 1000) -> None:
-    """Close, aborting the socket if the close handshake does not finish within the grace.
-
-    Shielded so a cancelled tunnel (relay stopping) still releases its socket.
-    """
-
-    async def close() -> None:
-        try:
-            async with asyncio.timeout(CLOSE_GRACE):
-                await ws.close(code)
-        except (TimeoutError, ConnectionClosed, OSError):
-            pass
-        finally:
-            reset(ws.transport)  # no-op once closed; a reset if the handshake never finished
-
-    await asyncio.shield(close())
+def take_transport(ws: ClientConnection) -> WsLink:
+    """The data path does not go through websockets: take its transport over once the
+    handshake is done. Whatever its protocol already read past the handshake is kept."""
+    transport = ws.transport
+    transport.pause_reading()
+    leftover = bytes(ws.protocol.reader.buffer)
+    return WsLink.attach(transport, leftover, client=True)
 
 
 @dataclass(frozen=True)
@@ -135,7 +74,7 @@ DRAINING_RETRIES: Final = 3
 DRAINING_RETRY_DELAY: Final = 0.1
 
 
-async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WebsocketsPort:
+async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
     """Upgrade one WebSocket to the egress (see :func:`_open_ws_once`), trying again when
     the egress that answered is draining."""
     delay = DRAINING_RETRY_DELAY
@@ -150,7 +89,7 @@ async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WebsocketsPort
     raise AssertionError("unreachable")
 
 
-async def _open_ws_once(cfg: LinkConfig, *, preopened: bool = False) -> WebsocketsPort:
+async def _open_ws_once(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
     """Upgrade one WebSocket to the egress, or raise :class:`OpenFailed` with the answer.
 
     ``preopened``: for the pool; the upgrade says so (``X-Upstreamproxy-Preopened: 1``, an
@@ -192,13 +131,81 @@ async def _open_ws_once(cfg: LinkConfig, *, preopened: bool = False) -> Websocke
         # WebSocketException covers a malformed --egress-proxy (InvalidProxy) too: the
         # client gets a 502 naming the problem, never an empty reply.
         raise OpenFailed(502, f"cannot reach the egress: {type(exc).__name__}") from None
-    return WebsocketsPort(ws)
+    return take_transport(ws)
 
 
-@dataclass
 class _Idle:
-    port: WebsocketsPort
-    watcher: asyncio.Task[None] | None = None
+    """The owner of a pre-opened socket while it waits in the pool: keeps it alive (keepalive
+    chunks, pings) and notices when it dies."""
+
+    def __init__(self, pool: WsPool, link: WsLink) -> None:
+        self.pool = pool
+        self.link = link
+        self._loop = asyncio.get_running_loop()
+        self._ping_sent: float | None = None
+        self._last_heard = self._loop.time()
+        self._next_keepalive = self._last_heard + pool._keepalive
+        self._timer: asyncio.TimerHandle | None = None
+        link.set_owner(self)
+        if self.link.usable:
+            self._arm()
+
+    def _arm(self) -> None:
+        pool, now = self.pool, self._loop.time()
+        times = [self._next_keepalive]
+        if pool._ping_interval is not None:
+            if self._ping_sent is not None:
+                times.append(self._ping_sent + pool._ping_timeout)
+            else:
+                times.append(self._last_heard + pool._ping_interval)
+        self._timer = self._loop.call_at(max(min(times), now), self._tick)
+
+    def _tick(self) -> None:
+        pool, now = self.pool, self._loop.time()
+        if self._ping_sent is not None and now >= self._ping_sent + pool._ping_timeout:
+            return self.drop()
+        if now >= self._next_keepalive:
+            self._next_keepalive = now + pool._keepalive
+            self.link.send_message(KEEPALIVE)
+        interval = pool._ping_interval
+        if interval is not None and self._ping_sent is None and now >= self._last_heard + interval:
+            self._ping_sent = now
+            self.link.send_ping()
+        self._arm()
+
+    def release(self) -> WsLink:
+        """Hand the socket out: this owner stops looking after it."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.link.set_owner(None)
+        return self.link
+
+    def drop(self) -> None:
+        self.release()
+        self.link.abort()
+        self.pool._dropped(self)
+
+    # WsOwner
+
+    def ws_events(self, link: WsLink, events: list[Event]) -> None:
+        self._last_heard = self._loop.time()
+        self._ping_sent = None
+        for event in events:
+            # The egress sends nothing unasked before a CONNECT: anything but a ping or a
+            # pong (its close when draining, say) retires the socket.
+            if not isinstance(event, Ping | Pong):
+                if isinstance(event, Close):  # answered by the link; let it finish closing
+                    self.release()
+                    self.pool._dropped(self)
+                else:
+                    self.drop()
+                return
+
+    def ws_writable(self, link: WsLink) -> None:
+        pass
+
+    def ws_lost(self, link: WsLink) -> None:
+        self.drop()
 
 
 class WsPool:
@@ -207,7 +214,7 @@ class WsPool:
     def __init__(
         self,
         size: int,
-        opener: Callable[[], Awaitable[WebsocketsPort]],
+        opener: Callable[[], Awaitable[WsLink]],
         *,
         keepalive: float,
         ping_interval: float | None,
@@ -219,7 +226,7 @@ class WsPool:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._idle: deque[_Idle] = deque()
-        self._waiters: deque[asyncio.Future[WebsocketsPort | None]] = deque()
+        self._waiters: deque[asyncio.Future[WsLink | None]] = deque()
         self._opening = 0  # open attempts, including ones backing off
         self._connecting = 0  # open attempts actually under way
         self._tasks = TaskSet()
@@ -237,26 +244,23 @@ class WsPool:
         if self.size > 0:
             self._filler = self._tasks.spawn(self._fill(), name="ws-pool-fill")
 
-    async def take(self) -> tuple[WebsocketsPort, bool]:
+    async def take(self) -> tuple[WsLink, bool]:
         """A ready socket (``pooled`` True) or, if none is ready, a freshly opened one."""
         while self._idle:
             idle = self._idle.popleft()
-            if idle.watcher is not None:
-                idle.watcher.cancel()
+            link = idle.release()
             self._wake.set()
-            if idle.port.usable:
+            if link.usable:
                 self.stats["taken"] += 1
-                return idle.port, True
-            idle.port.abort()
+                return link, True
+            link.abort()
         if self._connecting > len(self._waiters):
             # One is on its way and started before this CONNECT: it arrives sooner than a
             # fresh one would, and does not compete with it for the session's limit.
-            waiter: asyncio.Future[WebsocketsPort | None] = (
-                asyncio.get_running_loop().create_future()
-            )
+            waiter: asyncio.Future[WsLink | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
-                port = await waiter
+                link_or_none = await waiter
             except asyncio.CancelledError:
                 handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
                 if handed is not None:
@@ -265,9 +269,9 @@ class WsPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            if port is not None:
+            if link_or_none is not None:
                 self.stats["taken"] += 1
-                return port, True
+                return link_or_none, True
         if self.size > 0:
             self.stats["missed"] += 1
         return await self._open(), False
@@ -279,7 +283,13 @@ class WsPool:
                 waiter.set_result(None)
         await self._tasks.cancel_all(grace=CLOSE_GRACE * 2)
         while self._idle:
-            self._idle.popleft().port.abort()
+            self._idle.popleft().release().abort()
+
+    def _dropped(self, idle: _Idle) -> None:
+        if idle in self._idle:
+            self._idle.remove(idle)
+            self.stats["replaced"] += 1
+            self._wake.set()
 
     async def _fill(self) -> None:
         while not self._closed:
@@ -295,7 +305,7 @@ class WsPool:
                 await asyncio.sleep(self._backoff)
             self._connecting += 1
             try:
-                port = await self._open()
+                link = await self._open()
             except OpenFailed as exc:
                 if not self._backoff:  # one line per failure streak, not one per attempt
                     log.warning("pre-opening a WebSocket failed: %s", exc.reason)
@@ -311,38 +321,16 @@ class WsPool:
             while self._waiters:
                 waiter = self._waiters.popleft()
                 if not waiter.done():
-                    waiter.set_result(port)
+                    waiter.set_result(link)
                     return
-            idle = _Idle(port)
-            idle.watcher = self._tasks.spawn(self._watch(idle), name="ws-pool-watch")
-            self._idle.append(idle)
+            if self._closed:
+                link.abort()
+                return
+            idle = _Idle(self, link)
+            if link.usable:
+                self._idle.append(idle)
+            else:
+                idle.drop()
         finally:
             self._opening -= 1
             self._wake.set()
-
-    async def _watch(self, idle: _Idle) -> None:
-        """Keep an idle socket alive; drop it when it dies or its peer stops answering."""
-        ws = idle.port.ws
-        step = min(self._keepalive, self._ping_interval or self._keepalive)
-        since_keepalive = 0.0
-        try:
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(step):
-                        await ws.wait_closed()
-                    return  # closed by the egress (draining, say): replace it
-                since_keepalive += step
-                if since_keepalive >= self._keepalive:
-                    since_keepalive = 0.0
-                    await ws.send(KEEPALIVE)
-                if self._ping_interval is not None:
-                    async with asyncio.timeout(self._ping_timeout):
-                        await (await ws.ping())
-        except (TimeoutError, ConnectionClosed, OSError):
-            pass
-        finally:
-            if idle in self._idle:
-                self._idle.remove(idle)
-                self.stats["replaced"] += 1
-                idle.port.abort()
-                self._wake.set()

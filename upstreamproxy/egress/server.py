@@ -11,7 +11,6 @@ tunnels get ``grace`` seconds to finish, then the rest are closed with the liste
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -27,6 +26,7 @@ from ..connect_head import PREOPENED_HEADER
 from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from ..memtrim import Trimmer
+from ..tunnel.links import WsLink
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
 from .auth import Authenticator, Session, bearer_token
@@ -351,25 +351,32 @@ class EgressServer:
         self, request: web.Request, ws: web.WebSocketResponse, session: Session, token: str
     ) -> web.WebSocketResponse:
         await ws.prepare(request)
+        transport = request.transport
+        assert transport is not None
+        # aiohttp answered the upgrade; the tunnel's own link reads and writes from here on.
+        transport.pause_reading()
+        link = WsLink.attach(transport, b"", client=False)
+        ws._closed = True  # aiohttp must not close (or wait on) a socket it no longer reads
+        ws._eof_sent = True
+        await self.run_upgraded(
+            link, session, token, preopened=request.headers.get(PREOPENED_HEADER) == "1"
+        )
+        return ws
+
+    async def run_upgraded(
+        self, link: WsLink, session: Session, token: str, *, preopened: bool
+    ) -> None:
+        """Serve one upgraded, authenticated WebSocket as a tunnel, to its end."""
         task = asyncio.current_task()
         assert task is not None
         self.active.add(task)
         self.metrics.active.inc()
-        tunnel = Tunnel(
-            ws,
-            session,
-            token,
-            self.context,
-            request.transport,
-            preopened=request.headers.get(PREOPENED_HEADER) == "1",
-        )
+        tunnel = Tunnel(link, session, token, self.context, preopened=preopened)
         self._tunnels[task] = tunnel
         try:
             await tunnel.run()
         except asyncio.CancelledError:
             tunnel.record.close_cause = "server-shutdown"
-            with contextlib.suppress(Exception):
-                await asyncio.shield(ws.close(code=1001, message=b"egress shutting down"))
             raise
         finally:
             self.active.discard(task)
@@ -377,7 +384,6 @@ class EgressServer:
             self.metrics.active.dec()
             self._audit(tunnel)
             self.trimmer.tunnel_ended()
-        return ws
 
     def _audit(self, tunnel: Tunnel) -> None:
         record, admitted = tunnel.record, tunnel.admitted

@@ -16,24 +16,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, cast
 
-from aiohttp import WSMsgType, web
-
 from ..connect_head import REASON_HEADER, RULE_HEADER
 from ..errors import AuthError, ConfigError, HeadError
 from ..memstream import stream_pair
 from ..tunnel import Open, Role, Timeouts, TunnelCore
-from ..tunnel.core import READ_SIZE
-from ..tunnel.driver import (
-    CLOSE_GRACE,
-    Opened,
-    OpenFailed,
-    OpenStale,
-    TunnelDriver,
-    WsClosed,
-    cap_reads,
-    reset,
-    transport_hung_up,
-)
+from ..tunnel.driver import Opened, OpenFailed, OpenStale, TunnelDriver
+from ..tunnel.links import WsLink
 from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
 from .intercept.engine import Downstream
@@ -125,117 +113,6 @@ class TunnelContext:
         return self._core_timeouts
 
 
-#: Frames larger than this go out in one write by :meth:`AiohttpPort._send_one_write`
-#: (aiohttp's own threshold for writing header and payload separately).
-ONE_WRITE_ABOVE: Final = 16 * 1024
-
-
-def binary_frame_header(size: int) -> bytes:
-    """The header of an unmasked, final, binary WebSocket frame of ``size`` bytes (RFC 6455)."""
-    if size < 126:
-        return bytes((0x82, size))
-    if size < 1 << 16:
-        return bytes((0x82, 126)) + size.to_bytes(2, "big")
-    return bytes((0x82, 127)) + size.to_bytes(8, "big")
-
-
-class AiohttpPort:
-    """:class:`~upstreamproxy.tunnel.driver.WsPort` over an aiohttp server WebSocket."""
-
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
-        self.ws = ws
-        self._transport = transport
-        cap_reads(transport, 2 * READ_SIZE)  # a chunk and its framing in one recv
-        self._pongs: list[asyncio.Future[None]] = []
-
-    async def send(self, message: bytes) -> None:
-        ws = self.ws
-        if ws.closed:
-            raise WsClosed()
-        try:
-            if len(message) > ONE_WRITE_ABOVE and await self._send_one_write(message):
-                return
-            await ws.send_bytes(message)
-        except (ConnectionError, RuntimeError):
-            raise WsClosed() from None
-
-    async def _send_one_write(self, message: bytes) -> bool:
-        """Write one binary frame - header and payload - with one ``transport.write``.
-
-        aiohttp writes a frame over 16 KiB as two writes, header then payload: two send()
-        calls and a 10-byte TCP segment per tunnel chunk. This does the same framing as
-        aiohttp (server frames are unmasked, no compression here) and its flow control, in
-        one write. Returns False (the caller uses aiohttp) if aiohttp's writer is not what
-        this expects.
-        """
-        writer = getattr(self.ws, "_writer", None)
-        transport = getattr(writer, "transport", None)
-        protocol = getattr(writer, "protocol", None)
-        if (
-            writer is None
-            or transport is None
-            or protocol is None
-            or writer.use_mask
-            or writer.compress
-            or writer._closing
-            or transport.is_closing()
-            or not hasattr(writer, "_output_size")
-            or not hasattr(protocol, "_drain_helper")
-        ):
-            return False
-        transport.write(binary_frame_header(len(message)) + message)
-        writer._output_size += len(message) + 10
-        if writer._output_size > writer._limit:
-            writer._output_size = 0
-            if protocol._paused:
-                await protocol._drain_helper()
-        return True
-
-    async def recv(self) -> bytes | str | None:
-        ws = self.ws
-        while True:
-            message = await ws.receive()
-            kind = message.type
-            if kind is WSMsgType.BINARY:
-                data: bytes = message.data
-                return data
-            if kind is WSMsgType.TEXT:
-                text: str = message.data
-                return text
-            if kind is WSMsgType.PING:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await ws.pong(message.data)
-            elif kind is WSMsgType.PONG:
-                pongs, self._pongs = self._pongs, []
-                for waiter in pongs:
-                    if not waiter.done():
-                        waiter.set_result(None)
-            else:  # CLOSE, CLOSING, CLOSED, ERROR
-                return None
-
-    async def ping(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._pongs.append(waiter)
-        try:
-            await self.ws.ping()
-        except (ConnectionError, RuntimeError):
-            raise WsClosed() from None
-        await waiter
-
-    async def close(self, code: int) -> None:
-        try:
-            async with asyncio.timeout(CLOSE_GRACE):
-                await self.ws.close(code=code)
-        except (TimeoutError, ConnectionError, RuntimeError):
-            self.abort()
-
-    def lost(self) -> bool:
-        return transport_hung_up(self._transport)
-
-    def abort(self) -> None:
-        reset(self._transport)
-
-
 #: What an upstream's StreamReader may buffer before it stops reading the socket is twice
 #: this. The tunnel reads 128 KiB at a time and writes it out before reading on, so more
 #: buffering only holds memory while the relay is slow (it was 512 KiB per busy tunnel).
@@ -252,16 +129,14 @@ def _bound_buffer(reader: asyncio.StreamReader) -> None:
 class Tunnel:
     def __init__(
         self,
-        ws: web.WebSocketResponse,
+        link: WsLink,
         session: Session,
         token: str,
         context: TunnelContext,
-        transport: asyncio.Transport | None = None,
         *,
         preopened: bool = False,
     ) -> None:
-        self.ws = ws
-        self.port = AiohttpPort(ws, transport)
+        self.link = link
         self.session = session
         self._token = token
         self.ctx = context
@@ -284,7 +159,7 @@ class Tunnel:
             self._driver.execute_soon(actions)
 
     async def run(self) -> None:
-        self._driver = TunnelDriver(self.core, self._open, ws=self.port)
+        self._driver = TunnelDriver(self.core, self._open, ws=self.link)
         try:
             await self._driver.run()
         finally:

@@ -31,10 +31,18 @@ class SendChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class SendData:
+    """Send one chunk carrying ``payload`` (stream data): the adapter frames it, so the
+    payload is never copied into an encoded message first."""
+
+    payload: bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
 class WriteLocal:
     """Write bytes to the local stream (stream data, or the relay's answer head)."""
 
-    data: bytes
+    data: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +111,7 @@ class Finished:
 
 Action = (
     SendChunk
+    | SendData
     | WriteLocal
     | SendConnect
     | Open

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from ..codec import KEEPALIVE, MAX_CHUNK_PAYLOAD, decode_chunk, encode_chunk, split_payload
+from ..codec import KEEPALIVE, MAX_CHUNK_PAYLOAD, decode_chunk, encode_chunk
 from ..connect_head import (
     MAX_HEAD_BYTES,
     REASON_HEADER,
@@ -70,6 +70,7 @@ from .actions import (
     Open,
     SendChunk,
     SendConnect,
+    SendData,
     SendPing,
     Side,
     WriteLocal,
@@ -266,7 +267,7 @@ class TunnelCore:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def local_data(self, data: bytes, now: float) -> list[Action]:
+    def local_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Action]:
         """Bytes read from the local stream (client at the relay, upstream at the egress)."""
         return self._dispatch("local_data", data, now)
 
@@ -279,6 +280,16 @@ class TunnelCore:
         self._last_heard = now
         self._ping_sent = None
         return self._dispatch("ws_message", message, now)
+
+    def ws_payload(
+        self, payload: bytes | bytearray | memoryview | ProtocolError, now: float
+    ) -> list[Action]:
+        """One chunk's payload (or a piece of it, once established), already decoded by the
+        adapter's frame reader - or the :class:`ProtocolError` it found instead. Same as
+        :meth:`ws_message` otherwise; ``b""`` is a whole empty chunk (a keepalive)."""
+        self._last_heard = now
+        self._ping_sent = None
+        return self._dispatch("ws_message", _Decoded(payload), now)
 
     def ws_closed(self, code: int | None, now: float) -> list[Action]:
         """The WebSocket closed (by the peer, an error, or a failed keepalive)."""
@@ -388,7 +399,7 @@ class TunnelCore:
     # relay ---------------------------------------------------------------------------------
 
     def _relay_head_data(self, data: object, now: float) -> list[Action]:
-        assert isinstance(data, bytes | bytearray)
+        assert isinstance(data, bytes | bytearray | memoryview)
         self._buffer += data
         try:
             parts = split_head(self._buffer)
@@ -546,7 +557,7 @@ class TunnelCore:
     # both, established ---------------------------------------------------------------------
 
     def _established_local_data(self, data: object, now: float) -> list[Action]:
-        assert isinstance(data, bytes | bytearray)
+        assert isinstance(data, bytes | bytearray | memoryview)
         self._last_payload = now
         return self._chunks(data, now)
 
@@ -580,7 +591,6 @@ class TunnelCore:
 
     def _early_data(self, data: object, now: float) -> list[Action]:
         # Egress OPENING: a relay that pipelined data after its CONNECT; held until 200.
-        assert isinstance(data, bytes | bytearray | str)
         try:
             payload = self._payload(data)
         except ProtocolError as exc:
@@ -593,7 +603,11 @@ class TunnelCore:
     # -- helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    def _payload(message: object) -> bytes:
+    def _payload(message: object) -> bytes | bytearray | memoryview:
+        if isinstance(message, _Decoded):
+            if isinstance(message.payload, ProtocolError):
+                raise message.payload
+            return message.payload
         if isinstance(message, str):
             raise ChunkError("text-frame", "text frames are not part of the protocol")
         assert isinstance(message, bytes | bytearray | memoryview)
@@ -651,7 +665,15 @@ class TunnelCore:
         self._pending_bytes[WS] += len(message)
         return SendChunk(message, payload_size)
 
-    def _write_local(self, data: bytes, now: float) -> WriteLocal:
+    def _send_data(self, payload: bytes | bytearray | memoryview, now: float) -> SendData:
+        if self._pending[WS] == 0:
+            self._stall_since[WS] = now
+            self.deadline_moved = True
+        self._pending[WS] += 1
+        self._pending_bytes[WS] += len(payload)
+        return SendData(payload)
+
+    def _write_local(self, data: bytes | bytearray | memoryview, now: float) -> WriteLocal:
         if self._pending[LOCAL] == 0:
             self._stall_since[LOCAL] = now
             self.deadline_moved = True
@@ -659,11 +681,15 @@ class TunnelCore:
         self._pending_bytes[LOCAL] += len(data)
         return WriteLocal(data)
 
-    def _chunks(self, data: bytes | bytearray, now: float) -> list[Action]:
+    def _chunks(self, data: bytes | bytearray | memoryview, now: float) -> list[Action]:
         self.counters.to_ws += len(data)
-        if len(data) <= MAX_CHUNK_PAYLOAD:  # the common case, without the generator
-            return [self._send(encode_chunk(data), len(data), now)]
-        return [self._send(m, len(m), now) for m in split_payload(data)]
+        if len(data) <= MAX_CHUNK_PAYLOAD:  # the common case
+            return [self._send_data(data, now)]
+        view = memoryview(data)
+        return [
+            self._send_data(view[at : at + MAX_CHUNK_PAYLOAD], now)
+            for at in range(0, len(view), MAX_CHUNK_PAYLOAD)
+        ]
 
     def _finish(
         self, now: float, outcome: str, *, ws_code: int | None, abort: bool = False
@@ -727,6 +753,13 @@ class TunnelCore:
         peer = "egress" if self.role is Role.RELAY else "relay"
         outcome = f"{peer}-unresponsive (no pong in {self.timeouts.ping_timeout:g}s)"
         return self._fail(now, outcome, abort=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Decoded:
+    """A ``ws_message`` input that the adapter already decoded (see ``ws_payload``)."""
+
+    payload: bytes | bytearray | memoryview | ProtocolError
 
 
 def _failure(arg: object) -> tuple[int, str, str]:

@@ -1,23 +1,24 @@
 """The asyncio adapter around :class:`~.core.TunnelCore`, shared by the relay and the egress.
 
-It owns sockets, tasks and cancellation - nothing else. Per tunnel:
+It owns sockets and timers - nothing else - and runs on callbacks, not tasks. Per tunnel:
 
-* a reader task per side (local stream, WebSocket), each reading only while the core says
-  it may (:attr:`~.core.TunnelCore.may_read_local` / ``may_read_ws``), feeding what it read
-  to the core and executing the actions that come back, in order (so a write's backpressure
-  holds up only that reader);
-* one event-loop timer armed at :meth:`~.core.TunnelCore.next_deadline` (no task, no sleep
-  loop), which calls ``tick`` and executes its actions;
-* an opening task while the core waits for :class:`~.actions.Open`.
+* the two sockets are :mod:`links <.links>` (buffered protocols over the transports): what a
+  link reads goes straight into the core, and the actions that come back are executed
+  before the callback returns - writes are ``transport.write`` calls, so nothing waits;
+* reading is paused and resumed as the core's :attr:`~.core.TunnelCore.may_read_local` /
+  ``may_read_ws`` say, and a write is reported done (``written``) when its transport has
+  handed everything to the kernel - at once, usually, else on ``resume_writing``;
+* one event-loop timer is armed at :meth:`~.core.TunnelCore.next_deadline` (no sleep loop),
+  which calls ``tick`` and executes its actions;
+* a task exists only while the core waits for :class:`~.actions.Open` (the relay taking or
+  opening a WebSocket; the egress checking, admitting and dialling).
 
-When the core finishes, every task is cancelled and the closes it asked for run shielded,
-each bounded: a WebSocket close handshake gets :data:`CLOSE_GRACE` seconds, a local stream
-with data it cannot flush in that time is reset (``SO_LINGER`` 0) rather than left
-established with bytes nobody will read.
+When the core finishes, the closes it asked for run, each bounded: a WebSocket closing
+handshake gets :data:`~.links.CLOSE_GRACE`, a local stream that cannot flush in that time is
+reset (``SO_LINGER`` 0) rather than left established with bytes nobody will read.
 
-The two ends differ only in their :class:`WsPort` (websockets at the relay, aiohttp at the
-egress) and in their ``opener``: the relay opens (or takes a pre-opened) WebSocket, the
-egress checks credentials, admits and dials.
+The two ends differ only in their ``opener``: the relay opens (or takes a pre-opened)
+WebSocket, the egress checks credentials, admits and dials.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import select
-import socket
-import struct
-from collections.abc import Awaitable, Callable, Coroutine
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any
 
+from ..errors import ProtocolError
 from .actions import (
     LOCAL,
     WS,
@@ -44,44 +44,26 @@ from .actions import (
     Open,
     SendChunk,
     SendConnect,
+    SendData,
     SendPing,
     WriteLocal,
 )
 from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, READ_SIZE, TunnelCore
+from .links import CLOSE_GRACE, LocalLink, WsLink, reset, transport_hung_up
+from .wsframes import Close, Event, Ping, Pong, Text, WsError
 
 log = logging.getLogger("upstreamproxy.tunnel")
 
-#: How long a graceful close (WebSocket handshake, local flush) may take before the socket
-#: is dropped. What is still unsent then would only hold a socket open for nobody.
-CLOSE_GRACE: Final = 1.0
-_LINGER_RESET: Final = struct.pack("ii", 1, 0)
-_HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
-
-
-class WsPort(Protocol):
-    """The few WebSocket operations the driver needs, over any library."""
-
-    async def send(self, message: bytes) -> None:
-        """Send one binary message; raise :class:`WsClosed` if the socket is gone."""
-
-    async def recv(self) -> bytes | str | None:
-        """The next data message, or None once the WebSocket is closed."""
-
-    async def ping(self) -> None:
-        """Send a ping and return when its pong arrives."""
-
-    async def close(self, code: int) -> None:
-        """Close with ``code``; bounded, and the socket is released when this returns."""
-
-    def abort(self) -> None:
-        """Drop the connection at once."""
-
-    def lost(self) -> bool:
-        """Whether the connection is gone (seen without reading from it)."""
-
-
-class WsClosed(Exception):
-    """A send on a WebSocket that is already closed."""
+__all__ = [
+    "CLOSE_GRACE",
+    "OpenFailed",
+    "OpenStale",
+    "Opened",
+    "TunnelDriver",
+    "close_stream",
+    "reset",
+    "transport_hung_up",
+]
 
 
 class OpenFailed(Exception):
@@ -102,14 +84,13 @@ class OpenStale(Exception):
 class Opened:
     """What the opening step produced: a WebSocket (relay) or a local stream (egress)."""
 
-    ws: WsPort | None = None
+    ws: WsLink | None = None
     pooled: bool = False
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
 
 
 Opener = Callable[[Open], Awaitable[Opened]]
-ConnectChunk = Callable[[Open | SendConnect], bytes]
 
 
 class TunnelDriver:
@@ -118,29 +99,29 @@ class TunnelDriver:
         core: TunnelCore,
         opener: Opener,
         *,
-        ws: WsPort | None = None,
+        ws: WsLink | None = None,
         reader: asyncio.StreamReader | None = None,
         writer: asyncio.StreamWriter | None = None,
         connect_chunk: Callable[[SendConnect], bytes] | None = None,
     ) -> None:
         self.core = core
-        self.ws = ws
-        self.reader = reader
-        self.writer = writer
-        if writer is not None:
-            cap_reads(writer.transport, READ_SIZE)
+        self.ws: WsLink | None = None
+        self.local: LocalLink | None = None
         self._opener = opener
         self._connect_chunk = connect_chunk
         self._loop = asyncio.get_running_loop()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._done = asyncio.Event()
-        self._local_go = asyncio.Event()
-        self._ws_go = asyncio.Event()
-        self._closing: list[Action] = []
+        self._done: asyncio.Future[None] = self._loop.create_future()
+        self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        #: Set by :class:`~.actions.HandOff`: the local stream was left open for the
-        #: plain-HTTP forwarder, which starts from these bytes.
+        self._closing: list[Action] = []
+        #: Sizes of writes handed to a paused transport, reported done on resume_writing.
+        self._unconfirmed: dict[Any, deque[int]] = {LOCAL: deque(), WS: deque()}
+        self._initial_ws = ws
+        self._initial_local = (reader, writer)
+        self._running = False
+        #: Set by :class:`~.actions.HandOff`: the local stream was given back to its stream
+        #: pair for the plain-HTTP forwarder, which starts from these bytes.
         self.handed_off: bytes | None = None
 
     # -- running -----------------------------------------------------------------------------
@@ -148,76 +129,149 @@ class TunnelDriver:
     async def run(self) -> str:
         """Run the tunnel to its end; returns the outcome. Cancellation closes it too."""
         try:
-            if self.reader is not None:
-                self._spawn(self._read_local())
-            if self.ws is not None:
-                self._spawn(self._read_ws())
+            self._running = True
+            reader, writer = self._initial_local
+            if self._initial_ws is not None:
+                self._use_ws(self._initial_ws)
+            if reader is not None and writer is not None:
+                self._use_local(reader, writer)
             self._sync()
-            await self._done.wait()
+            await self._done
         finally:
+            self._running = False
             if self._timer is not None:
                 self._timer.cancel()
-            current = asyncio.current_task()
-            tasks = [t for t in self._tasks if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.shield(self._close(tasks))
+            if self._opening is not None and not self._opening.done():
+                self._opening.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(asyncio.wait([self._opening]))
+            self._close_all()
         return self.core.outcome
 
     def execute_soon(self, actions: list[Action]) -> None:
         """Execute actions from an input fed outside the driver (``drain``, say)."""
-        self._spawn(self._execute(actions))
+        self._loop.call_soon(self._execute, actions)
 
-    async def _close(self, tasks: list[asyncio.Task[Any]]) -> None:
-        if tasks:
-            await asyncio.wait(tasks)
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _close_all(self) -> None:
         closing, self._closing = self._closing, []
         if not any(isinstance(a, CloseWs) for a in closing) and self.ws is not None:
             if self.core.closed:  # the peer closed, or failed: just release the socket
                 closing.append(CloseWs(CLOSE_NORMAL, abort=True))
             else:  # cancelled: this end is shutting down
                 closing.append(CloseWs(CLOSE_GOING_AWAY))
-        if not any(isinstance(a, CloseLocal) for a in closing) and self.writer is not None:
+        if not any(isinstance(a, CloseLocal) for a in closing) and self.local is not None:
             closing.append(CloseLocal())  # bounded: reset if it cannot flush in time
         for action in closing:
             if isinstance(action, CloseWs) and self.ws is not None:
                 ws, self.ws = self.ws, None
+                ws.set_owner(None)
                 if action.abort:
                     ws.abort()
                 else:
-                    await ws.close(action.code)
-            elif isinstance(action, CloseLocal) and self.writer is not None:
-                writer, self.writer = self.writer, None
-                await close_stream(writer, abort=action.abort)
+                    ws.close(action.code)
+            elif isinstance(action, CloseLocal) and self.local is not None:
+                local, self.local = self.local, None
+                if action.abort:
+                    local.abort()
+                else:
+                    local.close_gracefully()
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
+    # -- the sockets ---------------------------------------------------------------------------
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # A bug must not leave the tunnel hanging: end it, keep the traceback.
-            log.error("tunnel task failed", exc_info=task.exception())
-            self.core.outcome = "internal-error"
-            self._done.set()
+    def _use_ws(self, link: WsLink) -> None:
+        self.ws = link
+        self._unconfirmed[WS].clear()
+        link.set_owner(self)
+
+    def _use_local(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        local = self.local = LocalLink(self)
+        buffered = local.take(reader, writer)
+        if buffered:
+            self.local_data(memoryview(buffered))
+        if local.eof and not self.core.closed:
+            self.local_eof()
+
+    # WsOwner
+
+    def ws_events(self, link: WsLink, events: list[Event]) -> None:
+        if link is not self.ws:
+            return
+        core, now = self.core, self._loop.time()
+        for event in events:
+            if core.closed:
+                return
+            if isinstance(event, memoryview | bytes):
+                self._execute(core.ws_payload(event, now))
+            elif isinstance(event, Pong):
+                core.pong(now)
+            elif isinstance(event, Ping):
+                core.pong(now)  # the peer is alive; the link answered it
+            elif isinstance(event, Close):
+                self._execute(core.ws_closed(event.code, now))
+            elif isinstance(event, Text):
+                self._execute(core.ws_message("", now))
+            elif isinstance(event, WsError):
+                self._execute(core.ws_payload(ProtocolError(event.reason), now))
+            else:  # a ChunkError
+                self._execute(core.ws_payload(event, now))
+
+    def ws_writable(self, link: WsLink) -> None:
+        if link is self.ws:
+            self._confirm(WS)
+
+    def ws_lost(self, link: WsLink) -> None:
+        if link is self.ws and not self.core.closed:
+            self._execute(self.core.ws_closed(None, self._loop.time()))
+
+    # LocalOwner
+
+    def local_data(self, data: memoryview) -> None:
+        core = self.core
+        if core.closed:
+            return
+        self._execute(core.local_data(data, self._loop.time()))
+
+    def local_eof(self) -> None:
+        if not self.core.closed and self.local is not None:
+            self._execute(self.core.local_eof(self._loop.time()))
+
+    def local_writable(self) -> None:
+        self._confirm(LOCAL)
+
+    def _confirm(self, side: Any) -> None:
+        """The transport of ``side`` wrote out everything: its writes are done."""
+        pending = self._unconfirmed[side]
+        if not pending:
+            return
+        core, now = self.core, self._loop.time()
+        while pending:
+            core.written(side, pending.popleft(), now)
+        self._sync()
+
+    # -- flow and time -------------------------------------------------------------------------
 
     def _sync(self) -> None:
         """After every core input: reading permissions and the timer."""
         core = self.core
         if core.closed:
-            self._done.set()
+            self._finish()
             return
-        if core.may_read_local:
-            self._local_go.set()
-        else:
-            self._local_go.clear()
-        if core.may_read_ws:
-            self._ws_go.set()
-        else:
-            self._ws_go.clear()
+        local, ws = self.local, self.ws
+        if local is not None:
+            if core.may_read_local:
+                local.read_size = core.local_read_size
+                local.resume_reading()
+            else:
+                local.pause_reading()
+        if ws is not None:
+            if core.may_read_ws:
+                ws.resume_reading()
+            else:
+                ws.pause_reading()
         if not core.deadline_moved:
             return
         core.deadline_moved = False
@@ -233,145 +287,104 @@ class TunnelDriver:
         self._timer = self._timer_at = None
         actions = self.core.tick(self._loop.time())
         self.core.deadline_moved = True  # the timer is gone: always re-arm
-        if actions:
-            self._spawn(self._execute(actions))
-        else:
-            self._sync()
+        self._execute(actions)
 
     # -- executing actions -------------------------------------------------------------------
 
-    async def _execute(self, actions: list[Action]) -> None:
+    def _execute(self, actions: list[Action]) -> None:
         core = self.core
-        # The input that produced these actions may have moved a deadline earlier (a write
-        # now outstanding arms the stall and hang-up timers): re-arm before any await.
-        self._sync()
         for action in actions:
-            if isinstance(action, SendChunk):
-                await self._send(action.message)
+            if isinstance(action, SendData):
+                self._send_data(action.payload)
             elif isinstance(action, WriteLocal):
-                await self._write_local(action.data)
+                self._write_local(action.data)
+            elif isinstance(action, SendChunk):
+                self._send_message(action.message, len(action.message))
             elif isinstance(action, SendConnect):
                 assert self._connect_chunk is not None
-                await self._send(self._connect_chunk(action), counted=False)
+                if self.ws is not None:
+                    self.ws.send_message(self._connect_chunk(action))
             elif isinstance(action, Open):
-                # Inline: the task that got here (the reader of the side that asked) reads
-                # nothing more until the tunnel is open anyway; one task fewer per tunnel.
-                await self._open(action)
+                self._opening = self._loop.create_task(self._open(action))
             elif isinstance(action, SendPing):
-                self._spawn(self._ping())
+                if self.ws is not None:
+                    self.ws.send_ping()
             elif isinstance(action, CheckPeers):
-                if self.writer is not None and hung_up(self.writer):
-                    await self._execute(core.local_eof(self._loop.time()))
+                if self.local is not None and self.local.hung_up():
+                    self._execute(core.local_eof(self._loop.time()))
                     return
-                if self.ws is not None and self.ws.lost():
-                    await self._execute(core.ws_closed(None, self._loop.time()))
+                if self.ws is not None and self.ws.hung_up():
+                    self._execute(core.ws_closed(None, self._loop.time()))
                     return
             elif isinstance(action, CloseWs | CloseLocal):
                 self._closing.append(action)
             elif isinstance(action, HandOff):
                 self.handed_off = action.initial
-                self.reader = self.writer = None  # not ours to read or close any more
+                local, self.local = self.local, None
+                if local is not None:
+                    local.give_back()  # not ours to read or close any more
             elif isinstance(action, Finished):
-                self._done.set()
+                self._close_all()
+                self._finish()
                 return
         self._sync()
 
-    async def _send(self, message: bytes, *, counted: bool = True) -> None:
+    def _send_data(self, payload: bytes | bytearray | memoryview) -> None:
+        ws, local = self.ws, self.local
+        if ws is None:
+            return
+        ws.send_data(payload, local.room_for(payload) if local is not None else None)
+        self._after_write(WS, ws.write_paused, len(payload))
+
+    def _send_message(self, message: bytes, size: int) -> None:
         ws = self.ws
         if ws is None:
             return
-        try:
-            await ws.send(message)
-        except (WsClosed, ConnectionError):
-            await self._execute(self.core.ws_closed(None, self._loop.time()))
-            return
-        if counted:
-            self.core.written(WS, len(message), self._loop.time())
+        ws.send_message(message)
+        self._after_write(WS, ws.write_paused, size)
 
-    async def _write_local(self, data: bytes) -> None:
-        writer = self.writer
-        if writer is None:
+    def _write_local(self, data: bytes | bytearray | memoryview) -> None:
+        local = self.local
+        if local is None:
             return
-        try:
-            writer.write(data)
-            await writer.drain()
-        except (ConnectionError, RuntimeError):
-            if not self.core.closed:
-                await self._execute(self.core.local_eof(self._loop.time()))
-            return
-        self.core.written(LOCAL, len(data), self._loop.time())
+        local.write(data)
+        self._after_write(LOCAL, local.write_paused, len(data))
 
-    async def _read_local(self) -> None:
-        reader, core, loop = self.reader, self.core, self._loop
-        assert reader is not None
-        while True:
-            if not self._local_go.is_set():
-                await self._local_go.wait()
-            if core.closed:
-                return
-            try:
-                data = await reader.read(core.local_read_size)
-            except ConnectionError:
-                data = b""
-            if core.closed:
-                return
-            if not data:
-                await self._execute(core.local_eof(loop.time()))
-                return
-            await self._execute(core.local_data(data, loop.time()))
-
-    async def _read_ws(self) -> None:
-        ws, core, loop = self.ws, self.core, self._loop
-        assert ws is not None
-        while True:
-            if not self._ws_go.is_set():
-                await self._ws_go.wait()
-            if core.closed or self.ws is not ws:
-                return
-            message = await ws.recv()
-            if core.closed or self.ws is not ws:
-                return
-            if message is None:
-                await self._execute(core.ws_closed(None, loop.time()))
-                return
-            await self._execute(core.ws_message(message, loop.time()))
-
-    async def _ping(self) -> None:
-        ws = self.ws
-        if ws is None:
-            return
-        with contextlib.suppress(WsClosed, ConnectionError):
-            await ws.ping()
-            if self.ws is ws:
-                self.core.pong(self._loop.time())
+    def _after_write(self, side: Any, paused: bool, size: int) -> None:
+        if paused:
+            self._unconfirmed[side].append(size)
+        else:
+            self.core.written(side, size, self._loop.time())
 
     async def _open(self, action: Open) -> None:
         core, loop = self.core, self._loop
         try:
             opened = await self._opener(action)
         except OpenFailed as exc:
-            await self._execute(
-                core.open_failed(exc.status, exc.reason, loop.time(), rule=exc.rule)
-            )
+            self._execute(core.open_failed(exc.status, exc.reason, loop.time(), rule=exc.rule))
             return
         except OpenStale:
-            await self._execute(core.open_stale(loop.time()))
+            self._execute(core.open_stale(loop.time()))
             return
-        if core.closed:  # the client left, or a deadline passed, while we opened
+        if core.closed or not self._running:  # the client left, or a deadline passed
             await _discard(opened)
             return
         if opened.ws is not None:
-            old, self.ws = self.ws, opened.ws
+            old = self.ws
             if old is not None:  # a pooled socket that died before the answer
+                old.set_owner(None)
                 old.abort()
-            self._spawn(self._read_ws())
-            await self._execute(core.ws_opened(loop.time(), pooled=opened.pooled))
+            self._use_ws(opened.ws)
+            self._execute(core.ws_opened(loop.time(), pooled=opened.pooled))
         else:
-            self.reader, self.writer = opened.reader, opened.writer
-            if opened.writer is not None:
-                cap_reads(opened.writer.transport, READ_SIZE)
-            self._spawn(self._read_local())
-            await self._execute(core.open_done(loop.time()))
+            assert opened.reader is not None and opened.writer is not None
+            local = self.local = LocalLink(self)
+            buffered = local.take(opened.reader, opened.writer)
+            self._execute(core.open_done(loop.time()))
+            if buffered and not core.closed:
+                self.local_data(memoryview(buffered))
+            if local.eof and not core.closed:
+                self.local_eof()
 
 
 async def _discard(opened: Opened) -> None:
@@ -379,39 +392,6 @@ async def _discard(opened: Opened) -> None:
         opened.ws.abort()
     if opened.writer is not None:
         await close_stream(opened.writer, abort=True)
-
-
-def cap_reads(transport: asyncio.BaseTransport | None, size: int) -> None:
-    """Make a socket transport ``recv`` at most ``size`` bytes at a time.
-
-    asyncio's selector transports read up to 256 KiB per ``recv`` into a fresh buffer: per busy
-    tunnel that is a quarter MiB allocated (and left in the allocator's free lists) for data
-    the tunnel will not take before it is written out anyway. ``max_size`` is the attribute
-    every supported CPython's selector transport reads; any other transport is left alone.
-    """
-    if transport is not None and getattr(transport, "max_size", 0) > size:
-        transport.max_size = size  # type: ignore[attr-defined]
-
-
-def hung_up(writer: asyncio.StreamWriter) -> bool:
-    """Whether the peer of ``writer``'s socket hung up, checked without reading."""
-    return transport_hung_up(writer.transport)
-
-
-def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
-    """Whether a transport is closed or its socket's peer hung up (FIN or RST), checked
-    without reading - a transport whose reading is paused sees neither by itself."""
-    if transport is None or transport.is_closing():
-        return True
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    poller = select.poll()
-    try:
-        poller.register(sock.fileno(), _HANGUP)
-    except (ValueError, OSError):
-        return True
-    return any(events & _HANGUP for _, events in poller.poll(0))
 
 
 async def close_stream(writer: asyncio.StreamWriter, *, abort: bool = False) -> None:
@@ -431,20 +411,15 @@ async def close_stream(writer: asyncio.StreamWriter, *, abort: bool = False) -> 
             pass
     reset(transport)
     with contextlib.suppress(Exception):
-        await writer.wait_closed()
+        async with asyncio.timeout(CLOSE_GRACE):
+            await writer.wait_closed()
 
 
-def reset(transport: asyncio.WriteTransport | None) -> None:
-    """Drop a connection at once with a TCP reset.
+def cap_reads(transport: asyncio.BaseTransport | None, size: int) -> None:
+    """Make a socket transport ``recv`` at most ``size`` bytes at a time (streams that are
+    not tunnel links: the plain-HTTP forwarder's)."""
+    if transport is not None and getattr(transport, "max_size", 0) > size:
+        transport.max_size = size  # type: ignore[attr-defined]
 
-    A plain ``abort()`` closes the socket, but the kernel still queues a FIN behind any
-    unsent data - to a peer whose window is closed it never arrives, and the peer never
-    learns we left. ``SO_LINGER`` 0 makes the close a reset, which always gets through.
-    """
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
+
+__all__ += ["READ_SIZE", "cap_reads"]

@@ -1,0 +1,433 @@
+"""The two sockets of a tunnel as asyncio buffered protocols: zero-copy, no tasks.
+
+A :class:`WsLink` is the WebSocket between relay and egress once upgraded; a
+:class:`LocalLink` is the local stream (the client at the relay, the upstream at the egress).
+Each reads with ``recv_into`` into one buffer shared by every link of the process - the
+event loop runs one callback at a time, and what a callback read is written out (or copied
+by the transport, or by the core while it holds a head) before it returns - so a busy tunnel
+holds no read buffer of its own, and no chunk is copied in user space on its way through:
+
+* egress: upstream bytes land after :data:`~.wsframes.HEADROOM` free bytes; the frame and
+  chunk headers are written into that room and the whole frame leaves in one ``send``;
+* relay: a frame's payload is a slice of what was read and goes to the client as it is.
+
+Links report to an *owner* (the tunnel driver; the relay's pool for an idle pre-opened
+socket) through plain method calls. Writes complete when the transport has handed them to
+the kernel: the write buffer's high-water mark is 0, so ``pause_writing`` means "a write is
+outstanding" and ``resume_writing`` "all of it went out" - the core's notion of a write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import struct
+from typing import Final, Protocol
+
+from .wsframes import (
+    HEADROOM,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    Close,
+    Event,
+    FrameReader,
+    Ping,
+    WsError,
+    chunk_header,
+    close_payload,
+    frame,
+    masked_chunk_frame,
+)
+
+#: How long a graceful close (WebSocket handshake, local flush) may take before the socket
+#: is reset. What is still unsent then would only hold a socket open for nobody.
+CLOSE_GRACE: Final = 1.0
+#: Largest read into the shared buffer (a chunk's worth, and its framing).
+SHARED_READ: Final = 256 * 1024
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+#: Where reads land in a read buffer: after room for a frame header.
+READ_AT: Final = HEADROOM
+_shared_view = memoryview(bytearray(READ_AT + SHARED_READ))
+_busy = False  # a read from the shared buffer is being handled
+
+
+def _read_buffer(size: int) -> memoryview:
+    """The shared buffer - or, for a read that happens while another is being handled (an
+    in-memory transport delivers synchronously), a fresh one, so neither overwrites the
+    other."""
+    if _busy:
+        return memoryview(bytearray(READ_AT + size))
+    return _shared_view
+
+
+class _Handling:
+    """Marks the shared buffer busy while a read from it is handled."""
+
+    __slots__ = ("_was",)
+
+    def __enter__(self) -> None:
+        global _busy
+        self._was = _busy
+        _busy = True
+
+    def __exit__(self, *exc: object) -> None:
+        global _busy
+        _busy = self._was
+
+
+class WsOwner(Protocol):
+    def ws_events(self, link: WsLink, events: list[Event]) -> None: ...
+
+    def ws_writable(self, link: WsLink) -> None: ...
+
+    def ws_lost(self, link: WsLink) -> None: ...
+
+
+class LocalOwner(Protocol):
+    def local_data(self, data: memoryview) -> None: ...
+
+    def local_eof(self) -> None: ...
+
+    def local_writable(self) -> None: ...
+
+
+class _Link(asyncio.BufferedProtocol):
+    """What both links share: the transport, write completion, bounded close, hang-up check."""
+
+    transport: asyncio.Transport | None
+
+    def __init__(self) -> None:
+        self.transport = None
+        self.write_paused = False
+        self.lost = False
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    def _take(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.write_paused = False
+        transport.set_protocol(self)
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            transport.set_write_buffer_limits(high=0)  # see the module docstring
+        if transport.get_write_buffer_size():
+            self.write_paused = True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+
+    def pause_reading(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.lost:
+            with contextlib.suppress(RuntimeError, AttributeError):
+                transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self.transport
+        if transport is not None and not self.lost:
+            with contextlib.suppress(RuntimeError, AttributeError):
+                transport.resume_reading()
+
+    def hung_up(self) -> bool:
+        """Whether the peer hung up (FIN or RST), checked without reading."""
+        return self.lost or transport_hung_up(self.transport)
+
+    def close_gracefully(self) -> None:
+        """Flush what is buffered, then close; reset if that takes over :data:`CLOSE_GRACE`."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        transport.close()
+        if not self.lost and self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_GRACE, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection at once (a TCP reset)."""
+        self._close_timer = None
+        reset(self.transport)
+
+
+class WsLink(_Link):
+    """One upgraded WebSocket carrying a tunnel (or waiting for one, in the relay's pool).
+
+    ``client``: the relay's end - frames it sends are masked, frames it reads must not be.
+    """
+
+    def __init__(self, *, client: bool) -> None:
+        super().__init__()
+        self.client = client
+        self.reader = FrameReader(masked=not client)
+        self.owner: WsOwner | None = None
+        self._early: list[Event] = []  # events read before there was an owner
+        self.close_sent = False
+        self.closed_by_peer = False
+        #: The close code our reader asked for (a malformed frame), used by :meth:`close`.
+        self.error_code: int | None = None
+        self._full = _shared_view
+
+    @classmethod
+    def attach(cls, transport: asyncio.Transport, leftover: bytes = b"", *, client: bool) -> WsLink:
+        """Take over an upgraded transport (reading paused by whoever upgraded it)."""
+        link = cls(client=client)
+        link._take(transport)
+        if leftover:
+            link._handle(link.reader.feed(leftover))
+        link.resume_reading()
+        return link
+
+    def set_owner(self, owner: WsOwner | None) -> None:
+        self.owner = owner
+        if owner is not None:
+            if self._early:
+                events, self._early = self._early, []
+                owner.ws_events(self, events)
+            if self.lost:
+                owner.ws_lost(self)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._full = _read_buffer(SHARED_READ)
+        return self._full[READ_AT:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        with _Handling():
+            self._handle(self.reader.feed(self._full[READ_AT : READ_AT + nbytes]))
+
+    def _handle(self, events: list[Event]) -> None:
+        if not events:
+            return
+        for event in events:
+            if isinstance(event, Ping):
+                if not self.close_sent:
+                    self._write(frame(OP_PONG, event.payload, masked=self.client))
+            elif isinstance(event, Close):
+                self.closed_by_peer = True
+                if not self.close_sent:  # answer it (RFC 6455 §5.5.1), then hang up
+                    self.close_sent = True
+                    code = event.code if event.code is not None else 1000
+                    self._write(frame(OP_CLOSE, close_payload(code), masked=self.client))
+                self.close_gracefully()
+            elif isinstance(event, WsError):
+                self.error_code = event.code
+        if self.owner is not None:
+            self.owner.ws_events(self, events)
+        else:
+            self._early.extend(_detach(e) for e in events)
+
+    def eof_received(self) -> bool:
+        return False  # no half-open WebSockets: the transport closes, connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.owner is not None:
+            self.owner.ws_lost(self)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.owner is not None:
+            self.owner.ws_writable(self)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _write(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is not None and not self.lost and not transport.is_closing():
+            transport.write(data)
+
+    def send_data(
+        self, payload: bytes | bytearray | memoryview, room: memoryview | None = None
+    ) -> None:
+        """Send one chunk carrying ``payload``. ``room``: the read buffer ``payload`` sits in
+        at :data:`READ_AT`, with the bytes before it free for the headers (one write)."""
+        if self.close_sent:
+            return
+        if self.client:
+            self._write(masked_chunk_frame(payload))
+            return
+        size = len(payload)
+        if room is not None:
+            header = chunk_header(size)
+            start = READ_AT - len(header)
+            room[start:READ_AT] = header
+            self._write(room[start : READ_AT + size])
+        else:
+            self._write(chunk_header(size) + payload)
+
+    def send_message(self, message: bytes) -> None:
+        """Send one binary message as it is (an already encoded chunk)."""
+        if not self.close_sent:
+            self._write(frame(OP_BINARY, message, masked=self.client))
+
+    def send_ping(self, payload: bytes = b"") -> None:
+        if not self.close_sent:
+            self._write(frame(OP_PING, payload, masked=self.client))
+
+    def close(self, code: int) -> None:
+        """Start the closing handshake: our close frame now, the socket is released once the
+        peer answers (or after :data:`CLOSE_GRACE`)."""
+        if self.lost:
+            return
+        if self.error_code is not None and code == 1002:
+            code = self.error_code  # a reader error knows its precise code (1009, 1007)
+        if not self.close_sent:
+            self.close_sent = True
+            self._write(frame(OP_CLOSE, close_payload(code), masked=self.client))
+        if self.closed_by_peer or not self.client:
+            self.close_gracefully()  # the server closes the TCP connection first (§7.1.1)
+        elif self._close_timer is None:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
+
+    @property
+    def usable(self) -> bool:
+        transport = self.transport
+        return (
+            not self.lost
+            and not self.close_sent
+            and not self.closed_by_peer
+            and not self.reader.done
+            and transport is not None
+            and not transport.is_closing()
+        )
+
+
+def _detach(event: Event) -> Event:
+    """An event kept past the read that produced it: no views into the shared buffer."""
+    return bytes(event) if isinstance(event, memoryview) else event
+
+
+class LocalLink(_Link):
+    """The local stream of one tunnel, taken over from its asyncio stream pair."""
+
+    def __init__(self, owner: LocalOwner) -> None:
+        super().__init__()
+        self.owner = owner
+        self.read_size = SHARED_READ // 2
+        self.eof = False
+        self._saved: asyncio.BaseProtocol | None = None
+        self._last_read: memoryview | None = None
+        self._full = _shared_view
+
+    def take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        """Become the protocol of ``writer``'s transport; returns what ``reader`` had
+        buffered (to be fed first). EOF already seen by ``reader`` is kept in :attr:`eof`."""
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        # Kept alive with the link: a StreamWriter closes its transport when collected.
+        self._writer: asyncio.StreamWriter | None = writer
+        self._saved = transport.get_protocol()
+        buffer: bytearray = getattr(reader, "_buffer", bytearray())
+        buffered = bytes(buffer)
+        buffer.clear()
+        self.eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
+        self._take(transport)
+        if transport.is_closing():
+            self.lost = True
+        elif not self.eof:
+            self.resume_reading()
+        return buffered
+
+    def give_back(self) -> None:
+        """Return the transport to the stream protocol it came with (plain-HTTP hand-off)."""
+        transport, saved = self.transport, self._saved
+        self.transport = None
+        if transport is None or saved is None or self.lost:
+            return
+        transport.set_protocol(saved)
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            transport.set_write_buffer_limits()
+        self._saved = None
+        with contextlib.suppress(RuntimeError, AttributeError):
+            transport.resume_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self._full = _read_buffer(self.read_size)
+        return self._full[READ_AT : READ_AT + self.read_size]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        view = self._last_read = self._full[READ_AT : READ_AT + nbytes]
+        try:
+            with _Handling():
+                self.owner.local_data(view)
+        finally:
+            self._last_read = None
+
+    def data_received(self, data: bytes) -> None:  # transports that are not buffered
+        self.owner.local_data(memoryview(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.owner.local_eof()
+        return True  # the tunnel decides when to close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.eof:
+            self.eof = True
+            self.owner.local_eof()
+        saved, self._saved = self._saved, None
+        if saved is not None:  # its StreamWriter.wait_closed() waits for this
+            with contextlib.suppress(Exception):
+                saved.connection_lost(exc)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.owner.local_writable()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self.transport
+        if transport is not None and not self.lost and not transport.is_closing():
+            transport.write(data)
+
+    def room_for(self, data: object) -> memoryview | None:
+        """The read buffer ``data`` sits in, when ``data`` is the very view
+        :meth:`buffer_updated` is passing on (a frame header fits before it)."""
+        if data is not None and data is self._last_read:
+            return self._full
+        return None
+
+
+def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
+    """Whether a transport is closed or its socket's peer hung up (FIN or RST), checked
+    without reading - a transport whose reading is paused sees neither by itself."""
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), _HANGUP)
+    except (ValueError, OSError):
+        return True
+    return any(events & _HANGUP for _, events in poller.poll(0))
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:  # abort() is on every kind
+    """Drop a connection at once with a TCP reset.
+
+    A plain ``abort()`` closes the socket, but the kernel still queues a FIN behind any
+    unsent data - to a peer whose window is closed it never arrives, and the peer never
+    learns we left. ``SO_LINGER`` 0 makes the close a reset, which always gets through.
+    """
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()  # type: ignore[attr-defined]
