@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from upstreamproxy.codec import KEEPALIVE, MAX_CHUNK_PAYLOAD, decode_chunk, encode_chunk
 from upstreamproxy.connect_head import build_status_head, parse_status_head
+from upstreamproxy.errors import ChunkError
 from upstreamproxy.tunnel import (
     LOCAL,
     WS,
@@ -29,6 +30,7 @@ from upstreamproxy.tunnel import (
     Role,
     SendChunk,
     SendConnect,
+    SendData,
     SendPing,
     State,
     Timeouts,
@@ -89,6 +91,8 @@ def complete_writes(core: TunnelCore, actions: list[Action], now: float) -> None
     for action in actions:
         if isinstance(action, SendChunk):
             core.written(WS, len(action.message), now)
+        elif isinstance(action, SendData):
+            core.written(WS, len(action.payload), now)
         elif isinstance(action, WriteLocal):
             core.written(LOCAL, len(action.data), now)
 
@@ -261,7 +265,7 @@ def test_relay_status_head_byte_at_a_time_and_early_data() -> None:
     # The head goes out whole; stream bytes follow as they come; early data goes up.
     writes = b"".join(a.data for a in actions if isinstance(a, WriteLocal))
     assert writes == stream
-    sends = [decode_chunk(a.message) for a in actions if isinstance(a, SendChunk)]
+    sends = [bytes(a.payload) for a in actions if isinstance(a, SendData)]
     assert sends == [b"early"]
 
 
@@ -348,7 +352,7 @@ def test_relay_client_leaving_while_waiting() -> None:
 def test_established_moves_bytes_and_counts_them(role: Role) -> None:
     core = REACH[role](State.ESTABLISHED)
     up = core.local_data(b"abc", 1.0)
-    assert up == [SendChunk(encode_chunk(b"abc"), 3)]
+    assert up == [SendData(b"abc")]
     down = core.ws_message(encode_chunk(b"xyz"), 1.0)
     assert down == [WriteLocal(b"xyz")]
     assert core.ws_message(KEEPALIVE, 1.0) == []
@@ -356,11 +360,40 @@ def test_established_moves_bytes_and_counts_them(role: Role) -> None:
     assert core.counters.to_ws >= 3 and core.counters.to_local >= 3
 
 
+@pytest.mark.parametrize("role", list(Role))
+def test_decoded_payloads_stream_like_whole_messages(role: Role) -> None:
+    """``ws_payload``: what the adapter's frame reader decoded - pieces of a chunk, views."""
+    core = REACH[role](State.ESTABLISHED)
+    buffer = bytearray(b"..piece..")
+    piece = memoryview(buffer)[2:7]
+    assert core.ws_payload(piece, 1.0) == [WriteLocal(piece)]  # passed on, not copied
+    assert core.ws_payload(b"", 1.0) == []  # a keepalive
+    before = core.counters.to_local
+    assert core.ws_payload(b"more", 1.0) == [WriteLocal(b"more")]
+    assert core.counters.to_local == before + 4
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_a_decoding_error_from_the_adapter_closes_1002(role: Role) -> None:
+    core = REACH[role](State.ESTABLISHED)
+    actions = core.ws_payload(ChunkError("wrong-tag", "expected tag 0x0a"), 1.0)
+    assert CloseWs(1002) in actions and finished(actions) == "protocol-error"
+    assert isinstance(core.error, ChunkError)
+
+
+def test_local_data_goes_out_as_the_same_view() -> None:
+    core = relay_in(State.ESTABLISHED)
+    view = memoryview(bytearray(b"zero-copy"))
+    actions = core.local_data(view, 1.0)
+    assert len(actions) == 1 and isinstance(actions[0], SendData)
+    assert actions[0].payload is view  # the adapter frames it where it lies
+
+
 def test_large_local_data_is_split_at_the_payload_cap() -> None:
     core = relay_in(State.ESTABLISHED)
     data = bytes(range(256)) * (MAX_CHUNK_PAYLOAD // 256 * 2 + 1)
     actions = core.local_data(data, 1.0)
-    payloads = [decode_chunk(a.message) for a in actions if isinstance(a, SendChunk)]
+    payloads = [bytes(a.payload) for a in actions if isinstance(a, SendData)]
     assert len(payloads) == 3 and all(len(p) <= MAX_CHUNK_PAYLOAD for p in payloads)
     assert b"".join(payloads) == data
 
@@ -592,6 +625,9 @@ class TunnelMachine(RuleBasedStateMachine):
                 self.core.written(WS, len(action.message), self.now)
                 if self.core.state is State.ESTABLISHED or self.core.closed:
                     self.to_ws.append(decode_chunk(action.message))
+            if isinstance(action, SendData):
+                self.core.written(WS, len(action.payload), self.now)
+                self.to_ws.append(bytes(action.payload))
             if isinstance(action, WriteLocal):
                 self.core.written(LOCAL, len(action.data), self.now)
                 self.wrote_local += action.data
