@@ -120,6 +120,7 @@ class TunnelDriver:
         self._initial_ws = ws
         self._initial_local = (reader, writer)
         self._running = False
+        self._batched: list[int] | None = None
         #: Set by :class:`~.actions.HandOff`: the local stream was given back to its stream
         #: pair for the plain-HTTP forwarder, which starts from these bytes.
         self.handed_off: bytes | None = None
@@ -157,6 +158,8 @@ class TunnelDriver:
             self._done.set_result(None)
 
     def _close_all(self) -> None:
+        if self.local is not None:
+            self.local.end_batch()  # what was written before the close goes out first
         closing, self._closing = self._closing, []
         if not any(isinstance(a, CloseWs) for a in closing) and self.ws is not None:
             if self.core.closed:  # the peer closed, or failed: just release the socket
@@ -200,6 +203,23 @@ class TunnelDriver:
     def ws_events(self, link: WsLink, events: list[Event]) -> None:
         if link is not self.ws:
             return
+        local = self.local
+        if local is None or len(events) < 2:
+            self._ws_events(events)
+            return
+        # Several payload pieces from one read: written out together (see LocalLink).
+        self._batched = []
+        local.begin_batch()
+        try:
+            self._ws_events(events)
+        finally:
+            sizes, self._batched = self._batched, None
+            local.end_batch()
+            for size in sizes:
+                self._after_write(LOCAL, local.write_paused, size)
+            self._sync()
+
+    def _ws_events(self, events: list[Event]) -> None:
         core, now = self.core, self._loop.time()
         for event in events:
             if core.closed:
@@ -348,7 +368,10 @@ class TunnelDriver:
         if local is None:
             return
         local.write(data)
-        self._after_write(LOCAL, local.write_paused, len(data))
+        if self._batched is not None:
+            self._batched.append(len(data))  # accounted once the batch went out
+        else:
+            self._after_write(LOCAL, local.write_paused, len(data))
 
     def _after_write(self, side: Any, paused: bool, size: int) -> None:
         if paused:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import select
 import socket
 import struct
@@ -321,6 +322,8 @@ class LocalLink(_Link):
         self._saved: asyncio.BaseProtocol | None = None
         self._last_read: memoryview | None = None
         self._full = _shared_view
+        self._batch: list[bytes | bytearray | memoryview] | None = None
+        self._fd = -1  # a plain socket's descriptor, for writev
 
     def take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
         """Become the protocol of ``writer``'s transport; returns what ``reader`` had
@@ -335,6 +338,9 @@ class LocalLink(_Link):
         buffer.clear()
         self.eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
         self._take(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._fd = sock.fileno()
         if transport.is_closing():
             self.lost = True
         elif not self.eof:
@@ -389,8 +395,41 @@ class LocalLink(_Link):
         self.owner.local_writable()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._batch is not None:
+            self._batch.append(data)
+            return
         transport = self.transport
         if transport is not None and not self.lost and not transport.is_closing():
+            transport.write(data)
+
+    def begin_batch(self) -> None:
+        """Collect writes until :meth:`end_batch`: the payload pieces of one WebSocket read
+        then leave in one ``writev`` instead of a ``send`` each."""
+        self._batch = []
+
+    def end_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if not batch:
+            return
+        transport = self.transport
+        if transport is None or self.lost or transport.is_closing():
+            return
+        if len(batch) > 1 and self._fd >= 0 and not transport.get_write_buffer_size():
+            try:
+                sent = os.writev(self._fd, batch)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the transport's own write meets the error and reports it
+            for data in batch:
+                size = len(data)
+                if sent >= size:
+                    sent -= size
+                    continue
+                transport.write(memoryview(data)[sent:] if sent else data)
+                sent = 0
+            return
+        for data in batch:
             transport.write(data)
 
     def room_for(self, data: object) -> memoryview | None:
