@@ -81,7 +81,7 @@ from .actions import (
 #: benchmark's veth path (benchmarks/README.md): 128 KiB it is.
 READ_SIZE: Final = 128 * 1024
 #: A side is not read while this many bytes fed from it still wait to be written to the other.
-HIGH_WATER: Final = 256 * 1024
+HIGH_WATER: Final = 64 * 1024
 
 #: Egress draining: a socket that has sent nothing yet is closed once it is this old (its
 #: CONNECT would have come by then unless it is a pre-opened one).

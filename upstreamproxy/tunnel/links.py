@@ -49,6 +49,8 @@ from .wsframes import (
 CLOSE_GRACE: Final = 1.0
 #: Largest read into the shared buffer (a chunk's worth, and its framing).
 SHARED_READ: Final = 256 * 1024
+#: The egress's WebSocket reads: one 128 KiB chunk and its framing.
+WS_SERVER_READ: Final = 128 * 1024 + 64
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
@@ -179,6 +181,10 @@ class WsLink(_Link):
         #: The close code our reader asked for (a malformed frame), used by :meth:`close`.
         self.error_code: int | None = None
         self._full = _shared_view
+        # The relay reads what it passes on without a copy: two chunks a read. The egress
+        # unmasks what it reads into new bytes: a chunk (and its framing) a read, so a busy
+        # tunnel holds no more than that toward a slow upstream.
+        self.read_size = SHARED_READ if client else WS_SERVER_READ
 
     @classmethod
     def attach(cls, transport: asyncio.Transport, leftover: bytes = b"", *, client: bool) -> WsLink:
@@ -202,8 +208,8 @@ class WsLink(_Link):
     # -- reading -----------------------------------------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        self._full = _read_buffer(SHARED_READ)
-        return self._full[READ_AT:]
+        self._full = _read_buffer(self.read_size)
+        return self._full[READ_AT : READ_AT + self.read_size]
 
     def buffer_updated(self, nbytes: int) -> None:
         with _Handling():
