@@ -107,6 +107,8 @@ class _Link(asyncio.BufferedProtocol):
 
     def __init__(self) -> None:
         self.transport = None
+        #: Whether we last asked the transport to read (only changes reach the transport).
+        self.reading = True
         self.write_paused = False
         self.lost = False
         self._close_timer: asyncio.TimerHandle | None = None
@@ -114,6 +116,7 @@ class _Link(asyncio.BufferedProtocol):
     def _take(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.write_paused = False
+        self.reading = transport.is_reading()
         transport.set_protocol(self)
         with contextlib.suppress(NotImplementedError, AttributeError):
             transport.set_write_buffer_limits(high=0)  # see the module docstring
@@ -133,16 +136,20 @@ class _Link(asyncio.BufferedProtocol):
             self._close_timer = None
 
     def pause_reading(self) -> None:
-        transport = self.transport
-        if transport is not None and not self.lost:
-            with contextlib.suppress(RuntimeError, AttributeError):
-                transport.pause_reading()
+        if self.reading and self.transport is not None and not self.lost:
+            self.reading = False
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
 
     def resume_reading(self) -> None:
-        transport = self.transport
-        if transport is not None and not self.lost:
-            with contextlib.suppress(RuntimeError, AttributeError):
-                transport.resume_reading()
+        if not self.reading and self.transport is not None and not self.lost:
+            self.reading = True
+            try:
+                self.transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
 
     def hung_up(self) -> bool:
         """Whether the peer hung up (FIN or RST), checked without reading."""
