@@ -168,7 +168,7 @@ def make_egress(tls: TLSFiles | None = None, **limits: int) -> EgressServer:
     config = EgressConfig(
         tls_cert_file=str(tls.cert_file) if tls else None,
         tls_key_file=str(tls.key_file) if tls else None,
-        limits=LimitConfig(**limits),  # type: ignore[arg-type]
+        limits=LimitConfig(**limits),
     )
     return EgressServer(config, StaticTokens({TOKEN: Session(SESSION)}), loopback_policy())
 

@@ -159,7 +159,7 @@ def parse_ws_url(url: str) -> Target:
     secure = parts.scheme == "wss"
     assert parts.hostname is not None
     host = _ascii_host(parts.hostname, InvalidEgressUrl)
-    port = parts.port or (443 if secure else 80)
+    port = parts.port if parts.port is not None else (443 if secure else 80)
     if port == 0:
         raise InvalidEgressUrl("port 0")
     resource = parts.path or "/"
@@ -189,7 +189,7 @@ def parse_proxy_url(url: str) -> ProxyTarget:
         raise InvalidProxy("a proxy URL has no path")
     assert parts.hostname is not None
     host = _ascii_host(parts.hostname, InvalidProxy)
-    port = parts.port or _PROXY_DEFAULT_PORTS[parts.scheme]
+    port = parts.port if parts.port is not None else _PROXY_DEFAULT_PORTS[parts.scheme]
     if port == 0:
         raise InvalidProxy("port 0")
     username = password = None
