@@ -7,9 +7,11 @@ these. Everything after the handshake (frames) lives in :mod:`upstreamproxy.tunn
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
+import re
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,11 +49,12 @@ MAX_RESPONSE_HEAD: Final = 16 * 1024
 MAX_HEADERS: Final = 128
 HEAD_END: Final = b"\r\n\r\n"
 
-_TCHAR: Final = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
-# Header values: visible ASCII, SP, HTAB and obs-text (RFC 9110 §5.5); no other controls.
-_BAD_VALUE_BYTES: Final = frozenset(range(0x20)) - {0x09} | {0x7F}
+#: A header name: RFC 9110 token characters.
+_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Header values and reason phrases: visible ASCII, SP, HTAB and obs-text (RFC 9110 §5.5);
+#: any other control character is refused.
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_REQUEST_VALUE: Final = re.compile(r"[\r\n\x00]")
 
 
 class HandshakeError(Exception):
@@ -147,6 +150,7 @@ def _ascii_host(host: str, error: type[HandshakeError]) -> str:
         raise error("the host name is not a valid IDNA name") from None
 
 
+@functools.lru_cache(maxsize=16)  # pure; the relay parses its one URL per handshake
 def parse_ws_url(url: str) -> Target:
     """Parse the egress URL (InvalidEgressUrl if it is not a ``ws://``/``wss://`` URL)."""
     parts = _split_url(url, InvalidEgressUrl)
@@ -180,6 +184,7 @@ _PROXY_DEFAULT_PORTS: Final = {
 }
 
 
+@functools.lru_cache(maxsize=16)
 def parse_proxy_url(url: str) -> ProxyTarget:
     """Parse ``--egress-proxy`` (InvalidProxy if it is not a usable proxy URL)."""
     parts = _split_url(url, InvalidProxy)
@@ -202,7 +207,7 @@ def parse_proxy_url(url: str) -> ProxyTarget:
 def _head(start_line: str, headers: Sequence[tuple[str, str]]) -> bytes:
     lines = [start_line]
     for name, value in headers:
-        if any(c in value for c in "\r\n\0"):
+        if _BAD_REQUEST_VALUE.search(value):
             raise InvalidRequestHeader(f"the {name} value holds a line break or a NUL")
         lines.append(f"{name}: {value}")
     lines.append("\r\n")
@@ -288,7 +293,7 @@ def parse_response_head(head: bytes) -> Response:
         or len(code) != 3
         or not code.isdigit()
         or not code.isascii()
-        or any(b in _BAD_VALUE_BYTES for b in reason)
+        or _BAD_VALUE.search(reason)
     ):
         raise MalformedResponse(f"not an HTTP/1.x status line: {_excerpt(status_line)}")
     status = int(code)
@@ -299,10 +304,10 @@ def parse_response_head(head: bytes) -> Response:
     headers: list[tuple[str, str]] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or any(b not in _TCHAR for b in name):
+        if not colon or not _NAME.fullmatch(name):
             raise MalformedResponse(f"not a header line: {_excerpt(line)}")
         value = value.strip(b" \t")
-        if any(b in _BAD_VALUE_BYTES for b in value):
+        if _BAD_VALUE.search(value):
             raise MalformedResponse(f"control character in the {name.decode()} header")
         headers.append((name.decode("ascii"), value.decode("latin-1")))
     return Response(status, reason.decode("latin-1"), tuple(headers))
