@@ -286,8 +286,10 @@ async def test_bytes_after_the_101_are_leftover_not_lost() -> None:
 async def test_wrong_token_is_a_502_naming_the_401(egress: EgressServer) -> None:
     with pytest.raises(OpenFailed) as info:
         await open_upgraded(link(egress.url, token="not-the-token"))
-    assert info.value.status == 502
-    assert info.value.reason.startswith("egress refused the WebSocket upgrade (HTTP 401: ")
+    assert (info.value.status, info.value.reason) == (
+        502,
+        "egress refused the WebSocket upgrade (HTTP 401: unknown-token)",
+    )
 
 
 async def test_session_limit_is_a_429_with_the_egress_reason(origin: int) -> None:
@@ -555,6 +557,38 @@ async def test_through_an_http_proxy_with_credentials(
     assert not any(TOKEN in line for line in lines)  # the token goes to the egress only
 
 
+@pytest.mark.parametrize("secure", [False, True])
+async def test_through_an_https_proxy(
+    egress: EgressServer,
+    wss_egress: EgressServer,
+    tls: TLSFiles,
+    origin: int,
+    secure: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS to the proxy (verified against the system trust store, here pointed at the
+    tests' CA), then, for wss://, TLS to the egress inside it."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls.ca_file))
+    seen: list[bytes] = []
+    server = await asyncio.start_server(
+        connect_proxy(seen), "127.0.0.1", 0, ssl=tls.server_context()
+    )
+    port = server.sockets[0].getsockname()[1]
+    target = wss_egress if secure else egress
+    try:
+        up = await open_upgraded(
+            link(
+                target.url,
+                proxy=f"https://localhost:{port}",
+                tls=tls.client_context() if secure else None,
+            )
+        )
+        await prove_websocket(up, origin)
+    finally:
+        server.close()
+    assert seen[0].startswith(f"CONNECT 127.0.0.1:{target.port} HTTP/1.1".encode())
+
+
 async def test_proxy_refusal_is_a_502_naming_the_proxy_status(egress: EgressServer) -> None:
     seen: list[bytes] = []
     answer = b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"
@@ -571,6 +605,19 @@ async def test_proxy_refusal_is_a_502_naming_the_proxy_status(egress: EgressServ
         assert await settle_fds(baseline) <= baseline
     finally:
         server.close()
+
+
+async def test_socks_proxy_failure_is_a_502() -> None:
+    """SOCKS goes through python-socks when installed (as with websockets); without it, or
+    with nothing listening, the client still gets a 502 naming the cause."""
+    with pytest.raises(OpenFailed) as info:
+        await open_upgraded(link("ws://127.0.0.1:1/ws", proxy="socks5://127.0.0.1:1"))
+    assert info.value.status == 502
+    assert info.value.reason in (
+        "cannot reach the egress: ProxyUnsupported",
+        "cannot reach the egress: ConnectionRefusedError",
+        "cannot reach the egress: SocksFailed",
+    )
 
 
 @pytest.fixture

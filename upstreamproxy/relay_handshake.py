@@ -82,7 +82,8 @@ class Upgraded:
 
     ``transport``: reading paused; its protocol is a placeholder that would buffer (nothing
     arrives while reading is paused). Take it over with ``set_protocol()`` then
-    ``resume_reading()``, feeding ``leftover`` first.
+    ``resume_reading()``, feeding ``leftover`` first; do the ``set_protocol()`` before the
+    next ``await``, so a connection loss (say, a write failing) cannot reach the placeholder.
     ``leftover``: bytes the egress sent after the ``101`` head (usually empty; they are the
     first WebSocket frames).
     ``eof``: the egress's end of stream arrived together with the head (a TLS close_notify
