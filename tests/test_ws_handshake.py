@@ -7,6 +7,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -337,3 +340,19 @@ def test_any_url_parses_or_raises_a_handshake_error(url: str) -> None:
     for parse in (parse_ws_url, parse_proxy_url):
         with contextlib.suppress(HandshakeError):
             parse(url)
+
+
+# -- the fuzz harness stays runnable ------------------------------------------------------------
+
+
+def test_fuzz_harness_runs() -> None:
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "fuzz" / "fuzz_ws_handshake.py"), "--iterations", "5000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no findings" in result.stdout
