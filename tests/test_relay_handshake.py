@@ -164,8 +164,11 @@ async def origin() -> AsyncIterator[int]:
     server.close()
 
 
-def make_egress(tls: TLSFiles | None = None, **limits: int) -> EgressServer:
+def make_egress(
+    tls: TLSFiles | None = None, host: str = "127.0.0.1", **limits: int
+) -> EgressServer:
     config = EgressConfig(
+        host=host,
         tls_cert_file=str(tls.cert_file) if tls else None,
         tls_key_file=str(tls.key_file) if tls else None,
         limits=LimitConfig(**limits),
@@ -199,6 +202,18 @@ async def test_wss_upgrade_gives_a_working_websocket(
     up = await open_upgraded(link(wss_egress.url, tls=tls.client_context()))
     assert up.transport.get_extra_info("ssl_object") is not None
     await prove_websocket(up, origin)
+
+
+async def test_ipv6_literal_egress_over_wss(tls: TLSFiles, origin: int) -> None:
+    server = make_egress(tls, host="::1")
+    await server.start()
+    try:
+        assert server.url.startswith("wss://[::1]:")
+        up = await open_upgraded(link(server.url, tls=tls.client_context()))
+        assert up.transport.get_extra_info("peername")[0] == "::1"
+        await prove_websocket(up, origin)
+    finally:
+        await server.stop()
 
 
 async def test_wss_with_an_untrusted_certificate_is_a_502(wss_egress: EgressServer) -> None:
