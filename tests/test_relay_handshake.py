@@ -622,6 +622,45 @@ async def test_proxy_refusal_is_a_502_naming_the_proxy_status(egress: EgressServ
         server.close()
 
 
+@pytest.mark.parametrize(
+    ("answer", "status", "reason"),
+    [
+        (None, 504, "timed out opening the WebSocket to the egress"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", 502, "cannot reach the egress: MalformedResponse"),
+        (b"HTTP/1.1 200 OK\r\n\r\nearly", 502, "cannot reach the egress: MalformedResponse"),
+        (b"HTTP/1.1 200 OK\r\nVia: x", 502, "cannot reach the egress: ClosedBeforeAnswer"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 5000, 502, "egress: ResponseTooLarge"),
+    ],
+)
+async def test_misbehaving_proxy(answer: bytes | None, status: int, reason: str) -> None:
+    """A stand-in proxy that never answers, answers garbage, sends bytes nobody asked for
+    after its 200, hangs up mid-head, or never ends its head."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        if answer is not None:
+            writer.write(answer)
+            if answer.endswith(b"Via: x"):
+                writer.close()
+                return
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    baseline = fd_count()
+    try:
+        with pytest.raises(OpenFailed) as info:
+            await open_upgraded(
+                link("ws://127.0.0.1:9/ws", timeout=0.5, proxy=f"http://127.0.0.1:{port}")
+            )
+        assert info.value.status == status
+        assert reason in info.value.reason
+        assert await settle_fds(baseline) <= baseline
+    finally:
+        server.close()
+
+
 async def test_socks_proxy_failure_is_a_502() -> None:
     """SOCKS goes through python-socks when installed (as with websockets); without it, or
     with nothing listening, the client still gets a 502 naming the cause."""
