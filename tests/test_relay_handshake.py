@@ -295,6 +295,34 @@ async def test_bytes_after_the_101_are_leftover_not_lost() -> None:
         server.close()
 
 
+async def test_tls_egress_that_answers_and_hangs_up_loses_nothing(tls: TLSFiles) -> None:
+    """101, a frame and the TLS close, written back to back: whether the end arrives with
+    the head (``eof``) or after the hand-over, the new protocol gets the frame and the end."""
+
+    async def answer_and_go(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer_101()(head) + b"\x82\x02\x0a\x00")
+        writer.close()
+
+    server = await asyncio.start_server(answer_and_go, "127.0.0.1", 0, ssl=tls.server_context())
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for _ in range(20):
+            up = await open_upgraded(link(f"wss://127.0.0.1:{port}/", tls=tls.client_context()))
+            collector = Collector(up.leftover)
+            up.transport.set_protocol(collector)
+            up.transport.resume_reading()
+            assert await collector.frame() == (0x2, b"\x0a\x00")
+            if not up.eof:
+                async with asyncio.timeout(10):
+                    while not collector.closed:
+                        collector.changed.clear()
+                        await collector.changed.wait()
+            up.transport.abort()
+    finally:
+        server.close()
+
+
 # -- refusals ---------------------------------------------------------------------------------
 
 

@@ -87,7 +87,8 @@ class Upgraded:
     ``leftover``: bytes the egress sent after the ``101`` head (usually empty; they are the
     first WebSocket frames).
     ``eof``: the egress's end of stream arrived together with the head (a TLS close_notify
-    in the same read): the new protocol should treat the stream as ended after ``leftover``.
+    in the same read), or the transport is already closing: the new protocol should treat
+    the stream as ended after ``leftover`` (it may get no ``connection_lost`` of its own).
     """
 
     transport: asyncio.Transport
@@ -201,7 +202,7 @@ async def open_upgraded(cfg: LinkConfig, *, preopened: bool = False) -> Upgraded
             if response.status != 101:
                 raise _Refused(response.status, response.get(REASON_HEADER))
             check_upgrade(response, key)
-        upgraded = Upgraded(transport, bytes(reader.buffer), reader.eof)
+        upgraded = Upgraded(transport, bytes(reader.buffer), reader.eof or transport.is_closing())
         reader.buffer.clear()
         return upgraded
     except BaseException as exc:
