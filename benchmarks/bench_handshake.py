@@ -34,7 +34,7 @@ REPO: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from upstreamproxy.relay_handshake import open_upgraded  # noqa: E402
-from upstreamproxy.relay_link import LinkConfig, _open_ws_once  # noqa: E402
+from upstreamproxy.relay_link import LinkConfig  # noqa: E402
 from upstreamproxy.secret import Secret  # noqa: E402
 from upstreamproxy.tunnel.driver import reset  # noqa: E402
 
@@ -106,8 +106,24 @@ async def native(cfg: LinkConfig) -> None:
 
 
 async def with_websockets(cfg: LinkConfig) -> None:
-    port = await _open_ws_once(cfg)
-    reset(port.ws.transport)
+    """The websockets client handshake the relay used before (same headers and options)."""
+    from websockets.asyncio.client import connect
+
+    ws = await connect(
+        cfg.egress_url,
+        additional_headers={
+            "Authorization": f"Bearer {cfg.token.reveal()}",
+            "Content-Type": "application/proto",
+        },
+        user_agent_header="upstreamproxy-relay/bench",
+        open_timeout=cfg.handshake_timeout,
+        ssl=cfg.ssl,
+        compression=None,
+        ping_interval=None,
+        max_queue=1,
+        write_limit=64 * 1024,
+    )
+    reset(ws.transport)
 
 
 async def measure(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import SESSION, TOKEN, _serve, connect_via, raw_request, run
+from conftest import SESSION, TOKEN, _serve, connect_via, loopback_policy, raw_request, run
 
 from upstreamproxy.codec import encode_chunk
 from upstreamproxy.connect_head import build_status_head
@@ -184,6 +184,36 @@ def test_is_local_address() -> None:
     assert not is_local_address(ip_address("203.0.113.9"))
 
 
-def test_relay_never_logs_websocket_frames(caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_log_line_carries_frames_or_the_token_even_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The WebSocket frames (the first carries the token) are never logged, at any level:
+    the data path has no library logging frames any more, and our own lines name no bytes."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
     caplog.set_level(logging.DEBUG)
-    assert logging.getLogger("upstreamproxy.relay.websocket").getEffectiveLevel() == logging.INFO
+    origin = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    egress = EgressServer(
+        EgressConfig(), StaticTokens({TOKEN: Session(SESSION)}), loopback_policy()
+    )
+    await egress.start()
+    relay = relay_for(egress.url)
+    await relay.start()
+    try:
+        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"secret-payload-bytes")
+        assert await asyncio.wait_for(reader.readexactly(20), 10) == b"secret-payload-bytes"
+        writer.close()
+    finally:
+        await relay.stop()
+        await egress.stop()
+        origin.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert caplog.records  # DEBUG really was on
+    assert TOKEN not in text and "secret-payload-bytes" not in text

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from . import __version__
 from .connect_head import PREOPENED_HEADER, REASON_HEADER
-from .relay_link import DRAINING_RETRIES, DRAINING_RETRY_DELAY, LinkConfig
+from .secret import Secret
 from .tunnel.driver import OpenFailed
 from .ws_handshake import (
     HandshakeError,
@@ -41,6 +41,23 @@ from .ws_handshake import (
     parse_response_head,
     parse_ws_url,
 )
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    egress_url: str
+    token: Secret
+    handshake_timeout: float
+    egress_proxy: str | None
+    ssl: ssl.SSLContext | None
+
+
+#: An upgrade refused because that egress is draining is tried again this many times (after
+#: DRAINING_RETRY_DELAY, doubling): behind a load balancer the next try usually reaches a
+#: replica that is not, and nothing of the client's was sent yet.
+DRAINING_RETRIES: Final = 3
+DRAINING_RETRY_DELAY: Final = 0.1
+
 
 USER_AGENT: Final = f"upstreamproxy-relay/{__version__}"
 

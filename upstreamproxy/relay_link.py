@@ -16,122 +16,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Final
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus, WebSocketException
-
-from . import __version__
-from .codec import KEEPALIVE, MAX_MESSAGE_BYTES
-from .connect_head import PREOPENED_HEADER, REASON_HEADER
-from .logredact import redacting_logger
-from .secret import Secret
+from .codec import KEEPALIVE
+from .relay_handshake import (
+    DRAINING_RETRIES,
+    DRAINING_RETRY_DELAY,
+    LinkConfig,
+    open_upgraded_retrying,
+)
 from .tasks import TaskSet
 from .tunnel.driver import CLOSE_GRACE, OpenFailed
 from .tunnel.links import WsLink
 from .tunnel.wsframes import Close, Event, Ping, Pong
 
-log = logging.getLogger("upstreamproxy.relay")
-_ws_log = redacting_logger("upstreamproxy.relay.websocket")
-# websockets logs every frame at DEBUG, abbreviated in the middle: the first chunk's
-# credentials could show up cut where no redaction pattern matches. Frames are never logged.
-_ws_log.setLevel(logging.INFO)
+__all__ = [
+    "DRAINING_RETRIES",
+    "DRAINING_RETRY_DELAY",
+    "LinkConfig",
+    "WsPool",
+    "open_ws",
+]
 
-#: Messages websockets buffers before it stops reading the socket (backpressure).
-WS_MAX_QUEUE: Final = 1
-WS_WRITE_LIMIT: Final = 64 * 1024
+log = logging.getLogger("upstreamproxy.relay")
+
 #: Refill back-off after a failed pre-open (doubling up to the maximum).
 POOL_BACKOFF: Final = 1.0
 POOL_BACKOFF_MAX: Final = 30.0
 
 
-def take_transport(ws: ClientConnection) -> WsLink:
-    """The data path does not go through websockets: take its transport over once the
-    handshake is done. Whatever its protocol already read past the handshake is kept."""
-    transport = ws.transport
-    transport.pause_reading()
-    leftover = bytes(ws.protocol.reader.buffer)
-    return WsLink.attach(transport, leftover, client=True)
-
-
-@dataclass(frozen=True)
-class LinkConfig:
-    egress_url: str
-    token: Secret
-    handshake_timeout: float
-    egress_proxy: str | None
-    ssl: ssl.SSLContext | None
-
-
-#: An upgrade refused because that egress is draining is tried again this many times (after
-#: DRAINING_RETRY_DELAY, doubling): behind a load balancer the next try usually reaches a
-#: replica that is not, and nothing of the client's was sent yet.
-DRAINING_RETRIES: Final = 3
-DRAINING_RETRY_DELAY: Final = 0.1
-
-
 async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
-    """Upgrade one WebSocket to the egress (see :func:`_open_ws_once`), trying again when
-    the egress that answered is draining."""
-    delay = DRAINING_RETRY_DELAY
-    for attempt in range(DRAINING_RETRIES + 1):
-        try:
-            return await _open_ws_once(cfg, preopened=preopened)
-        except OpenFailed as exc:
-            if exc.status != 503 or exc.reason != "draining" or attempt == DRAINING_RETRIES:
-                raise
-        await asyncio.sleep(delay)
-        delay *= 2
-    raise AssertionError("unreachable")
-
-
-async def _open_ws_once(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
-    """Upgrade one WebSocket to the egress, or raise :class:`OpenFailed` with the answer.
-
-    ``preopened``: for the pool; the upgrade says so (``X-Upstreamproxy-Preopened: 1``, an
-    optional header a server that knows nothing of pools ignores) so the egress waits longer
-    for its CONNECT.
-    """
-    headers = {
-        "Authorization": f"Bearer {cfg.token.reveal()}",
-        "Content-Type": "application/proto",
-    }
-    if preopened:
-        headers[PREOPENED_HEADER] = "1"
-    try:
-        ws = await connect(
-            cfg.egress_url,
-            additional_headers=headers,
-            user_agent_header=f"upstreamproxy-relay/{__version__}",
-            open_timeout=cfg.handshake_timeout,
-            proxy=cfg.egress_proxy,
-            ssl=cfg.ssl,
-            compression=None,
-            ping_interval=None,  # the tunnel core pings (see WebsocketsPort.ping)
-            close_timeout=CLOSE_GRACE,
-            logger=_ws_log,
-            max_size=MAX_MESSAGE_BYTES,
-            max_queue=WS_MAX_QUEUE,
-            write_limit=WS_WRITE_LIMIT,
-        )
-    except TimeoutError:
-        raise OpenFailed(504, "timed out opening the WebSocket to the egress") from None
-    except InvalidStatus as exc:
-        status = exc.response.status_code
-        reason = exc.response.headers.get(REASON_HEADER, "")
-        if status in (429, 503):  # a limit or a drain: the client may retry later
-            raise OpenFailed(status, reason or f"egress answered HTTP {status}") from None
-        detail = f"HTTP {status}: {reason}" if reason else f"HTTP {status}"
-        raise OpenFailed(502, f"egress refused the WebSocket upgrade ({detail})") from None
-    except (WebSocketException, OSError, ValueError) as exc:
-        # WebSocketException covers a malformed --egress-proxy (InvalidProxy) too: the
-        # client gets a 502 naming the problem, never an empty reply.
-        raise OpenFailed(502, f"cannot reach the egress: {type(exc).__name__}") from None
-    return take_transport(ws)
+    """Upgrade one WebSocket to the egress (natively: :mod:`.relay_handshake`, trying again
+    when the egress that answered is draining) and hand its transport to a tunnel link."""
+    upgraded = await open_upgraded_retrying(cfg, preopened=preopened)
+    return WsLink.attach(upgraded.transport, upgraded.leftover, client=True, eof=upgraded.eof)
 
 
 class _Idle:

@@ -138,18 +138,14 @@ class _Link(asyncio.BufferedProtocol):
     def pause_reading(self) -> None:
         if self.reading and self.transport is not None and not self.lost:
             self.reading = False
-            try:
+            with contextlib.suppress(RuntimeError, AttributeError):
                 self.transport.pause_reading()
-            except (RuntimeError, AttributeError):
-                pass
 
     def resume_reading(self) -> None:
         if not self.reading and self.transport is not None and not self.lost:
             self.reading = True
-            try:
+            with contextlib.suppress(RuntimeError, AttributeError):
                 self.transport.resume_reading()
-            except (RuntimeError, AttributeError):
-                pass
 
     def hung_up(self) -> bool:
         """Whether the peer hung up (FIN or RST), checked without reading."""
@@ -194,13 +190,28 @@ class WsLink(_Link):
         self.read_size = SHARED_READ if client else WS_SERVER_READ
 
     @classmethod
-    def attach(cls, transport: asyncio.Transport, leftover: bytes = b"", *, client: bool) -> WsLink:
-        """Take over an upgraded transport (reading paused by whoever upgraded it)."""
+    def attach(
+        cls,
+        transport: asyncio.Transport,
+        leftover: bytes = b"",
+        *,
+        client: bool,
+        eof: bool = False,
+    ) -> WsLink:
+        """Take over an upgraded transport (reading paused by whoever upgraded it).
+
+        ``leftover``: bytes read past the upgrade's head; ``eof``: the peer's end of stream
+        came with them (or the transport is already closing) - the link is then lost.
+        """
         link = cls(client=client)
         link._take(transport)
         if leftover:
             link._handle(link.reader.feed(leftover))
-        link.resume_reading()
+        if eof or transport.is_closing():
+            link.lost = True
+            transport.abort()
+        else:
+            link.resume_reading()
         return link
 
     def set_owner(self, owner: WsOwner | None) -> None:
