@@ -292,6 +292,15 @@ async def test_wss_upgrade_and_health_on_the_same_listener(tls: TLSFiles) -> Non
             reply = await read_reply(reader, expect_close=False)
             assert reply.status == 200, path
         writer.close()
+        # Pipelined over TLS, in the connection's first write.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=tls.client_context(), server_hostname="localhost"
+        )
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: e\r\n\r\n" * 2 + b"GET /x HTTP/1.1\r\n")
+        writer.write(b"Host: e\r\n\r\n")
+        statuses = [(await read_reply(reader, expect_close=False)).status for _ in range(3)]
+        assert statuses == [200, 200, 404]
+        writer.close()
 
 
 async def test_upgraded_connection_outlives_the_preauth_deadline(runner: StubRunner) -> None:
@@ -617,7 +626,22 @@ def test_aiohttp_stays_the_default() -> None:
     assert server.native is None
 
 
-def test_the_parser_does_no_io() -> None:
-    import upstreamproxy.egress.upgrade_head as module
-
-    assert not {"ssl", "asyncio", "socket", "os", "time"} & set(vars(module))
+async def test_preauth_caps_still_hold_with_the_sniffer(native: EgressServer) -> None:
+    held = [
+        await asyncio.open_connection("127.0.0.1", native.port, local_addr=("127.0.0.5", 0))
+        for _ in range(32)  # the per-peer cap of make_native
+    ]
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", native.port, local_addr=("127.0.0.5", 0)
+    )
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # refused at once
+    assert native.metrics.registry.get_sample_value(
+        "upstreamproxy_preauth_refusals_total", {"reason": "preauth-per-peer"}
+    )
+    # Another peer still upgrades.
+    async with connect(native.url, additional_headers=AUTH, proxy=None) as ws:
+        await ws.send(b"ok")
+        assert await asyncio.wait_for(ws.recv(), 10) == b"ok"
+    for _, held_writer in [*held, (reader, writer)]:
+        held_writer.close()

@@ -373,3 +373,10 @@ def test_claims_never_changes_its_mind(data: bytes, cut: int) -> None:
     first = claims(data[:cut], b"GET /ws")
     if first is not None:
         assert claims(data, b"GET /ws") is first
+
+
+def test_the_parser_does_no_io() -> None:
+    """The same static check as ``test_purity.py``'s (imports, followed through the package)."""
+    import test_purity
+
+    test_purity.test_module_imports_no_io("egress/upgrade_head.py")
