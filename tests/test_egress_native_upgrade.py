@@ -591,7 +591,9 @@ async def test_descriptors_return_to_baseline_after_every_fault(
     assert len(native.preauth) == 0 and native.limiter.total == 0 and not native.active
 
 
-async def test_tls_faults_return_descriptors(tls: TLSFiles) -> None:
+async def test_tls_faults_return_descriptors(
+    tls: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
     server = make_native(StubRunner(), tls)
     async with server:
         await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: e\r\n\r\n", tls=tls)
@@ -607,6 +609,13 @@ async def test_tls_faults_return_descriptors(tls: TLSFiles) -> None:
         writer.write(upgrade_head()[:40])
         await writer.drain()
         writer.transport.abort()
+        # One that ends its TLS session (close_notify) in the middle of the head.
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=tls.client_context(), server_hostname="localhost"
+        )
+        writer.write(upgrade_head()[:60])
+        await writer.drain()
+        writer.close()
         # One that upgrades, then vanishes under the runner.
         _, writer = await asyncio.open_connection(
             "127.0.0.1", server.port, ssl=tls.client_context(), server_hostname="localhost"
@@ -617,6 +626,12 @@ async def test_tls_faults_return_descriptors(tls: TLSFiles) -> None:
         writer.transport.abort()
         assert await back_to(baseline) <= baseline
         assert len(server.preauth) == 0
+    unexpected = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "upgrade refused" not in r.getMessage()
+    ]
+    assert not unexpected  # no asyncio or aiohttp complaint about the sniffer's transports
 
 
 def test_aiohttp_stays_the_default() -> None:

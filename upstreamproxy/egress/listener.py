@@ -182,7 +182,10 @@ class _Sniffer(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self._native and not self._done:
             self._finish(bytes(self._buffer), b"")  # truncated: the hook answers 400
-            return True  # keep the write side for that answer (plain TCP)
+            # Keep the write side for that answer (plain TCP; TLS closes regardless).
+            return (
+                self._transport is not None and self._transport.get_extra_info("sslcontext") is None
+            )
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

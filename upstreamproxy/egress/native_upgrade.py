@@ -247,8 +247,11 @@ class NativeUpgrade:
 
 def close_bounded(transport: asyncio.Transport) -> None:
     """Close after flushing, but abort if the peer does not take the bytes in time."""
+    pending = transport.get_write_buffer_size() > 0
+    tls = transport.get_extra_info("sslcontext") is not None  # close_notify may be pending too
     transport.close()
-    asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+    if pending or tls:
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
 
 def _reason(reason: str) -> tuple[tuple[str, str], ...]:
