@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import pytest
 from conftest import SESSION, TOKEN, TLSFiles, loopback_policy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -660,3 +662,108 @@ async def test_preauth_caps_still_hold_with_the_sniffer(native: EgressServer) ->
         assert await asyncio.wait_for(ws.recv(), 10) == b"ok"
     for _, held_writer in [*held, (reader, writer)]:
         held_writer.close()
+
+
+# -- the sniffer's routing, by property (fake transport and protocols, no sockets) -----------
+
+
+class FakeTransport(asyncio.Transport):
+    """Stands in for the accepted connection's transport: records what the sniffer does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+
+class FakeAiohttp(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.made = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+
+class FakeHook:
+    def __init__(self) -> None:
+        self.handled: list[tuple[bytes, bytes]] = []
+
+    def claims(self, buffer: bytes | bytearray) -> bool | None:
+        from upstreamproxy.egress.native_upgrade import claims
+
+        return claims(buffer, b"GET " + WS_PATH.encode())
+
+    def handle(
+        self, transport: asyncio.Transport, key: object, head: bytes, leftover: bytes
+    ) -> None:
+        self.handled.append((head, leftover))
+
+
+class FakeGuard:
+    def connected(self, key: object, transport: object) -> None:
+        pass
+
+    def forget(self, key: object, transport: object = None) -> None:
+        pass
+
+
+HEALTH = b"GET /healthz HTTP/1.1\r\nHost: e\r\n\r\n"
+STREAMS = [
+    HEALTH * 3,
+    b"GET /v1/code/upstreamproxy/wsX HTTP/1.1\r\nHost: e\r\n\r\n" + HEALTH,
+    b"GET /v1/code/upstreamproxy/ws HTTP/1.1\r\nHost: e\r\n\r\n\x82\x80abcd" + HEALTH,
+    upgrade_head() + b"\x82\x85\x00\x00\x00\x00hello",
+    upgrade_head("X-Pad: " + "p" * MAX_HEAD_BYTES),
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(256)),
+]
+
+
+@given(st.sampled_from(range(len(STREAMS))), st.lists(st.integers(1, 700), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_sniffer_routes_every_byte_however_it_arrives(which: int, cuts: list[int]) -> None:
+    from upstreamproxy.egress.listener import _Sniffer
+
+    stream = STREAMS[which]
+    pieces, position = [], 0
+    for size in cuts:
+        pieces.append(stream[position : position + size])
+        position += size
+    pieces.append(stream[position:])
+    hook, aiohttp_side, transport = FakeHook(), FakeAiohttp(), FakeTransport()
+    sniffer = _Sniffer(lambda: aiohttp_side, hook, FakeGuard(), ("127.0.0.1", 1))  # type: ignore[arg-type]
+    transport.set_protocol(sniffer)
+    sniffer.connection_made(transport)
+    for piece in pieces:
+        if not piece:
+            continue
+        target = transport.protocol
+        assert isinstance(target, asyncio.Protocol)
+        target.data_received(piece)
+    if stream.startswith(b"GET " + WS_PATH.encode() + b" "):
+        # Native: the head and what followed it, nothing lost, nothing to aiohttp.
+        assert len(hook.handled) == 1 and not aiohttp_side.made
+        head, leftover = hook.handled[0]
+        if len(stream) > MAX_HEAD_BYTES and b"\r\n\r\n" not in stream[: MAX_HEAD_BYTES + 4]:
+            assert len(head) > MAX_HEAD_BYTES  # handed over as oversized: the hook says 431
+        else:
+            end = stream.index(b"\r\n\r\n") + 4
+            assert head == stream[:end]
+            # Bytes that arrive after the hand-off are the runner's (reading is paused).
+            assert stream.startswith(head + leftover)
+    else:
+        # aiohttp's: every byte, in order, after connection_made.
+        assert hook.handled == [] and aiohttp_side.made
+        assert bytes(aiohttp_side.received) == stream
+        assert transport.protocol is aiohttp_side
