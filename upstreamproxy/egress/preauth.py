@@ -16,7 +16,8 @@ WebSocket. While pre-auth it costs a descriptor and some memory but proves nothi
   connections pushes out its own members, not the relays.
 
 A connection leaves the pre-auth state when a ``101`` is prepared on it: an authenticated,
-admitted WebSocket, counted by the session limits from then on.
+admitted WebSocket, counted by the session limits from then on (:meth:`PreauthGuard.left_preauth`,
+called by aiohttp's ``on_response_prepare`` signal and by the native upgrade).
 
 Peer addresses are what the egress sees: behind a load balancer that does not preserve
 client addresses every relay shares the balancer's address, and the per-peer cap should be
@@ -136,10 +137,11 @@ class PreauthGuard:
         if entry is not None:
             entry.transport = transport
 
-    def forget(self, key: Key) -> None:
-        """The connection ended before answering (failed TLS handshake, say)."""
+    def forget(self, key: Key, transport: asyncio.BaseTransport | None = None) -> None:
+        """The connection ended before answering (failed TLS handshake, say). With
+        ``transport``: only if the entry is that connection's (the 4-tuple may be reused)."""
         entry = self._pending.get(key)
-        if entry is not None:
+        if entry is not None and (transport is None or entry.transport is transport):
             self._drop(key).timer.cancel()
 
     def close_all(self) -> None:
@@ -154,16 +156,28 @@ class PreauthGuard:
         if transport is None:
             return
         key = transport.get_extra_info("peername")
+        if response.status == 101:
+            self.left_preauth(key)
+        else:
+            self.answered(key)
+
+    def left_preauth(self, key: Key) -> None:
+        """A ``101`` went out on the connection: it is an authenticated, admitted WebSocket
+        (aiohttp's signal above and the native upgrade both end pre-auth here)."""
+        entry = self._pending.get(key)
+        if entry is not None:
+            self._drop(key).timer.cancel()
+
+    def answered(self, key: Key) -> None:
+        """A plain answer went out: still unauthenticated, so the next request on the
+        kept-alive connection gets a fresh deadline from now."""
         entry = self._pending.get(key)
         if entry is None:
             return
         entry.timer.cancel()
-        if response.status == 101:
-            self._drop(key)
-        else:  # still unauthenticated: the next request gets a fresh deadline from now
-            entry.timer = asyncio.get_running_loop().call_later(
-                self.limits.upgrade_timeout, self._expire, key
-            )
+        entry.timer = asyncio.get_running_loop().call_later(
+            self.limits.upgrade_timeout, self._expire, key
+        )
 
     # -- internals -------------------------------------------------------------------------
 

@@ -14,10 +14,10 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -36,6 +36,7 @@ from .intercept_wiring import Interception
 from .limits import LimitConfig, Limiter, LimitExceeded
 from .listener import GuardedSite
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
+from .native_upgrade import NativeUpgrade, OnUpgraded
 from .policy import PolicyStore
 from .preauth import PreauthGuard, PreauthLimits
 from .resolver import Resolver, SystemResolver
@@ -84,7 +85,11 @@ class EgressServer:
         resolver: Resolver | None = None,
         dial: DialFn = dial_addresses,
         interception: Callable[[EgressMetrics], Interception] | None = None,
+        on_upgraded: OnUpgraded | None = None,
     ) -> None:
+        """``on_upgraded``: when given, the tunnel endpoint's WebSocket upgrade is served
+        natively (``native_upgrade.py``, not aiohttp) and each upgraded connection is handed
+        to it; None keeps the aiohttp upgrade and :class:`Tunnel`."""
         config.timeouts.validate()
         self.config = config
         self.authenticator = authenticator
@@ -138,11 +143,26 @@ class EgressServer:
         self._refusing = False  # new tunnels refused (503 draining)
         self._watcher: asyncio.Task[None] | None = None
         self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
+        self.native: NativeUpgrade | None = None
+        if on_upgraded is not None:
+            self.native = NativeUpgrade(
+                config.ws_path,
+                authenticate=lambda token: self.authenticator.authenticate(token),
+                limiter=self.limiter,
+                metrics=self.metrics,
+                guard=self.preauth,
+                on_upgraded=on_upgraded,
+                refusing=lambda: self._refusing,
+                spawn=self._spawn_native,
+            )
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get(self.config.ws_path, self._tunnel)
+        # Natively upgraded requests never reach aiohttp; what does (an absolute-form target,
+        # say) is not a WebSocket upgrade it should serve.
+        tunnel = self._tunnel if self.native is None else self._upgrade_required
+        app.router.add_get(self.config.ws_path, tunnel)
         app.router.add_get(CA_CERT_PATH, self._ca_cert)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -186,6 +206,7 @@ class EgressServer:
             ssl_context=ssl_context,
             backlog=LISTEN_BACKLOG,
             guard=self.preauth,
+            upgrade=self.native,
         )
         await self._site.start()
         self._port = self._site.port
@@ -346,6 +367,25 @@ class EgressServer:
             return await self._serve_tunnel(request, ws, session, token)
         finally:
             self.limiter.release(session.session_id)
+
+    async def _upgrade_required(self, request: web.Request) -> web.Response:
+        return web.json_response({"error": "websocket upgrade required"}, status=400)
+
+    def _spawn_native(self, run: Coroutine[Any, Any, None]) -> None:
+        """Run a natively upgraded connection's ``on_upgraded`` as one of the active tunnels
+        (drained, then cancelled, by :meth:`stop`)."""
+        task = asyncio.get_running_loop().create_task(run)
+        self.active.add(task)
+        self.metrics.active.inc()
+        task.add_done_callback(self._native_done)
+
+    def _native_done(self, task: asyncio.Task[None]) -> None:
+        self.active.discard(task)
+        self.metrics.active.dec()
+        self.trimmer.tunnel_ended()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # One line, no traceback (nor message: it might quote the peer's bytes).
+            log.error("tunnel runner failed: %s", type(exc).__name__)
 
     async def _serve_tunnel(
         self, request: web.Request, ws: web.WebSocketResponse, session: Session, token: str
