@@ -497,7 +497,10 @@ async def test_slowloris_head_is_cut_at_the_preauth_deadline(native: EgressServe
     [
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),
         (b"POST " + WS_PATH.encode() + b" HTTP/1.1\r\nHost: e\r\nContent-Length: 0\r\n\r\n", 405),
-        (b"GET http://egress" + WS_PATH.encode() + b" HTTP/1.1\r\nHost: egress\r\n\r\n", 400),
+        (
+            b"GET http://egress" + WS_PATH.encode() + b" HTTP/1.1\r\nHost: egress\r\n\r\n",
+            401,
+        ),  # aiohttp: no token
         (b"GET " + WS_PATH.encode() + b"/more HTTP/1.1\r\nHost: e\r\n\r\n", 404),
         (b"GET /nowhere HTTP/1.1\r\nHost: e\r\n\r\n", 404),
     ],
@@ -636,11 +639,11 @@ async def test_tls_faults_return_descriptors(
     assert not unexpected  # no asyncio or aiohttp complaint about the sniffer's transports
 
 
-def test_aiohttp_stays_the_default() -> None:
+def test_the_native_upgrade_is_always_on() -> None:
     server = EgressServer(
         EgressConfig(), StaticTokens({TOKEN: Session(SESSION)}), loopback_policy()
     )
-    assert server.native is None
+    assert server.native is not None
 
 
 async def test_preauth_caps_still_hold_with_the_sniffer(native: EgressServer) -> None:

@@ -8,7 +8,7 @@ import logging
 import pytest
 from conftest import SESSION, TOKEN, Origin
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from upstreamproxy.codec import encode_chunk
 from upstreamproxy.connect_head import basic_credentials
@@ -44,7 +44,6 @@ async def status_of(ws) -> bytes:  # type: ignore[no-untyped-def]
         {"Authorization": "Bearer wrong"},
         {"Authorization": f"Basic {TOKEN}"},
         {"Authorization": "Bearer"},
-        {"Authorization": "Bearer " + "x" * 8100},
     ],
 )
 async def test_upgrade_refused_without_valid_bearer(
@@ -55,17 +54,22 @@ async def test_upgrade_refused_without_valid_bearer(
     assert info.value.response.status_code == 401
 
 
+@pytest.mark.parametrize("token", ["x" * 8100, "SECRET" * 2000])
 async def test_oversized_authorization_refused_and_not_logged(
-    egress: EgressServer, caplog: pytest.LogCaptureFixture
+    egress: EgressServer, caplog: pytest.LogCaptureFixture, token: str
 ) -> None:
-    with pytest.raises(InvalidMessage):
+    # The whole upgrade head is limited to 8 KiB (aiohttp allowed 8190 bytes per line and
+    # about 1 MiB per head): 431, and the value is never quoted or logged.
+    with pytest.raises(InvalidStatus) as info:
         await connect(
             egress.url,
-            additional_headers={"Authorization": "Bearer " + "SECRET" * 2000},
+            additional_headers={"Authorization": "Bearer " + token},
             proxy=None,
             open_timeout=5,
         )
-    assert "SECRETSECRET" not in caplog.text
+    assert info.value.response.status_code == 431
+    assert token[:12] not in caplog.text
+    assert token[:12].encode() not in info.value.response.body
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ..codec import MAX_MESSAGE_BYTES
-from ..connect_head import PREOPENED_HEADER
+from ..connect_head import REASON_HEADER
 from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from ..memtrim import Trimmer
@@ -33,14 +32,14 @@ from .auth import Authenticator, Session, bearer_token
 from .dialer import IPAddress, dial_addresses
 from .intercept.engine import Downstream
 from .intercept_wiring import Interception
-from .limits import LimitConfig, Limiter, LimitExceeded
+from .limits import LimitConfig, Limiter
 from .listener import GuardedSite
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
 from .native_upgrade import NativeUpgrade, OnUpgraded
 from .policy import PolicyStore
 from .preauth import PreauthGuard, PreauthLimits
 from .resolver import Resolver, SystemResolver
-from .tunnel import REASON_HEADER, InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
+from .tunnel import InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
 
 log = logging.getLogger("upstreamproxy.egress")
 # aiohttp quotes offending header lines in its errors; they may hold a token.
@@ -87,9 +86,9 @@ class EgressServer:
         interception: Callable[[EgressMetrics], Interception] | None = None,
         on_upgraded: OnUpgraded | None = None,
     ) -> None:
-        """``on_upgraded``: when given, the tunnel endpoint's WebSocket upgrade is served
-        natively (``native_upgrade.py``, not aiohttp) and each upgraded connection is handed
-        to it; None keeps the aiohttp upgrade and :class:`Tunnel`."""
+        """The tunnel endpoint's WebSocket upgrade is served natively (``native_upgrade.py``,
+        not aiohttp) and each upgraded connection runs a :class:`Tunnel`; ``on_upgraded``
+        replaces that runner (tests use a stand-in)."""
         config.timeouts.validate()
         self.config = config
         self.authenticator = authenticator
@@ -143,26 +142,23 @@ class EgressServer:
         self._refusing = False  # new tunnels refused (503 draining)
         self._watcher: asyncio.Task[None] | None = None
         self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
-        self.native: NativeUpgrade | None = None
-        if on_upgraded is not None:
-            self.native = NativeUpgrade(
-                config.ws_path,
-                authenticate=lambda token: self.authenticator.authenticate(token),
-                limiter=self.limiter,
-                metrics=self.metrics,
-                guard=self.preauth,
-                on_upgraded=on_upgraded,
-                refusing=lambda: self._refusing,
-                spawn=self._spawn_native,
-            )
+        self.native = NativeUpgrade(
+            config.ws_path,
+            authenticate=lambda token: self.authenticator.authenticate(token),
+            limiter=self.limiter,
+            metrics=self.metrics,
+            guard=self.preauth,
+            on_upgraded=on_upgraded or self._run_tunnel,
+            refusing=lambda: self._refusing,
+            spawn=self._spawn_native,
+        )
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
         app = web.Application()
         # Natively upgraded requests never reach aiohttp; what does (an absolute-form target,
         # say) is not a WebSocket upgrade it should serve.
-        tunnel = self._tunnel if self.native is None else self._upgrade_required
-        app.router.add_get(self.config.ws_path, tunnel)
+        app.router.add_get(self.config.ws_path, self._upgrade_required)
         app.router.add_get(CA_CERT_PATH, self._ca_cert)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
@@ -331,14 +327,16 @@ class EgressServer:
             return web.Response(status=404, text="no CA certificate configured\n")
         return web.Response(body=self.config.ca_cert_pem, content_type="application/x-pem-file")
 
-    async def _tunnel(self, request: web.Request) -> web.StreamResponse:
+    async def _upgrade_required(self, request: web.Request) -> web.Response:
+        """The tunnel path reached aiohttp: not a connection's first request (the native
+        upgrade takes only those), or not a WebSocket upgrade. Answered as the native path
+        would refuse it - draining, then the token - but never upgraded here."""
         if self._refusing:
             return web.json_response(
                 {"error": "draining"}, status=503, headers={REASON_HEADER: "draining"}
             )
         try:
-            token = bearer_token(request.headers.get("Authorization"))
-            session = self.authenticator.authenticate(token)
+            self.authenticator.authenticate(bearer_token(request.headers.get("Authorization")))
         except AuthError as exc:
             self.metrics.auth_failures.labels(exc.reason).inc()
             log.warning("upgrade refused from %s: %s", request.remote, exc.reason)
@@ -347,28 +345,6 @@ class EgressServer:
                 status=401,
                 headers={REASON_HEADER: exc.reason},
             )
-        # autoping off: the tunnel answers pings itself and sees pongs (its liveness check).
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, autoping=False)
-        if not ws.can_prepare(request).ok:
-            return web.json_response({"error": "websocket upgrade required"}, status=400)
-        # Limits count WebSockets, not CONNECT heads: a session cannot hold more sockets open
-        # than it may have tunnels, however slowly it sends its heads.
-        try:
-            self.limiter.acquire(session.session_id)
-        except LimitExceeded as exc:
-            self.metrics.limit_rejections.labels(exc.reason).inc()
-            log.warning("upgrade refused for session %s: %s", session.session_id, exc.reason)
-            return web.json_response(
-                {"error": "limited", "reason": exc.reason},
-                status=exc.status,
-                headers={REASON_HEADER: exc.reason},
-            )
-        try:
-            return await self._serve_tunnel(request, ws, session, token)
-        finally:
-            self.limiter.release(session.session_id)
-
-    async def _upgrade_required(self, request: web.Request) -> web.Response:
         return web.json_response({"error": "websocket upgrade required"}, status=400)
 
     def _spawn_native(self, run: Coroutine[Any, Any, None]) -> None:
@@ -387,30 +363,19 @@ class EgressServer:
             # One line, no traceback (nor message: it might quote the peer's bytes).
             log.error("tunnel runner failed: %s", type(exc).__name__)
 
-    async def _serve_tunnel(
-        self, request: web.Request, ws: web.WebSocketResponse, session: Session, token: str
-    ) -> web.WebSocketResponse:
-        await ws.prepare(request)
-        transport = request.transport
-        assert transport is not None
-        # aiohttp answered the upgrade; the tunnel's own link reads and writes from here on.
-        transport.pause_reading()
-        link = WsLink.attach(transport, b"", client=False)
-        ws._closed = True  # aiohttp must not close (or wait on) a socket it no longer reads
-        ws._eof_sent = True
-        await self.run_upgraded(
-            link, session, token, preopened=request.headers.get(PREOPENED_HEADER) == "1"
-        )
-        return ws
-
-    async def run_upgraded(
-        self, link: WsLink, session: Session, token: str, *, preopened: bool
+    async def _run_tunnel(
+        self,
+        transport: asyncio.Transport,
+        leftover: bytes,
+        session: Session,
+        token: str,
+        preopened: bool,
     ) -> None:
-        """Serve one upgraded, authenticated WebSocket as a tunnel, to its end."""
+        """Serve one natively upgraded, authenticated WebSocket as a tunnel, to its end (run
+        by :meth:`_spawn_native`, which keeps the active count and the limiter)."""
         task = asyncio.current_task()
         assert task is not None
-        self.active.add(task)
-        self.metrics.active.inc()
+        link = WsLink.attach(transport, leftover, client=False)
         tunnel = Tunnel(link, session, token, self.context, preopened=preopened)
         self._tunnels[task] = tunnel
         try:
@@ -419,11 +384,8 @@ class EgressServer:
             tunnel.record.close_cause = "server-shutdown"
             raise
         finally:
-            self.active.discard(task)
             self._tunnels.pop(task, None)
-            self.metrics.active.dec()
             self._audit(tunnel)
-            self.trimmer.tunnel_ended()
 
     def _audit(self, tunnel: Tunnel) -> None:
         record, admitted = tunnel.record, tunnel.admitted
