@@ -82,6 +82,8 @@ from .actions import (
 READ_SIZE: Final = 128 * 1024
 #: A side is not read while this many bytes fed from it still wait to be written to the other.
 HIGH_WATER: Final = 64 * 1024
+#: What a WebSocket read may add to a payload budget: a frame header and a chunk prefix.
+WS_FRAMING: Final = 64
 
 #: Egress draining: a socket that has sent nothing yet is closed once it is this old (its
 #: CONNECT would have come by then unless it is a pre-opened one).
@@ -248,11 +250,24 @@ class TunnelCore:
         """How much the adapter may read from the local side at once.
 
         Before the head is complete the relay never reads past the head limit, so the bytes
-        a client pipelines after its CONNECT stay bounded by it.
+        a client pipelines after its CONNECT stay bounded by it. Once established a read is
+        :data:`READ_SIZE`, or only what is left below :data:`HIGH_WATER` while earlier bytes
+        still wait to be written: what a tunnel holds stays within ``READ_SIZE``.
         """
         if self.state is State.HEAD:
             return max(1, MAX_HEAD_BYTES - len(self._buffer))
-        return READ_SIZE
+        return _budget(self._pending_bytes[WS])
+
+    @property
+    def ws_read_size(self) -> int:
+        """How much the adapter may read from the WebSocket at once (as ``local_read_size``,
+        framing allowed for). The relay passes what it reads on without copying it, and a
+        read of two chunks leaves in one ``writev``: it reads twice as much while nothing
+        waits."""
+        pending = self._pending_bytes[LOCAL]
+        if pending <= 0 and self.role is Role.RELAY:
+            return 2 * READ_SIZE + WS_FRAMING
+        return _budget(pending) + WS_FRAMING
 
     @property
     def closed(self) -> bool:
@@ -760,6 +775,10 @@ class _Decoded:
     """A ``ws_message`` input that the adapter already decoded (see ``ws_payload``)."""
 
     payload: bytes | bytearray | memoryview | ProtocolError
+
+
+def _budget(pending: int) -> int:
+    return READ_SIZE if pending <= 0 else max(1, HIGH_WATER - pending)
 
 
 def _failure(arg: object) -> tuple[int, str, str]:

@@ -289,6 +289,7 @@ class TunnelDriver:
                 local.pause_reading()
         if ws is not None:
             if core.may_read_ws:
+                ws.read_size = core.ws_read_size
                 ws.resume_reading()
             else:
                 ws.pause_reading()

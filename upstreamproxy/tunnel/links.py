@@ -47,10 +47,10 @@ from .wsframes import (
 #: How long a graceful close (WebSocket handshake, local flush) may take before the socket
 #: is reset. What is still unsent then would only hold a socket open for nobody.
 CLOSE_GRACE: Final = 1.0
-#: Largest read into the shared buffer (a chunk's worth, and its framing).
-SHARED_READ: Final = 256 * 1024
-#: The egress's WebSocket reads: one 128 KiB chunk and its framing.
-WS_SERVER_READ: Final = 128 * 1024 + 64
+#: Largest read into the shared buffer: the relay's WebSocket reads two chunks and framing.
+SHARED_READ: Final = 256 * 1024 + 64
+#: What a WebSocket with no tunnel yet (pooled, or waiting for its CONNECT) reads at once.
+WS_IDLE_READ: Final = 16 * 1024
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
@@ -184,10 +184,9 @@ class WsLink(_Link):
         #: The close code our reader asked for (a malformed frame), used by :meth:`close`.
         self.error_code: int | None = None
         self._full = _shared_view
-        # The relay reads what it passes on without a copy: two chunks a read. The egress
-        # unmasks what it reads into new bytes: a chunk (and its framing) a read, so a busy
-        # tunnel holds no more than that toward a slow upstream.
-        self.read_size = SHARED_READ if client else WS_SERVER_READ
+        #: Set by the driver from the core's budget (a chunk and its framing, less what is
+        #: still unwritten); an idle pooled socket reads small control frames only.
+        self.read_size = WS_IDLE_READ
 
     @classmethod
     def attach(
