@@ -672,28 +672,24 @@ class TunnelCore:
             return "client" if self.role is Role.RELAY else "upstream"
         return "egress" if self.role is Role.RELAY else "relay"
 
-    def _send(self, message: bytes, payload_size: int, now: float) -> SendChunk:
-        if self._pending[WS] == 0:
-            self._stall_since[WS] = now
+    def _outstanding(self, side: Side, size: int, now: float) -> None:
+        """A write of ``size`` bytes on ``side`` is asked for: outstanding until ``written``."""
+        if self._pending[side] == 0:
+            self._stall_since[side] = now
             self.deadline_moved = True
-        self._pending[WS] += 1
-        self._pending_bytes[WS] += len(message)
+        self._pending[side] += 1
+        self._pending_bytes[side] += size
+
+    def _send(self, message: bytes, payload_size: int, now: float) -> SendChunk:
+        self._outstanding(WS, len(message), now)
         return SendChunk(message, payload_size)
 
     def _send_data(self, payload: bytes | bytearray | memoryview, now: float) -> SendData:
-        if self._pending[WS] == 0:
-            self._stall_since[WS] = now
-            self.deadline_moved = True
-        self._pending[WS] += 1
-        self._pending_bytes[WS] += len(payload)
+        self._outstanding(WS, len(payload), now)
         return SendData(payload)
 
     def _write_local(self, data: bytes | bytearray | memoryview, now: float) -> WriteLocal:
-        if self._pending[LOCAL] == 0:
-            self._stall_since[LOCAL] = now
-            self.deadline_moved = True
-        self._pending[LOCAL] += 1
-        self._pending_bytes[LOCAL] += len(data)
+        self._outstanding(LOCAL, len(data), now)
         return WriteLocal(data)
 
     def _chunks(self, data: bytes | bytearray | memoryview, now: float) -> list[Action]:
