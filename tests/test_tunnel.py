@@ -107,6 +107,44 @@ async def test_curl_large_upload_checksum(
     assert answer == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
+@pytest.mark.parametrize("pool_size", [0, 2])
+async def test_wss_between_relay_and_egress_carries_both_ways_intact(
+    https_origin: Origin, tls: TLSFiles, tmp_path: Path, pool_size: int
+) -> None:
+    """The links over TLS transports (the production hop): a large download and upload
+    with checksums, through real curl, pooled and fresh sockets."""
+    config = EgressConfig(tls_cert_file=str(tls.cert_file), tls_key_file=str(tls.key_file))
+    egress = EgressServer(config, StaticTokens({TOKEN: Session(SESSION)}), loopback_policy())
+    await egress.start()
+    assert egress.url.startswith("wss://")
+    relay = make_relay(egress.url, egress_ca_file=str(tls.ca_file), pool_size=pool_size)
+    await relay.start()
+    try:
+        size = 24 * 1024 * 1024 + 5
+        out = tmp_path / "down.bin"
+        down = await run(
+            "curl", "-sS", "--cacert", str(tls.ca_file), "-x", relay.proxy_url, "-p",
+            "-o", str(out), f"{https_origin.url}/bytes/{size}",
+        )  # fmt: skip
+        assert down.returncode == 0, down.stderr
+        assert out.read_bytes() == pattern_bytes(size)
+        data = pattern_bytes(16 * 1024 * 1024 + 3)
+        src = tmp_path / "up.bin"
+        src.write_bytes(data)
+        up = await run(
+            "curl", "-sS", "--cacert", str(tls.ca_file), "-x", relay.proxy_url, "-p",
+            "--data-binary", f"@{src}", f"{https_origin.url}/upload",
+        )  # fmt: skip
+        assert up.returncode == 0, up.stderr
+        assert json.loads(up.stdout) == {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+        }
+    finally:
+        await relay.stop()
+        await egress.stop()
+
+
 async def test_ipv6_target(relay: Relay, tls: TLSFiles) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")

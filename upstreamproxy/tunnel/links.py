@@ -13,8 +13,9 @@ holds no read buffer of its own, and no chunk is copied in user space on its way
 
 Links report to an *owner* (the tunnel driver; the relay's pool for an idle pre-opened
 socket) through plain method calls. Writes complete when the transport has handed them to
-the kernel: the write buffer's high-water mark is 0, so ``pause_writing`` means "a write is
-outstanding" and ``resume_writing`` "all of it went out" - the core's notion of a write.
+the kernel: the write buffer's high-water mark is (about) 0, so ``pause_writing`` means "a
+write is outstanding" and ``resume_writing`` "all of it went out" - the core's notion of a
+write.
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ class _Link(asyncio.BufferedProtocol):
         self.reading = transport.is_reading()
         transport.set_protocol(self)
         with contextlib.suppress(NotImplementedError, AttributeError):
-            transport.set_write_buffer_limits(high=0)  # see the module docstring
+            # "Paused" = anything left unsent (see the module docstring). high=1, not 0: the
+            # TLS transport pauses at size >= high, which 0 would make true after every write.
+            transport.set_write_buffer_limits(high=1, low=0)
         if transport.get_write_buffer_size():
             self.write_paused = True
 
