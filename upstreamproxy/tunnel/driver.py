@@ -124,6 +124,9 @@ class TunnelDriver:
         #: Set by :class:`~.actions.HandOff`: the local stream was given back to its stream
         #: pair for the plain-HTTP forwarder, which starts from these bytes.
         self.handed_off: bytes | None = None
+        #: Set by :meth:`start`: called once the tunnel ended (instead of waking :meth:`run`).
+        self._on_done: Callable[[], None] | None = None
+        self._ending = False
 
     # -- running -----------------------------------------------------------------------------
 
@@ -149,12 +152,55 @@ class TunnelDriver:
             self._close_all()
         return self.core.outcome
 
+    def start(self, on_done: Callable[[], None], *, local: LocalLink | None = None) -> None:
+        """Run the tunnel on callbacks alone, without a task: as :meth:`run` does, but
+        ``on_done`` is called once it ended (its closes started), on a later loop iteration
+        as :meth:`run` would have returned. :meth:`stop` ends it early, as cancelling
+        :meth:`run` does.
+
+        ``local``: a link that already is its transport's protocol (a connection accepted
+        straight into it), instead of the stream pair given to the constructor.
+        """
+        self._running = True
+        self._on_done = on_done
+        if self._initial_ws is not None:
+            self._use_ws(self._initial_ws)
+        reader, writer = self._initial_local
+        if local is not None:
+            self.local = local
+            local.owner = self
+            if local.eof and not self.core.closed:
+                self.local_eof()
+        elif reader is not None and writer is not None:
+            self._use_local(reader, writer)
+        self._sync()
+
+    def stop(self) -> None:
+        """End a tunnel run by :meth:`start` now (``on_done`` is called before this returns)."""
+        self._end()
+
+    def _end(self) -> None:
+        if self._on_done is None:
+            return
+        on_done, self._on_done = self._on_done, None
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()  # the opener releases what it holds when cancelled
+        self._close_all()
+        on_done()
+
     def execute_soon(self, actions: list[Action]) -> None:
         """Execute actions from an input fed outside the driver (``drain``, say)."""
         self._loop.call_soon(self._execute, actions)
 
     def _finish(self) -> None:
-        if not self._done.done():
+        if self._on_done is not None:
+            if not self._ending:  # later, as run() would resume: this input is still running
+                self._ending = True
+                self._loop.call_soon(self._end)
+        elif not self._done.done():
             self._done.set_result(None)
 
     def _close_all(self) -> None:

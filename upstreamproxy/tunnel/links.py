@@ -360,6 +360,11 @@ class LocalLink(_Link):
         buffered = bytes(buffer)
         buffer.clear()
         self.eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
+        self.attach(transport)
+        return buffered
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Become (or, from ``connection_made``, be) the protocol of ``transport``."""
         self._take(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
@@ -368,7 +373,6 @@ class LocalLink(_Link):
             self.lost = True
         elif not self.eof:
             self.resume_reading()
-        return buffered
 
     def give_back(self) -> None:
         """Return the transport to the stream protocol it came with (plain-HTTP hand-off)."""
