@@ -358,6 +358,13 @@ class Relay:
         port, pooled = await self.pool.take()
         return Opened(ws=port, pooled=pooled)
 
+    def _open_ready(self, action: Open) -> Opened | None:
+        """A ready pooled WebSocket, taken without a task (None: :meth:`_open_ws` runs)."""
+        if action.fresh:
+            return None
+        link = self.pool.take_ready()
+        return Opened(ws=link, pooled=True) if link is not None else None
+
     def _connect_chunk(self, action: SendConnect) -> bytes:
         return encode_chunk(
             build_tunnel_request(action.target, self.config.session_id, self.config.token.reveal())

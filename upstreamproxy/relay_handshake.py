@@ -16,7 +16,6 @@ The token is written into the request head and nowhere else: no log line, no exc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import socket
 import ssl
@@ -270,6 +269,7 @@ async def _connect(
 
     Every transport made is appended to ``transports`` at once, so the caller can abort them
     all whatever fails (or is cancelled) later.
+    (asyncio sets ``TCP_NODELAY`` on every TCP transport it makes, ``sock=`` ones too.)
     """
     loop = asyncio.get_running_loop()
     tls = _tls_context(cfg) if target.secure else None
@@ -279,7 +279,6 @@ async def _connect(
             lambda: reader, target.host, target.port, ssl=tls, server_hostname=hostname
         )
         transports.append(transport)
-        _nodelay(transport)
         return transport
     proxy = parse_proxy_url(cfg.egress_proxy)
     if not proxy.is_http:
@@ -292,7 +291,6 @@ async def _connect(
             sock.close()
             raise
         transports.append(transport)
-        _nodelay(transport)
         return transport
     proxy_tls = ssl.create_default_context() if proxy.scheme == "https" else None
     raw, _ = await loop.create_connection(
@@ -303,7 +301,6 @@ async def _connect(
         server_hostname=proxy.host if proxy_tls else None,
     )
     transports.append(raw)
-    _nodelay(raw)
     raw.write(build_proxy_connect(target, proxy, USER_AGENT))
     answer = parse_response_head(await reader.next_head())
     if not 200 <= answer.status < 300:
@@ -326,13 +323,6 @@ def _tls_context(cfg: LinkConfig) -> ssl.SSLContext:
     if _default_tls is None:
         _default_tls = ssl.create_default_context()
     return _default_tls
-
-
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 _SOCKS_TYPES: Final = {

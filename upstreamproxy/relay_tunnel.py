@@ -67,6 +67,7 @@ class RelayTunnel:
             reader=reader,
             writer=writer,
             connect_chunk=relay._connect_chunk,
+            open_ready=relay._open_ready,
         )
         self.link: LocalLink | None = None
         #: The client as a stream pair: given (open_tunnel), or built at a plain-HTTP hand-off.

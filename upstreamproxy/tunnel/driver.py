@@ -91,6 +91,8 @@ class Opened:
 
 
 Opener = Callable[[Open], Awaitable[Opened]]
+#: What can be opened without waiting (the relay's ready pooled socket), or None.
+ReadyOpener = Callable[[Open], "Opened | None"]
 
 
 class TunnelDriver:
@@ -103,11 +105,15 @@ class TunnelDriver:
         reader: asyncio.StreamReader | None = None,
         writer: asyncio.StreamWriter | None = None,
         connect_chunk: Callable[[SendConnect], bytes] | None = None,
+        open_ready: ReadyOpener | None = None,
     ) -> None:
         self.core = core
         self.ws: WsLink | None = None
         self.local: LocalLink | None = None
         self._opener = opener
+        #: Tried first: what it returns is used on the next loop iteration, as the task
+        #: running ``opener`` would, without a task.
+        self._open_ready = open_ready
         self._connect_chunk = connect_chunk
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = self._loop.create_future()
@@ -372,7 +378,11 @@ class TunnelDriver:
                 if self.ws is not None:
                     self.ws.send_message(self._connect_chunk(action))
             elif isinstance(action, Open):
-                self._opening = self._loop.create_task(self._open(action))
+                ready = self._open_ready(action) if self._open_ready is not None else None
+                if ready is not None:
+                    self._loop.call_soon(self._opened, ready)
+                else:
+                    self._opening = self._loop.create_task(self._open(action))
             elif isinstance(action, SendPing):
                 if self.ws is not None:
                     self.ws.send_ping()
@@ -438,6 +448,16 @@ class TunnelDriver:
             return
         if core.closed or not self._running:  # the client left, or a deadline passed
             await _discard(opened)
+            return
+        self._opened(opened)
+
+    def _opened(self, opened: Opened) -> None:
+        core, loop = self.core, self._loop
+        if core.closed or not self._running:  # the client left, or a deadline passed
+            if opened.ws is not None:
+                opened.ws.abort()
+            if opened.writer is not None:
+                reset(opened.writer.transport)
             return
         if opened.ws is not None:
             old = self.ws
