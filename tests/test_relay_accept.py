@@ -80,3 +80,17 @@ async def test_a_head_split_across_reads_and_eof_in_the_same_breath(relay: Relay
     async with asyncio.timeout(10):
         while relay.active_tunnels:
             await asyncio.sleep(0.02)
+
+
+async def test_a_loop_without_the_transport_factory_takes_asyncios_way(
+    relay: Relay, echo_port: int
+) -> None:
+    relay._fast_accept = False  # as on an event loop that is not asyncio's selector loop
+    reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    writer.close()
+    async with asyncio.timeout(10):
+        while relay.active_tunnels:
+            await asyncio.sleep(0.02)

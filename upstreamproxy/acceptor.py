@@ -286,21 +286,23 @@ class Listener:
         await asyncio.shield(self._closed)
 
 
+def supports_make_transport(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether :func:`make_transport` works on ``loop`` (asyncio's selector loops)."""
+    return callable(getattr(loop, "_make_socket_transport", None))
+
+
 def make_transport(
     conn: socket.socket, protocol: asyncio.BaseProtocol, address: Any
-) -> asyncio.Transport | None:
+) -> asyncio.Transport:
     """The transport for an accepted socket, made at once with ``protocol`` (whose
     ``connection_made`` follows on the next loop iteration).
 
     ``loop.connect_accepted_socket`` is a coroutine - a task and a future per connection,
     which is much of what accepting costs; asyncio's selector loops build the transport with
-    ``_make_socket_transport``, which is what this calls. None on a loop without it (the
-    caller then takes the coroutine's way).
+    ``_make_socket_transport``, which is what this calls (see
+    :func:`supports_make_transport`; elsewhere take the coroutine's way).
     """
-    loop = asyncio.get_running_loop()
-    make = getattr(loop, "_make_socket_transport", None)
-    if make is None:
-        return None
+    make = asyncio.get_running_loop()._make_socket_transport  # type: ignore[attr-defined]
     transport: asyncio.Transport = make(conn, protocol, extra={"peername": address})
     return transport
 

@@ -23,7 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .acceptor import Listener, RateLimitedLog, bind_sockets, make_transport, refuse_http_503
+from .acceptor import (
+    Listener,
+    RateLimitedLog,
+    bind_sockets,
+    make_transport,
+    refuse_http_503,
+    supports_make_transport,
+)
 from .codec import encode_chunk
 from .connect_head import Target, build_tunnel_request, parse_status_head
 from .errors import ConfigError
@@ -191,6 +198,7 @@ class Relay:
         #: Tunnels this process has descriptors for (client socket + WebSocket each); set
         #: at start(), after the command raised the soft limit.
         self._budget = 0
+        self._fast_accept = True
         self._over_budget_log = RateLimitedLog(log)
         self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
 
@@ -213,6 +221,7 @@ class Relay:
 
     async def start(self) -> None:
         self._budget = tunnel_budget()
+        self._fast_accept = supports_make_transport(asyncio.get_running_loop())
         # Our accept loop: fd exhaustion pauses accepts with one log line, not a flood.
         sockets = bind_sockets(self.config.listen_host, self.config.listen_port, LISTEN_BACKLOG)
         self._server = Listener(sockets, self._accepted, on_shed=refuse_http_503)
@@ -297,23 +306,21 @@ class Relay:
         if self._stopping:
             conn.close()
             return
-        protocol: asyncio.BaseProtocol
+        if not self._fast_accept:  # not a selector event loop: asyncio's way
+            self._inner.spawn(self._connect_accepted(conn), name="accept")
+            return
         if len(self._tunnels) >= self._budget:
             self._log_over_budget()
-            protocol = Refusal()
+            protocol: asyncio.BaseProtocol = Refusal()
         else:
-            tunnel = RelayTunnel(self)
-            protocol = ClientLink(tunnel)
+            protocol = ClientLink(RelayTunnel(self))
         try:
-            transport = make_transport(conn, protocol, address)
-        except OSError:
-            transport = None
+            make_transport(conn, protocol, address)
+        except OSError:  # the socket died at once
             conn.close()
-        if transport is None:  # not a selector loop (or the socket died): asyncio's way
             if isinstance(protocol, ClientLink):
+                protocol.tunnel.core.outcome = "accept-failed"
                 protocol.tunnel.stop()
-            if conn.fileno() != -1:
-                self._inner.spawn(self._connect_accepted(conn), name="accept")
 
     async def _connect_accepted(self, conn: socket.socket) -> None:
         try:
