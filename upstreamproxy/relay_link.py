@@ -50,7 +50,8 @@ POOL_BACKOFF_MAX: Final = 30.0
 async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
     """Upgrade one WebSocket to the egress (natively: :mod:`.relay_handshake`, trying again
     when the egress that answered is draining) and hand its transport to a tunnel link."""
-    upgraded = await open_upgraded_retrying(cfg, preopened=preopened)
+    # Taken over at once (no await in between): reading need not pause for the hand-over.
+    upgraded = await open_upgraded_retrying(cfg, preopened=preopened, keep_reading=True)
     return WsLink.attach(upgraded.transport, upgraded.leftover, client=True, eof=upgraded.eof)
 
 

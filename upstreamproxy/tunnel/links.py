@@ -197,7 +197,8 @@ class WsLink(_Link):
         client: bool,
         eof: bool = False,
     ) -> WsLink:
-        """Take over an upgraded transport (reading paused by whoever upgraded it).
+        """Take over an upgraded transport (reading paused by whoever upgraded it, or still on
+        if nothing awaited since: what it read is in ``leftover``).
 
         ``leftover``: bytes read past the upgrade's head; ``eof``: the peer's end of stream
         came with them (or the transport is already closing) - the link is then lost.
