@@ -757,3 +757,35 @@ async def test_token_never_in_logs_or_exception_texts(
     for text in texts:
         assert "SECRET" not in text and "tok-" not in text, text
     assert "cannot reach the egress: InvalidRequestHeader" in texts[0]
+
+
+async def test_keep_reading_hands_over_without_a_pause_and_loses_nothing() -> None:
+    """``keep_reading``: the transport is still reading at the hand-over (no pause and
+    resume); frames in the 101's segment are in ``leftover``, later ones reach the link."""
+
+    async def eager(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"sec-websocket-key:")]
+        accept = accept_key(key[0].split(b":", 1)[1].strip().decode())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+            b"\x82\x02\x0a\x00"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"\x82\x02\x0a\x00")  # after the hand-over: reaches the new protocol
+        await reader.read()
+
+    server = await asyncio.start_server(eager, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        up = await open_upgraded(link(f"ws://127.0.0.1:{port}/"), keep_reading=True)
+        assert up.transport.is_reading()
+        collector = Collector(up.leftover)
+        up.transport.set_protocol(collector)  # no await since the handshake returned
+        for _ in range(2):
+            assert await collector.frame() == (0x2, b"\x0a\x00")
+        up.transport.abort()
+    finally:
+        server.close()

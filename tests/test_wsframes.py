@@ -263,3 +263,14 @@ def test_apply_mask_matches_the_pure_definition() -> None:
     data, mask = os.urandom(1001), os.urandom(4)
     expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
     assert wsframes.apply_mask(data, mask) == expected
+
+
+def test_masking_keys_are_fresh_across_pool_refills() -> None:
+    from upstreamproxy.tunnel import wsframes
+
+    keys = [wsframes.new_mask() for _ in range(2 * wsframes.MASK_POOL // 4 + 3)]
+    assert all(len(key) == 4 for key in keys)
+    # 4-byte keys from the OS: a repeat among a few thousand is vanishingly rare.
+    assert len(set(keys)) > len(keys) - 3
+    frame = wsframes.masked_chunk_frame(b"payload")
+    assert frame[1] & 0x80  # the mask bit is set

@@ -13,8 +13,10 @@ the accept loop of one listening socket instead:
 * it logs through a :class:`RateLimitedLog`: one line when the trouble starts, then at most
   one line per :data:`LOG_INTERVAL` with the number of failures since, never a traceback.
 
-:func:`start_server` is a drop-in for :func:`asyncio.start_server` built on it (the relay's
-CONNECT listener); the egress plugs :class:`Acceptor` into aiohttp (``egress/listener.py``).
+:class:`Listener` runs it on listening sockets (the relay's CONNECT listener accepts
+straight into its tunnel protocol, :func:`make_transport`); :func:`start_server` is a drop-in
+for :func:`asyncio.start_server` built on it; the egress plugs :class:`Acceptor` into aiohttp
+(``egress/listener.py``).
 """
 
 from __future__ import annotations
@@ -250,43 +252,23 @@ def bind_sockets(host: str | None, port: int, backlog: int) -> list[socket.socke
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-class StreamServer:
-    """What :func:`start_server` returns: the parts of :class:`asyncio.Server` callers use."""
+class Listener:
+    """Listening sockets, each with an :class:`Acceptor` handing connections to ``on_accept``;
+    the parts of :class:`asyncio.Server` callers use."""
 
     def __init__(
-        self,
-        sockets: list[socket.socket],
-        callback: ClientConnected,
-        limit: int,
-        on_shed: ShedFn = close_at_once,
+        self, sockets: list[socket.socket], on_accept: AcceptFn, on_shed: ShedFn = close_at_once
     ) -> None:
-        self._callback = callback
-        self._limit = limit
         self._loop = asyncio.get_running_loop()
-        self._connecting: set[asyncio.Task[Any]] = set()
         self._closed = self._loop.create_future()
         name = "listener " + ", ".join(_format(s.getsockname()) for s in sockets)
-        self.acceptors = [Acceptor(sock, self._accepted, name, on_shed) for sock in sockets]
+        self.acceptors = [Acceptor(sock, on_accept, name, on_shed) for sock in sockets]
         for acceptor in self.acceptors:
             acceptor.start()
 
     @property
     def sockets(self) -> list[socket.socket]:
         return [a.sock for a in self.acceptors if a.sock.fileno() != -1]
-
-    def _accepted(self, conn: socket.socket, address: Any) -> None:
-        task = self._loop.create_task(self._connect(conn))
-        self._connecting.add(task)
-        task.add_done_callback(self._connecting.discard)
-
-    async def _connect(self, conn: socket.socket) -> None:
-        reader = asyncio.StreamReader(limit=self._limit, loop=self._loop)
-        # StreamReaderProtocol runs the callback as a task it keeps a reference to.
-        protocol = asyncio.StreamReaderProtocol(reader, self._callback, loop=self._loop)
-        try:
-            await self._loop.connect_accepted_socket(lambda: protocol, conn)
-        except OSError:
-            conn.close()
 
     def is_serving(self) -> bool:
         return not self._closed.done()
@@ -302,6 +284,57 @@ class StreamServer:
 
     async def serve_forever(self) -> None:
         await asyncio.shield(self._closed)
+
+
+def supports_make_transport(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether :func:`make_transport` works on ``loop`` (asyncio's selector loops)."""
+    return callable(getattr(loop, "_make_socket_transport", None))
+
+
+def make_transport(
+    conn: socket.socket, protocol: asyncio.BaseProtocol, address: Any
+) -> asyncio.Transport:
+    """The transport for an accepted socket, made at once with ``protocol`` (whose
+    ``connection_made`` follows on the next loop iteration).
+
+    ``loop.connect_accepted_socket`` is a coroutine - a task and a future per connection,
+    which is much of what accepting costs; asyncio's selector loops build the transport with
+    ``_make_socket_transport``, which is what this calls (see
+    :func:`supports_make_transport`; elsewhere take the coroutine's way).
+    """
+    make = asyncio.get_running_loop()._make_socket_transport  # type: ignore[attr-defined]
+    transport: asyncio.Transport = make(conn, protocol, extra={"peername": address})
+    return transport
+
+
+class StreamServer(Listener):
+    """What :func:`start_server` returns: each connection as a stream pair for a callback."""
+
+    def __init__(
+        self,
+        sockets: list[socket.socket],
+        callback: ClientConnected,
+        limit: int,
+        on_shed: ShedFn = close_at_once,
+    ) -> None:
+        self._callback = callback
+        self._limit = limit
+        self._connecting: set[asyncio.Task[Any]] = set()
+        super().__init__(sockets, self._accepted, on_shed)
+
+    def _accepted(self, conn: socket.socket, address: Any) -> None:
+        task = self._loop.create_task(self._connect(conn))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        reader = asyncio.StreamReader(limit=self._limit, loop=self._loop)
+        # StreamReaderProtocol runs the callback as a task it keeps a reference to.
+        protocol = asyncio.StreamReaderProtocol(reader, self._callback, loop=self._loop)
+        try:
+            await self._loop.connect_accepted_socket(lambda: protocol, conn)
+        except OSError:
+            conn.close()
 
 
 async def start_server(

@@ -35,6 +35,8 @@ MAX_HOSTNAME_LENGTH: Final = 253
 _TERMINATORS: Final = (b"\n\r\n", b"\n\n")
 # \Z, not $: "$" also matches before a trailing newline.
 _TOKEN_RE: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: Control characters not allowed in a header value (HTAB is).
+_VALUE_CTL_RE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Bytes allowed in a hostname as it appears in a CONNECT target. Non-ASCII (UTF-8) is let
 # through for IDNA names; percent-encoding, userinfo, paths and whitespace are not.
 _HOST_FORBIDDEN_RE: Final = re.compile(r"[\x00-\x20\x7f%@/\\?#\[\]<>\"'`{}|^,;:=!$&()*+~]")
@@ -125,7 +127,7 @@ def _lines(head: bytes) -> list[bytes]:
     lines = text.split(b"\n")
     while lines and lines[-1] == b"":
         lines.pop()
-    if any(b"\r" in line for line in lines):
+    if b"\r" in text:  # every CRLF became LF: what is left is bare
         raise HeadError(400, "bare carriage return in head")
     return lines
 
@@ -141,7 +143,7 @@ def _parse_headers(lines: list[bytes]) -> tuple[tuple[str, str], ...]:
         if not sep or not _TOKEN_RE.match(name):
             raise HeadError(400, "malformed header field")
         value = value.strip(b" \t")
-        if any((b < 0x20 and b != 0x09) or b == 0x7F for b in value):
+        if _VALUE_CTL_RE.search(value):
             raise HeadError(400, "control character in header value")
         headers.append((name.decode("ascii"), value.decode("latin-1")))
     return tuple(headers)
@@ -177,9 +179,12 @@ def parse_target(raw: str) -> Target:
             raise HeadError(400, "empty host in CONNECT target")
         if "%" in host:
             raise HeadError(400, "percent-encoding is not allowed in a CONNECT target")
-        if _HOST_FORBIDDEN_RE.search(host) or any(
-            not ch.isascii() and unicodedata.category(ch) in _HOST_FORBIDDEN_CATEGORIES
-            for ch in host
+        if _HOST_FORBIDDEN_RE.search(host) or (
+            not host.isascii()
+            and any(
+                not ch.isascii() and unicodedata.category(ch) in _HOST_FORBIDDEN_CATEGORIES
+                for ch in host
+            )
         ):
             raise HeadError(400, "forbidden character in target host")
         if len(host.rstrip(".")) > MAX_HOSTNAME_LENGTH:

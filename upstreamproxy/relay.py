@@ -17,13 +17,20 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import ssl
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .acceptor import RateLimitedLog, StreamServer, refuse_http_503, start_server
+from .acceptor import (
+    Listener,
+    RateLimitedLog,
+    bind_sockets,
+    make_transport,
+    refuse_http_503,
+    supports_make_transport,
+)
 from .codec import encode_chunk
 from .connect_head import Target, build_tunnel_request, parse_status_head
 from .errors import ConfigError
@@ -31,11 +38,12 @@ from .fdlimit import tunnel_budget
 from .memstream import stream_pair
 from .memtrim import Trimmer
 from .relay_link import LinkConfig, WsPool, open_ws
+from .relay_tunnel import ClientLink, Refusal, RelayTunnel
 from .secret import Secret
 from .tasks import TaskSet
-from .tunnel import Open, Role, SendConnect, Timeouts, TunnelCore
+from .tunnel import Open, SendConnect, Timeouts
 from .tunnel.core import relay_answer
-from .tunnel.driver import Opened, TunnelDriver, close_stream
+from .tunnel.driver import Opened, close_stream
 
 log = logging.getLogger("upstreamproxy.relay")
 
@@ -163,8 +171,10 @@ class Relay:
     def __init__(self, config: RelayConfig) -> None:
         config.validate()
         self.config = config
-        self._server: StreamServer | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: Listener | None = None
+        #: Every client connection from accept (or open_tunnel) to its log line.
+        self._tunnels: set[RelayTunnel] = set()
+        self._plain = TaskSet()  # plain-HTTP requests handed off to the forwarder
         self._ssl: ssl.SSLContext | None = None
         if config.egress_url.startswith("wss://"):
             self._ssl = ssl.create_default_context(cafile=config.egress_ca_file)
@@ -188,6 +198,7 @@ class Relay:
         #: Tunnels this process has descriptors for (client socket + WebSocket each); set
         #: at start(), after the command raised the soft limit.
         self._budget = 0
+        self._fast_accept = True
         self._over_budget_log = RateLimitedLog(log)
         self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
 
@@ -206,21 +217,14 @@ class Relay:
 
     @property
     def active_tunnels(self) -> int:
-        return len(self._handlers)
+        return len(self._tunnels)
 
     async def start(self) -> None:
         self._budget = tunnel_budget()
+        self._fast_accept = supports_make_transport(asyncio.get_running_loop())
         # Our accept loop: fd exhaustion pauses accepts with one log line, not a flood.
-        self._server = await start_server(
-            self._handle,
-            self.config.listen_host,
-            self.config.listen_port,
-            # The head is bounded by the core itself; a small stream limit would only make
-            # the reader pause and resume the socket every few KiB of tunnel data.
-            limit=READ_SIZE // 2,
-            backlog=LISTEN_BACKLOG,
-            on_shed=refuse_http_503,
-        )
+        sockets = bind_sockets(self.config.listen_host, self.config.listen_port, LISTEN_BACKLOG)
+        self._server = Listener(sockets, self._accepted, on_shed=refuse_http_503)
         self.pool.start()
         log.info(
             "relay listening on %s -> %s (%d pre-opened WebSockets)",
@@ -233,11 +237,9 @@ class Relay:
         self._stopping = True
         if self._server is not None:
             self._server.close()
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        if handlers:
-            await asyncio.wait(handlers, timeout=grace)
+        for tunnel in list(self._tunnels):
+            tunnel.stop()  # closes it at once (bounded closes), and logs its line
+        await self._plain.cancel_all(grace)
         await self._inner.cancel_all(grace)
         await self.pool.close()
         self.trimmer.close()
@@ -299,86 +301,78 @@ class Relay:
 
     # -- per connection -----------------------------------------------------------------
 
+    def _accepted(self, conn: socket.socket, address: Any) -> None:
+        """A client connected: straight into its tunnel's link, no stream pair, no task."""
+        if self._stopping:
+            conn.close()
+            return
+        if not self._fast_accept:  # not a selector event loop: asyncio's way
+            self._inner.spawn(self._connect_accepted(conn), name="accept")
+            return
+        if len(self._tunnels) >= self._budget:
+            self._log_over_budget()
+            protocol: asyncio.BaseProtocol = Refusal()
+        else:
+            protocol = ClientLink(RelayTunnel(self))
+        try:
+            make_transport(conn, protocol, address)
+        except OSError:  # the socket died at once
+            conn.close()
+            if isinstance(protocol, ClientLink):
+                protocol.tunnel.core.outcome = "accept-failed"
+                protocol.tunnel.stop()
+
+    async def _connect_accepted(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=READ_SIZE // 2)
+        except OSError:
+            conn.close()
+            return
+        await self._handle(reader, writer)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._handlers) >= self._budget:
+        """A client as a stream pair (open_tunnel's in-memory one): the same tunnel."""
+        if len(self._tunnels) >= self._budget:
             await self._refuse_over_budget(writer)
             return
-        self._handlers.add(task)
-        started = time.monotonic()
-        core = TunnelCore(
-            Role.RELAY, self._timeouts, asyncio.get_running_loop().time(), plain_http=True
-        )
+        tunnel = RelayTunnel(self, reader, writer)
+        tunnel.start()
         try:
-            await self._run(core, reader, writer)
+            await asyncio.shield(tunnel.wait())
         except asyncio.CancelledError:
-            core.outcome = "relay-stopping" if self._stopping else "cancelled"
+            tunnel.stop()
             if not self._stopping:
                 raise
-            # Stopping: the tunnel is closed; ending quietly keeps asyncio from logging a
-            # CancelledError traceback per open tunnel (Python 3.11).
-        except Exception:  # a bug must not take the listener down; it closes this tunnel
-            core.outcome = "internal-error"
-            log.exception("tunnel %s failed unexpectedly", _target(core))
-        finally:
-            self._handlers.discard(task)
-            self.trimmer.tunnel_ended()
-            if not writer.transport.is_closing():  # the driver closes it; this is a backstop
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await asyncio.shield(close_stream(writer))
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
-                    _target(core),
-                    core.outcome,
-                    core.counters.to_ws,
-                    core.counters.to_local,
-                    time.monotonic() - started,
-                )
+
+    def _log_over_budget(self) -> None:
+        self._over_budget_log.warning(
+            "refusing tunnels: %d open, the file descriptor limit allows %d",
+            len(self._tunnels),
+            self._budget,
+        )
 
     async def _refuse_over_budget(self, writer: asyncio.StreamWriter) -> None:
         """No descriptors left for this tunnel's WebSocket: say so at once (503)."""
-        self._over_budget_log.warning(
-            "refusing tunnels: %d open, the file descriptor limit allows %d",
-            len(self._handlers),
-            self._budget,
-        )
+        self._log_over_budget()
         with contextlib.suppress(ConnectionError):
             writer.write(relay_answer(503, "too-many-tunnels (file descriptor limit)"))
         await close_stream(writer)
 
-    async def _run(
-        self, core: TunnelCore, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        async def opener(action: Open) -> Opened:
-            if action.fresh:
-                return Opened(ws=await open_ws(self._link))
-            port, pooled = await self.pool.take()
-            return Opened(ws=port, pooled=pooled)
+    async def _open_ws(self, action: Open) -> Opened:
+        """The driver's opener: a pre-opened WebSocket, or a fresh one when asked."""
+        if action.fresh:
+            return Opened(ws=await open_ws(self._link))
+        port, pooled = await self.pool.take()
+        return Opened(ws=port, pooled=pooled)
 
-        def connect_chunk(action: SendConnect) -> bytes:
-            return encode_chunk(
-                build_tunnel_request(
-                    action.target, self.config.session_id, self.config.token.reveal()
-                )
-            )
+    def _open_ready(self, action: Open) -> Opened | None:
+        """A ready pooled WebSocket, taken without a task (None: :meth:`_open_ws` runs)."""
+        if action.fresh:
+            return None
+        link = self.pool.take_ready()
+        return Opened(ws=link, pooled=True) if link is not None else None
 
-        driver = TunnelDriver(
-            core, opener, reader=reader, writer=writer, connect_chunk=connect_chunk
+    def _connect_chunk(self, action: SendConnect) -> bytes:
+        return encode_chunk(
+            build_tunnel_request(action.target, self.config.session_id, self.config.token.reveal())
         )
-        await driver.run()
-        if driver.handed_off is not None:  # plain HTTP (absolute-form): see relay_forward.py
-            from .relay_forward import serve_plain_http
-
-            forwarded = await serve_plain_http(self, reader, writer, driver.handed_off)
-            core.outcome = f"plain-http: {forwarded.outcome}"
-            return
-        if core.error is not None:
-            log.error("tunnel %s: protocol error: %s", _target(core), core.error)
-        elif core.reason:
-            log.warning("tunnel %s not established: %s", _target(core), core.reason)
-
-
-def _target(core: TunnelCore) -> str:
-    return core.target.authority if core.target is not None else "-"

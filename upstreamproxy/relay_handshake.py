@@ -16,7 +16,6 @@ The token is written into the request head and nowhere else: no log line, no exc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import socket
 import ssl
@@ -98,7 +97,10 @@ class Upgraded:
     """An upgraded WebSocket to the egress, not yet owned by any tunnel protocol.
 
     ``transport``: reading paused; its protocol is a placeholder that would buffer (nothing
-    arrives while reading is paused). Take it over with ``set_protocol()`` then
+    arrives while reading is paused). With ``keep_reading`` (the relay's own links) reading
+    is not paused: what arrives until the take-over is in ``leftover``, so take it over
+    before the next ``await`` - that saves a pause and a resume (two ``epoll_ctl``) per
+    socket. Take it over with ``set_protocol()`` then
     ``resume_reading()``, feeding ``leftover`` first; do the ``set_protocol()`` before the
     next ``await``, so a connection loss (say, a write failing) cannot reach the placeholder.
     ``leftover``: bytes the egress sent after the ``101`` head (usually empty; they are the
@@ -126,6 +128,8 @@ class _HeadReader(asyncio.Protocol):
         self._searched = 0
         self._waiter: asyncio.Future[int] | None = None
         self.eof = False
+        #: Pause reading once a head is complete (off: bytes after it stay in ``buffer``).
+        self.pause_after_head = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -178,8 +182,9 @@ class _HeadReader(asyncio.Protocol):
             self._searched = len(self.buffer)
             return
         # Paused before anyone else runs: no byte after the head reaches this placeholder
-        # once the head is handed over.
-        self._pause()
+        # once the head is handed over (unless the caller takes the buffer along).
+        if self.pause_after_head:
+            self._pause()
         waiter.set_result(end)
 
     def _fail(self, exc: HandshakeError) -> None:
@@ -192,12 +197,15 @@ class _HeadReader(asyncio.Protocol):
             self.transport.pause_reading()
 
 
-async def open_upgraded(cfg: LinkConfig, *, preopened: bool = False) -> Upgraded:
+async def open_upgraded(
+    cfg: LinkConfig, *, preopened: bool = False, keep_reading: bool = False
+) -> Upgraded:
     """Open and upgrade one WebSocket to the egress, or raise :class:`OpenFailed`.
 
     The whole handshake (TCP, proxy CONNECT, TLS, upgrade) is bounded by
     ``cfg.handshake_timeout``. ``preopened``: for the pool; the upgrade says so
     (``X-Upstreamproxy-Preopened: 1``) so the egress waits longer for its CONNECT.
+    ``keep_reading``: see :class:`Upgraded`.
     """
     reader = _HeadReader()
     transports: list[asyncio.Transport] = []
@@ -214,6 +222,7 @@ async def open_upgraded(cfg: LinkConfig, *, preopened: bool = False) -> Upgraded
                 extra.append((PREOPENED_HEADER, "1"))
             request = build_upgrade_request(target, key, extra)
             transport = await _connect(cfg, target, reader, transports)
+            reader.pause_after_head = not keep_reading
             transport.write(request)
             response = parse_response_head(await reader.next_head())
             if response.status != 101:
@@ -245,13 +254,15 @@ async def open_upgraded(cfg: LinkConfig, *, preopened: bool = False) -> Upgraded
         raise
 
 
-async def open_upgraded_retrying(cfg: LinkConfig, *, preopened: bool = False) -> Upgraded:
+async def open_upgraded_retrying(
+    cfg: LinkConfig, *, preopened: bool = False, keep_reading: bool = False
+) -> Upgraded:
     """:func:`open_upgraded`, tried again (DRAINING_RETRIES times, after DRAINING_RETRY_DELAY,
     doubling) while the egress that answered is draining (``503 draining``)."""
     delay = DRAINING_RETRY_DELAY
     for attempt in range(DRAINING_RETRIES + 1):
         try:
-            return await open_upgraded(cfg, preopened=preopened)
+            return await open_upgraded(cfg, preopened=preopened, keep_reading=keep_reading)
         except OpenFailed as exc:
             if exc.status != 503 or exc.reason != "draining" or attempt == DRAINING_RETRIES:
                 raise
@@ -270,6 +281,7 @@ async def _connect(
 
     Every transport made is appended to ``transports`` at once, so the caller can abort them
     all whatever fails (or is cancelled) later.
+    (asyncio sets ``TCP_NODELAY`` on every TCP transport it makes, ``sock=`` ones too.)
     """
     loop = asyncio.get_running_loop()
     tls = _tls_context(cfg) if target.secure else None
@@ -279,7 +291,6 @@ async def _connect(
             lambda: reader, target.host, target.port, ssl=tls, server_hostname=hostname
         )
         transports.append(transport)
-        _nodelay(transport)
         return transport
     proxy = parse_proxy_url(cfg.egress_proxy)
     if not proxy.is_http:
@@ -292,7 +303,6 @@ async def _connect(
             sock.close()
             raise
         transports.append(transport)
-        _nodelay(transport)
         return transport
     proxy_tls = ssl.create_default_context() if proxy.scheme == "https" else None
     raw, _ = await loop.create_connection(
@@ -303,7 +313,6 @@ async def _connect(
         server_hostname=proxy.host if proxy_tls else None,
     )
     transports.append(raw)
-    _nodelay(raw)
     raw.write(build_proxy_connect(target, proxy, USER_AGENT))
     answer = parse_response_head(await reader.next_head())
     if not 200 <= answer.status < 300:
@@ -326,13 +335,6 @@ def _tls_context(cfg: LinkConfig) -> ssl.SSLContext:
     if _default_tls is None:
         _default_tls = ssl.create_default_context()
     return _default_tls
-
-
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 _SOCKS_TYPES: Final = {

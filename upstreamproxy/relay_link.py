@@ -50,7 +50,8 @@ POOL_BACKOFF_MAX: Final = 30.0
 async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
     """Upgrade one WebSocket to the egress (natively: :mod:`.relay_handshake`, trying again
     when the egress that answered is draining) and hand its transport to a tunnel link."""
-    upgraded = await open_upgraded_retrying(cfg, preopened=preopened)
+    # Taken over at once (no await in between): reading need not pause for the hand-over.
+    upgraded = await open_upgraded_retrying(cfg, preopened=preopened, keep_reading=True)
     return WsLink.attach(upgraded.transport, upgraded.leftover, client=True, eof=upgraded.eof)
 
 
@@ -151,9 +152,8 @@ class WsPool:
         self._connecting = 0  # open attempts actually under way
         self._tasks = TaskSet()
         self._backoff = 0.0
+        self._started = False
         self._closed = False
-        self._wake = asyncio.Event()
-        self._filler: asyncio.Task[None] | None = None
         #: Sockets handed out, replaced after dying before an answer, opened on demand.
         self.stats = {"taken": 0, "replaced": 0, "missed": 0}
 
@@ -161,19 +161,26 @@ class WsPool:
         return len(self._idle)
 
     def start(self) -> None:
-        if self.size > 0:
-            self._filler = self._tasks.spawn(self._fill(), name="ws-pool-fill")
+        self._started = True
+        self._refill()
 
-    async def take(self) -> tuple[WsLink, bool]:
-        """A ready socket (``pooled`` True) or, if none is ready, a freshly opened one."""
+    def take_ready(self) -> WsLink | None:
+        """A ready socket at once, or None (:meth:`take` then waits for or opens one)."""
         while self._idle:
             idle = self._idle.popleft()
             link = idle.release()
-            self._wake.set()
+            self._refill()
             if link.usable:
                 self.stats["taken"] += 1
-                return link, True
+                return link
             link.abort()
+        return None
+
+    async def take(self) -> tuple[WsLink, bool]:
+        """A ready socket (``pooled`` True) or, if none is ready, a freshly opened one."""
+        ready = self.take_ready()
+        if ready is not None:
+            return ready, True
         if self._connecting > len(self._waiters):
             # One is on its way and started before this CONNECT: it arrives sooner than a
             # fresh one would, and does not compete with it for the session's limit.
@@ -209,15 +216,16 @@ class WsPool:
         if idle in self._idle:
             self._idle.remove(idle)
             self.stats["replaced"] += 1
-            self._wake.set()
+            self._refill()
 
-    async def _fill(self) -> None:
-        while not self._closed:
-            while len(self._idle) + self._opening < self.size:
-                self._opening += 1
-                self._tasks.spawn(self._open_one(), name="ws-pool-open")
-            self._wake.clear()
-            await self._wake.wait()
+    def _refill(self) -> None:
+        """Start opening sockets until ready and opening ones make ``size`` (no task waits
+        to do it: whatever takes, drops or finishes opening a socket calls this)."""
+        if not self._started or self._closed:
+            return
+        while len(self._idle) + self._opening < self.size:
+            self._opening += 1
+            self._tasks.spawn(self._open_one(), name="ws-pool-open")
 
     async def _open_one(self) -> None:
         try:
@@ -253,4 +261,4 @@ class WsPool:
                 idle.drop()
         finally:
             self._opening -= 1
-            self._wake.set()
+            self._refill()

@@ -260,10 +260,17 @@ class Response:
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...]
+    #: Values by lower-cased name, built once (an upgrade check looks up five names).
+    _index: dict[str, list[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            index.setdefault(name.lower(), []).append(value)
+        object.__setattr__(self, "_index", index)
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for n, v in self.headers if n.lower() == name]
+        return list(self._index.get(name.lower(), ()))
 
     def get(self, name: str, default: str = "") -> str:
         values = self.get_all(name)

@@ -17,6 +17,10 @@ class Side(enum.Enum):
     LOCAL = "local"  # the client at the relay, the upstream at the egress
     WS = "ws"  # the WebSocket between relay and egress
 
+    # Members are singletons compared by identity: the C identity hash does, and keys the
+    # core's per-side dicts without a Python-level Enum.__hash__ call on every lookup.
+    __hash__ = object.__hash__
+
 
 LOCAL = Side.LOCAL
 WS = Side.WS

@@ -387,21 +387,36 @@ class TunnelCore:
 
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`tick` has something to do (None: nothing pending)."""
+        # Called after nearly every input: plain comparisons, no list or generator.
         if self.state is State.CLOSED:
             return None
-        times = [self._state_deadline, self._next_hangup_check]
+        best = self._state_deadline
+        hangup = self._next_hangup_check
+        if hangup is not None and (best is None or hangup < best):
+            best = hangup
         stall = self.timeouts.write_stall
         if stall is not None:
-            times += [s + stall for s in self._stall_since.values() if s is not None]
+            for since in self._stall_since.values():
+                if since is not None and (best is None or since + stall < best):
+                    best = since + stall
         if self._ws_open:
-            times.append(self._next_keepalive)
+            timeouts = self.timeouts
+            more = self._next_keepalive
+            if more is not None and (best is None or more < best):
+                best = more
             if self._ping_sent is not None:
-                times.append(self._ping_sent + self.timeouts.ping_timeout)
-            elif self.timeouts.ping_interval is not None:
-                times.append(self._last_heard + self.timeouts.ping_interval)
-            if self.timeouts.idle is not None and self.state is State.ESTABLISHED:
-                times.append(self._last_payload + self.timeouts.idle)
-        return min((t for t in times if t is not None), default=None)
+                more = self._ping_sent + timeouts.ping_timeout
+            elif timeouts.ping_interval is not None:
+                more = self._last_heard + timeouts.ping_interval
+            else:
+                more = None
+            if more is not None and (best is None or more < best):
+                best = more
+            if timeouts.idle is not None and self.state is State.ESTABLISHED:
+                more = self._last_payload + timeouts.idle
+                if best is None or more < best:
+                    best = more
+        return best
 
     # -- the table -------------------------------------------------------------------------
 

@@ -91,6 +91,8 @@ class Opened:
 
 
 Opener = Callable[[Open], Awaitable[Opened]]
+#: What can be opened without waiting (the relay's ready pooled socket), or None.
+ReadyOpener = Callable[[Open], "Opened | None"]
 
 
 class TunnelDriver:
@@ -103,11 +105,15 @@ class TunnelDriver:
         reader: asyncio.StreamReader | None = None,
         writer: asyncio.StreamWriter | None = None,
         connect_chunk: Callable[[SendConnect], bytes] | None = None,
+        open_ready: ReadyOpener | None = None,
     ) -> None:
         self.core = core
         self.ws: WsLink | None = None
         self.local: LocalLink | None = None
         self._opener = opener
+        #: Tried first: what it returns is used on the next loop iteration, as the task
+        #: running ``opener`` would, without a task.
+        self._open_ready = open_ready
         self._connect_chunk = connect_chunk
         self._loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = self._loop.create_future()
@@ -124,6 +130,9 @@ class TunnelDriver:
         #: Set by :class:`~.actions.HandOff`: the local stream was given back to its stream
         #: pair for the plain-HTTP forwarder, which starts from these bytes.
         self.handed_off: bytes | None = None
+        #: Set by :meth:`start`: called once the tunnel ended (instead of waking :meth:`run`).
+        self._on_done: Callable[[], None] | None = None
+        self._ending = False
 
     # -- running -----------------------------------------------------------------------------
 
@@ -149,12 +158,55 @@ class TunnelDriver:
             self._close_all()
         return self.core.outcome
 
+    def start(self, on_done: Callable[[], None], *, local: LocalLink | None = None) -> None:
+        """Run the tunnel on callbacks alone, without a task: as :meth:`run` does, but
+        ``on_done`` is called once it ended (its closes started), on a later loop iteration
+        as :meth:`run` would have returned. :meth:`stop` ends it early, as cancelling
+        :meth:`run` does.
+
+        ``local``: a link that already is its transport's protocol (a connection accepted
+        straight into it), instead of the stream pair given to the constructor.
+        """
+        self._running = True
+        self._on_done = on_done
+        if self._initial_ws is not None:
+            self._use_ws(self._initial_ws)
+        reader, writer = self._initial_local
+        if local is not None:
+            self.local = local
+            local.owner = self
+            if local.eof and not self.core.closed:
+                self.local_eof()
+        elif reader is not None and writer is not None:
+            self._use_local(reader, writer)
+        self._sync()
+
+    def stop(self) -> None:
+        """End a tunnel run by :meth:`start` now (``on_done`` is called before this returns)."""
+        self._end()
+
+    def _end(self) -> None:
+        if self._on_done is None:
+            return
+        on_done, self._on_done = self._on_done, None
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()  # the opener releases what it holds when cancelled
+        self._close_all()
+        on_done()
+
     def execute_soon(self, actions: list[Action]) -> None:
         """Execute actions from an input fed outside the driver (``drain``, say)."""
         self._loop.call_soon(self._execute, actions)
 
     def _finish(self) -> None:
-        if not self._done.done():
+        if self._on_done is not None:
+            if not self._ending:  # later, as run() would resume: this input is still running
+                self._ending = True
+                self._loop.call_soon(self._end)
+        elif not self._done.done():
             self._done.set_result(None)
 
     def _close_all(self) -> None:
@@ -326,7 +378,11 @@ class TunnelDriver:
                 if self.ws is not None:
                     self.ws.send_message(self._connect_chunk(action))
             elif isinstance(action, Open):
-                self._opening = self._loop.create_task(self._open(action))
+                ready = self._open_ready(action) if self._open_ready is not None else None
+                if ready is not None:
+                    self._loop.call_soon(self._opened, ready)
+                else:
+                    self._opening = self._loop.create_task(self._open(action))
             elif isinstance(action, SendPing):
                 if self.ws is not None:
                     self.ws.send_ping()
@@ -392,6 +448,16 @@ class TunnelDriver:
             return
         if core.closed or not self._running:  # the client left, or a deadline passed
             await _discard(opened)
+            return
+        self._opened(opened)
+
+    def _opened(self, opened: Opened) -> None:
+        core, loop = self.core, self._loop
+        if core.closed or not self._running:  # the client left, or a deadline passed
+            if opened.ws is not None:
+                opened.ws.abort()
+            if opened.writer is not None:
+                reset(opened.writer.transport)
             return
         if opened.ws is not None:
             old = self.ws

@@ -200,7 +200,8 @@ class WsLink(_Link):
         client: bool,
         eof: bool = False,
     ) -> WsLink:
-        """Take over an upgraded transport (reading paused by whoever upgraded it).
+        """Take over an upgraded transport (reading paused by whoever upgraded it, or still on
+        if nothing awaited since: what it read is in ``leftover``).
 
         ``leftover``: bytes read past the upgrade's head; ``eof``: the peer's end of stream
         came with them (or the transport is already closing) - the link is then lost.
@@ -363,6 +364,11 @@ class LocalLink(_Link):
         buffered = bytes(buffer)
         buffer.clear()
         self.eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
+        self.attach(transport)
+        return buffered
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        """Become (or, from ``connection_made``, be) the protocol of ``transport``."""
         self._take(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
@@ -371,7 +377,6 @@ class LocalLink(_Link):
             self.lost = True
         elif not self.eof:
             self.resume_reading()
-        return buffered
 
     def give_back(self) -> None:
         """Return the transport to the stream protocol it came with (plain-HTTP hand-off)."""

@@ -458,10 +458,34 @@ def chunk_header(size: int) -> bytes:
     return frame_header(OP_BINARY, len(prefix) + size) + prefix
 
 
+#: Masking keys drawn from the OS at once (one ``getrandom`` per 1024 frames, not per frame).
+MASK_POOL: Final = 4096
+_masks = b""
+_mask_at = 0
+
+
+def new_mask() -> bytes:
+    """A fresh, unpredictable 4-byte masking key (RFC 6455 §5.3), from a pooled draw."""
+    global _masks, _mask_at
+    at = _mask_at
+    if at >= len(_masks):
+        _masks, at = os.urandom(MASK_POOL), 0
+    _mask_at = at + 4
+    return _masks[at : at + 4]
+
+
+def _forget_masks() -> None:  # a forked child must not reuse its parent's keys
+    global _masks, _mask_at
+    _masks, _mask_at = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_masks)
+
+
 def masked_chunk_frame(payload: bytes | bytearray | memoryview) -> bytes:
     """A whole masked frame carrying one chunk (the client's direction)."""
     prefix = chunk_prefix(len(payload))
-    mask = os.urandom(4)
+    mask = new_mask()
     return frame_header(OP_BINARY, len(prefix) + len(payload), mask) + apply_mask(
         prefix + payload, mask
     )
@@ -470,7 +494,7 @@ def masked_chunk_frame(payload: bytes | bytearray | memoryview) -> bytes:
 def frame(opcode: int, payload: bytes, *, masked: bool) -> bytes:
     """A whole final frame (control frames, an encoded message)."""
     if masked:
-        mask = os.urandom(4)
+        mask = new_mask()
         return frame_header(opcode, len(payload), mask) + apply_mask(payload, mask)
     return frame_header(opcode, len(payload)) + payload
 
