@@ -360,6 +360,21 @@ class LocalLink(_Link):
         buffered = bytes(buffer)
         buffer.clear()
         self.eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
+        self._adopt(transport)
+        return buffered
+
+    def take_transport(self, transport: asyncio.Transport) -> bytes:
+        """Become the protocol of a bare transport (its protocol a :class:`Parked`, or any
+        protocol that saw nothing yet); returns what the parked protocol kept."""
+        parked = transport.get_protocol()
+        buffered = b""
+        if isinstance(parked, Parked):
+            buffered, self.eof = bytes(parked.data), parked.eof
+            parked.data.clear()
+        self._adopt(transport)
+        return buffered
+
+    def _adopt(self, transport: asyncio.Transport) -> None:
         self._take(transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and transport.get_extra_info("sslcontext") is None:
@@ -368,7 +383,6 @@ class LocalLink(_Link):
             self.lost = True
         elif not self.eof:
             self.resume_reading()
-        return buffered
 
     def give_back(self) -> None:
         """Return the transport to the stream protocol it came with (plain-HTTP hand-off)."""
@@ -461,6 +475,22 @@ class LocalLink(_Link):
         if data is not None and data is self._last_read:
             return self._full
         return None
+
+
+class Parked(asyncio.Protocol):
+    """A fresh connection's protocol until a :class:`LocalLink` takes it over
+    (:meth:`LocalLink.take_transport`): it keeps whatever arrives meanwhile."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the link decides when to close
 
 
 def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
