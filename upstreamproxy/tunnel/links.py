@@ -163,8 +163,11 @@ class _Link(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection at once (a TCP reset)."""
-        self._close_timer = None
-        reset(self.transport)
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None:  # a graceful close was under way: its deadline is moot now
+            timer.cancel()
+        if not self.lost:
+            reset(self.transport)
 
 
 class WsLink(_Link):
