@@ -193,12 +193,11 @@ def _normalise(raw: str) -> tuple[str, int | None]:
     return _normalise_name(host), port
 
 
-#: Distinct hosts whose normal form (and literal address) is kept: every tunnel normalises
-#: its target, and most targets repeat. Pure functions of a string, so caching is safe.
+#: Distinct hosts whose literal address (or its absence) is kept: every tunnel asks for its
+#: target, and most targets repeat. A pure function of the string, so caching is safe.
 HOST_CACHE_SIZE: Final = 4096
 
 
-@functools.lru_cache(maxsize=HOST_CACHE_SIZE)
 def normalise_host(raw: str) -> str:
     """The normal form of a host (see the module docstring); ValueError if it is not valid.
 
