@@ -33,7 +33,7 @@ async def test_the_live_address_wins_across_families(monkeypatch: pytest.MonkeyP
     # ::1 refuses (nothing listens there on that port): the IPv4 attempt must still win.
     upstream = await dial_addresses([ip_address("::1"), ip_address("127.0.0.1")], port, 10)
     assert upstream.address == f"127.0.0.1:{port}"
-    upstream.writer.close()
+    upstream.sock.close()
     server.close()
 
 

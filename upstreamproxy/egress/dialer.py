@@ -29,9 +29,18 @@ STREAM_LIMIT: Final = 256 * 1024
 
 @dataclass(frozen=True)
 class Upstream:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    """A connected, non-blocking socket to a checked address; whoever takes it closes it."""
+
+    sock: socket.socket
     address: str
+
+    async def streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The socket as an asyncio stream pair (closed if that fails)."""
+        try:
+            return await asyncio.open_connection(sock=self.sock, limit=STREAM_LIMIT)
+        except BaseException:
+            self.sock.close()
+            raise
 
 
 class DialError(Exception):
@@ -92,8 +101,8 @@ async def dial_addresses(
         )
         raise DialError(502, "dial-failed") from None
     try:
-        reader, writer = await asyncio.open_connection(sock=sock, limit=STREAM_LIMIT)
-    except BaseException:
+        address = _format(*sock.getpeername()[:2])
+    except OSError:  # reset between connect and now
         sock.close()
-        raise
-    return Upstream(reader, writer, _format(*sock.getpeername()[:2]))
+        raise DialError(502, "dial-failed") from None
+    return Upstream(sock, address)

@@ -35,6 +35,7 @@ text that is already in mapped (lower-case) form.
 from __future__ import annotations
 
 import encodings.idna as _stdlib_idna
+import functools
 import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -192,6 +193,11 @@ def _normalise(raw: str) -> tuple[str, int | None]:
     return _normalise_name(host), port
 
 
+#: Distinct hosts whose literal address (or its absence) is kept: every tunnel asks for its
+#: target, and most targets repeat. A pure function of the string, so caching is safe.
+HOST_CACHE_SIZE: Final = 4096
+
+
 def normalise_host(raw: str) -> str:
     """The normal form of a host (see the module docstring); ValueError if it is not valid.
 
@@ -202,6 +208,7 @@ def normalise_host(raw: str) -> str:
     return _normalise(raw)[0]
 
 
+@functools.lru_cache(maxsize=HOST_CACHE_SIZE)
 def parse_ip_literal(host: str) -> IPv4Address | IPv6Address | None:
     """The address ``host`` spells canonically, else None.
 

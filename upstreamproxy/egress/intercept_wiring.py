@@ -116,7 +116,7 @@ class Interception:
                 upstream = await admission.dial(route.addresses, route.port, admitted)
             except Refusal as exc:
                 raise DialError(exc.status, exc.reason) from None
-            return upstream.reader, upstream.writer
+            return await upstream.streams()
 
         def audit_request(fields: dict[str, object]) -> None:
             audit.emit(

@@ -5,7 +5,8 @@ descriptors run out and offers no hook between ``accept()`` and the HTTP parser.
 binds the listening sockets itself, accepts with :class:`~upstreamproxy.acceptor.Acceptor`
 (backoff and one rate-limited line on ``EMFILE``), asks the :class:`PreauthGuard` whether
 to keep each connection, and hands kept ones to aiohttp's protocol with
-``loop.connect_accepted_socket``.
+``loop.connect_accepted_socket`` - or, for plain TCP, by making the transport at once
+(``transports.py``: no task per connection).
 
 With an ``upgrade`` hook (the tunnel endpoint's native WebSocket upgrade,
 ``native_upgrade.py``) each kept connection starts with a :class:`_Sniffer` instead: it reads
@@ -28,6 +29,7 @@ from aiohttp import web
 
 from ..acceptor import Acceptor, bind_sockets
 from .preauth import PreauthGuard
+from .transports import socket_transport
 from .upgrade_head import MAX_HEAD_BYTES, head_end
 
 #: TLS handshake bound for listeners without a guard (the metrics listener).
@@ -88,32 +90,49 @@ class GuardedSite(web.BaseSite):
     def _accepted(self, conn: socket.socket, address: Any) -> None:
         if self._guard is not None and not self._guard.admit(address, conn):
             return
+        if self._ssl_context is None and self._connect_now(conn, address):
+            return
         task = asyncio.get_running_loop().create_task(self._connect(conn, address))
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
         if self._guard is not None:
             self._guard.connecting(address, task)
 
-    async def _connect(self, conn: socket.socket, address: Any) -> None:
+    def _factory(self, address: Any) -> Callable[[], asyncio.BaseProtocol]:
         server = self._runner.server
         assert server is not None
+        if self._upgrade is None:
+            return server
+        hook, guard = self._upgrade, self._guard
+        assert guard is not None
+        return lambda: _Sniffer(server, hook, guard, address)
+
+    def _connect_now(self, conn: socket.socket, address: Any) -> bool:
+        """Plain TCP: the transport is made here, without a task (see ``transports.py``).
+        False: the loop cannot, :meth:`_connect` does it."""
+        try:
+            transport = socket_transport(conn, self._factory(address)())
+        except OSError:
+            conn.close()
+            if self._guard is not None:
+                self._guard.forget(address)
+            return True
+        if transport is None:
+            return False
+        if self._guard is not None:
+            self._guard.connected(address, transport)
+        return True
+
+    async def _connect(self, conn: socket.socket, address: Any) -> None:
         timeout = (
             self._guard.limits.upgrade_timeout
             if self._guard is not None
             else DEFAULT_HANDSHAKE_TIMEOUT
         )
         loop = asyncio.get_running_loop()
-        factory: Callable[[], asyncio.BaseProtocol] = server
-        if self._upgrade is not None:
-            hook, guard = self._upgrade, self._guard
-            assert guard is not None
-
-            def factory() -> asyncio.BaseProtocol:
-                return _Sniffer(server, hook, guard, address)
-
         try:
             transport, _ = await loop.connect_accepted_socket(
-                factory,
+                self._factory(address),
                 conn,
                 ssl=self._ssl_context,
                 ssl_handshake_timeout=timeout if self._ssl_context else None,

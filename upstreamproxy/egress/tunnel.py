@@ -27,6 +27,7 @@ from .auth import Session, check_tunnel_credentials
 from .intercept.engine import Downstream
 from .limits import Limiter
 from .metrics import EgressMetrics
+from .transports import parked_transport
 
 log = logging.getLogger("upstreamproxy.egress.tunnel")
 
@@ -113,17 +114,9 @@ class TunnelContext:
         return self._core_timeouts
 
 
-#: What an upstream's StreamReader may buffer before it stops reading the socket is twice
-#: this. The tunnel reads 128 KiB at a time and writes it out before reading on, so more
-#: buffering only holds memory while the relay is slow (it was 512 KiB per busy tunnel).
+#: What the outer end of an intercepted tunnel's in-memory stream pair may buffer before it
+#: stops reading is twice this: more would only hold memory while the relay is slow.
 UPSTREAM_BUFFER_LIMIT: Final = 64 * 1024
-
-
-def _bound_buffer(reader: asyncio.StreamReader) -> None:
-    # StreamReader takes its limit only at construction (the dialer's, sized for its own
-    # use); ``_limit`` is what its pause check reads, in every supported Python.
-    if getattr(reader, "_limit", 0) > UPSTREAM_BUFFER_LIMIT:
-        reader._limit = UPSTREAM_BUFFER_LIMIT  # type: ignore[attr-defined]
 
 
 class Tunnel:
@@ -223,8 +216,8 @@ class Tunnel:
             raise OpenFailed(exc.status, exc.reason, exc.rule) from None
         if route.intercept is None:
             assert route.upstream is not None
-            _bound_buffer(route.upstream.reader)
-            return Opened(reader=route.upstream.reader, writer=route.upstream.writer)
+            # The socket becomes a transport the tunnel's link takes over: no stream layer.
+            return Opened(transport=await parked_transport(route.upstream.sock))
         if self.ctx.intercept is None:
             raise OpenFailed(502, "interception-not-configured", self.admitted.rule)
         # A memory-level hand-off: the engine terminates TLS on the inner end of an

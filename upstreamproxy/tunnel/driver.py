@@ -88,6 +88,9 @@ class Opened:
     pooled: bool = False
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
+    #: A local stream as a bare transport (egress: the dialled upstream, its protocol a
+    #: :class:`~.links.Parked`), taken over without a stream layer.
+    transport: asyncio.Transport | None = None
 
 
 Opener = Callable[[Open], Awaitable[Opened]]
@@ -467,9 +470,12 @@ class TunnelDriver:
             self._use_ws(opened.ws)
             self._execute(core.ws_opened(loop.time(), pooled=opened.pooled))
         else:
-            assert opened.reader is not None and opened.writer is not None
             local = self.local = LocalLink(self)
-            buffered = local.take(opened.reader, opened.writer)
+            if opened.transport is not None:
+                buffered = local.take_transport(opened.transport)
+            else:
+                assert opened.reader is not None and opened.writer is not None
+                buffered = local.take(opened.reader, opened.writer)
             self._execute(core.open_done(loop.time()))
             if buffered and not core.closed:
                 self.local_data(memoryview(buffered))
@@ -480,6 +486,8 @@ class TunnelDriver:
 async def _discard(opened: Opened) -> None:
     if opened.ws is not None:
         opened.ws.abort()
+    if opened.transport is not None:
+        reset(opened.transport)
     if opened.writer is not None:
         await close_stream(opened.writer, abort=True)
 

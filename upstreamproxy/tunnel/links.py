@@ -166,8 +166,11 @@ class _Link(asyncio.BufferedProtocol):
 
     def abort(self) -> None:
         """Drop the connection at once (a TCP reset)."""
-        self._close_timer = None
-        reset(self.transport)
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None:  # a graceful close was under way: its deadline is moot now
+            timer.cancel()
+        if not self.lost:
+            reset(self.transport)
 
 
 class WsLink(_Link):
@@ -367,6 +370,17 @@ class LocalLink(_Link):
         self.attach(transport)
         return buffered
 
+    def take_transport(self, transport: asyncio.Transport) -> bytes:
+        """Become the protocol of a bare transport (its protocol a :class:`Parked`, or any
+        protocol that saw nothing yet); returns what the parked protocol kept."""
+        parked = transport.get_protocol()
+        buffered = b""
+        if isinstance(parked, Parked):
+            buffered, self.eof = bytes(parked.data), parked.eof
+            parked.data.clear()
+        self.attach(transport)
+        return buffered
+
     def attach(self, transport: asyncio.Transport) -> None:
         """Become (or, from ``connection_made``, be) the protocol of ``transport``."""
         self._take(transport)
@@ -469,6 +483,22 @@ class LocalLink(_Link):
         if data is not None and data is self._last_read:
             return self._full
         return None
+
+
+class Parked(asyncio.Protocol):
+    """A fresh connection's protocol until a :class:`LocalLink` takes it over
+    (:meth:`LocalLink.take_transport`): it keeps whatever arrives meanwhile."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # the link decides when to close
 
 
 def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
