@@ -1,4 +1,4 @@
-"""Tunnel links (``tunnel/links.py``) on real loopback sockets: closing (a reset deadline that an abort cancels)."""
+"""Tunnel links (``tunnel/links.py``) on real sockets: an abort cancels a close deadline."""
 
 from __future__ import annotations
 
