@@ -115,6 +115,10 @@ class Upgraded:
     eof: bool = False
 
 
+#: What one read of a handshake answer takes at most (heads are a few hundred bytes).
+HEAD_READ: Final = 16 * 1024
+
+
 class _HeadReader(asyncio.Protocol):
     """Buffers bytes until a complete response head; pauses reading as soon as it has one.
 
@@ -134,6 +138,11 @@ class _HeadReader(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # A socket transport recv()s 256 KiB at a time for a plain protocol: a fresh block
+        # that big is an mmap, mremap and munmap per handshake for a head of a few hundred
+        # bytes. (The tunnel link that takes over reads into its own buffer.)
+        if getattr(transport, "max_size", 0) > HEAD_READ:
+            transport.max_size = HEAD_READ  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
