@@ -6,9 +6,9 @@ pings, deadlines, close codes - and :class:`~upstreamproxy.tunnel.driver.TunnelD
 over the client's socket and a WebSocket to the egress, taken from a small pool of
 pre-opened ones (:mod:`upstreamproxy.relay_link`) so a CONNECT waits only for its answer.
 
-Backpressure: a side is read only while what was read from it has been written to the other
-(websockets' ``write_limit`` and ``max_queue`` bound the socket buffers), so a tunnel holds at
-most a few chunks in memory however fast either sender is.
+Backpressure: a side is read only while less than 64 KiB read from it wait to be written to
+the other (:mod:`upstreamproxy.tunnel.links`), so a tunnel holds at most a read's worth of data
+however fast either sender is.
 """
 
 from __future__ import annotations

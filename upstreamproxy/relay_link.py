@@ -1,4 +1,4 @@
-"""The relay's WebSockets to the egress: opening one, the pre-opened pool, the driver's port.
+"""The relay's WebSockets to the egress: opening one (natively) and the pre-opened pool.
 
 Opening a tunnel costs a WebSocket upgrade (TCP, TLS, HTTP) before the CONNECT chunk can even
 be sent. :class:`WsPool` keeps ``size`` upgraded, authenticated sockets ready, so a CONNECT
