@@ -349,3 +349,141 @@ async def test_intercepted_large_download_through_a_slow_reader(
     writer.close()
     with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
         await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+# -- the tail of a download to a client that paused ----------------------------------------
+
+
+@pytest.fixture(params=["ws", "wss"])
+async def either_hop(
+    request: pytest.FixtureRequest, tls: TLSFiles, egress: EgressServer
+) -> AsyncIterator[Relay]:
+    """A relay reaching its egress over ws:// or wss://."""
+    if request.param == "ws":
+        relay = Relay(RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret(TOKEN)))
+        await relay.start()
+        yield relay
+        await relay.stop()
+        return
+    tls_end = tls_egress(tls)
+    await tls_end.start()
+    relay = Relay(
+        RelayConfig(
+            egress_url=tls_end.url,
+            session_id=SESSION,
+            token=Secret(TOKEN),
+            egress_ca_file=str(tls.ca_file),
+        )
+    )
+    await relay.start()
+    yield relay
+    await relay.stop()
+    await tls_end.stop()
+
+
+@pytest.fixture
+async def short_download() -> AsyncIterator[tuple[int, int]]:
+    """An origin that sends 4 MiB at once and closes: all of it fits in the chain's buffers,
+    so the tunnel ends (origin-closed, egress-closed) long before a paused client read it."""
+    size = 4 * 1024 * 1024 + 1
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(pattern_bytes(size))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], size
+    server.close()
+    await server.wait_closed()
+
+
+async def test_a_paused_client_still_gets_the_tail_of_an_ended_download(
+    either_hop: Relay, short_download: tuple[int, int]
+) -> None:
+    """Regression: the relay reset its client one second (CLOSE_GRACE) after the egress
+    closed, with megabytes the client had not read yet - a slow but live reader lost them."""
+    port, size = short_download
+    reader, writer, head = await connect_via(either_hop.port, f"127.0.0.1:{port}")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await asyncio.sleep(4)  # reads nothing while the tunnel ends behind it
+    got = bytearray()
+    async with asyncio.timeout(30):
+        while piece := await reader.read(1 << 20):
+            got += piece
+    assert len(got) == size
+    assert got == pattern_bytes(size)
+    writer.close()
+
+
+async def test_a_client_that_leaves_during_the_tail_is_let_go_at_once(
+    tls: TLSFiles, short_download: tuple[int, int]
+) -> None:
+    """... while one that is gone (a reset) is not waited for."""
+    port, _ = short_download
+    egress = tls_egress(tls)
+    await egress.start()
+    relay = Relay(
+        RelayConfig(
+            egress_url=egress.url,
+            session_id=SESSION,
+            token=Secret(TOKEN),
+            egress_ca_file=str(tls.ca_file),
+            pool_size=0,
+        )
+    )
+    await relay.start()
+    try:
+        baseline = await settled_fds()
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await asyncio.sleep(3)  # the origin is done; the relay holds the tail for the client
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+        writer.transport.abort()
+        took = await fds_back_to(baseline, 20)
+        assert took < 8, took  # the hang-up check, not the 60 s write deadline
+    finally:
+        await relay.stop()
+        await egress.stop()
+
+
+# -- a link on an in-memory transport (the interception engine's stream pair) ---------------
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.writable = 0
+
+    def local_data(self, data: memoryview) -> None:
+        pass
+
+    def local_eof(self) -> None:
+        pass
+
+    def local_writable(self) -> None:
+        self.writable += 1
+
+
+async def test_a_link_taking_an_in_memory_transport_with_unsent_bytes_is_told_when_they_left() -> (
+    None
+):
+    """Regression: ``set_protocol`` forgot the transport was paused, so a link that took it
+    with bytes still unsent was never sent ``resume_writing`` - every later write of the
+    tunnel stayed unconfirmed until the write deadline ended it."""
+    from upstreamproxy.memstream import stream_pair
+    from upstreamproxy.tunnel.links import LocalLink
+
+    (reader, writer), (_, peer) = stream_pair()
+    peer.transport.pause_reading()
+    writer.write(b"x" * 10)  # unsent: the other end is not reading
+    owner = _Owner()
+    link = LocalLink(owner)
+    link.take(reader, writer)
+    assert link.write_paused
+    peer.transport.resume_reading()
+    async with asyncio.timeout(5):
+        while link.write_paused:
+            await asyncio.sleep(0.01)
+    assert owner.writable == 1
