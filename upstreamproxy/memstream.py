@@ -49,7 +49,9 @@ class _MemoryTransport(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol  # type: ignore[assignment]
-        self._writing_paused = False  # a new protocol starts unpaused (start_tls swaps)
+        self._writing_paused = False  # a new protocol starts unpaused (start_tls swaps) ...
+        if self._pending:  # ... unless bytes are still unsent: it is told, so it is told
+            self._pause_writer()  # when they went out (resume_writing)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         assert self._protocol is not None

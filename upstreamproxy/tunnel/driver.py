@@ -48,7 +48,7 @@ from .actions import (
     SendPing,
     WriteLocal,
 )
-from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, READ_SIZE, TunnelCore
+from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, READ_SIZE, Role, TunnelCore
 from .links import CLOSE_GRACE, LocalLink, WsLink, reset, transport_hung_up
 from .wsframes import Close, Event, Ping, Pong, Text, WsError
 
@@ -230,13 +230,31 @@ class TunnelDriver:
                 if action.abort:
                     ws.abort()
                 else:
-                    ws.close(action.code)
+                    ws.close(action.code, self._ws_patience())
             elif isinstance(action, CloseLocal) and self.local is not None:
                 local, self.local = self.local, None
                 if action.abort:
                     local.abort()
                 else:
-                    local.close_gracefully()
+                    local.close_gracefully(self._flush_patience())
+
+    def _flush_patience(self) -> float:
+        """How long the relay's client may take to accept the rest of a tunnel that ended
+        (the tail of a download): as long as a write may stall, while it keeps reading and
+        is there. The egress's upstream and a relay shutting down get :data:`CLOSE_GRACE`:
+        an upload's tail after the client left is moot (a deaf origin is let go promptly)."""
+        stall = self.core.timeouts.write_stall
+        if self.core.role is Role.RELAY and self.core.closed and stall is not None:
+            return max(stall, CLOSE_GRACE)
+        return CLOSE_GRACE
+
+    def _ws_patience(self) -> float:
+        """How long the egress's WebSocket may take to flush what a tunnel that ended sent
+        (its relay is as slow as that relay's client): as :meth:`_flush_patience`."""
+        stall = self.core.timeouts.write_stall
+        if self.core.role is not Role.RELAY and self.core.closed and stall is not None:
+            return max(stall, CLOSE_GRACE)
+        return CLOSE_GRACE
 
     # -- the sockets ---------------------------------------------------------------------------
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import select
 import socket
 import struct
+import termios
 from typing import Final, Protocol
 
 from .wsframes import (
@@ -113,6 +115,9 @@ class _Link(asyncio.BufferedProtocol):
         self.write_paused = False
         self.lost = False
         self._close_timer: asyncio.TimerHandle | None = None
+        self._patience = CLOSE_GRACE
+        self._flush_until = 0.0
+        self._flush_left = 0
 
     def _take(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -154,15 +159,43 @@ class _Link(asyncio.BufferedProtocol):
         """Whether the peer hung up (FIN or RST), checked without reading."""
         return self.lost or transport_hung_up(self.transport)
 
-    def close_gracefully(self) -> None:
-        """Flush what is buffered, then close; reset if that takes over :data:`CLOSE_GRACE`."""
+    def close_gracefully(self, patience: float = CLOSE_GRACE) -> None:
+        """Flush what is buffered, then close; reset if that takes over :data:`CLOSE_GRACE`.
+
+        ``patience`` over :data:`CLOSE_GRACE`: a peer that is slow but there (it takes bytes
+        at least once per ``patience``, and has not hung up) gets the rest - the tail of a
+        download to a client that paused reading is not thrown away after a second.
+        """
         transport = self.transport
         if transport is None or self.lost:
             return
         transport.close()
         if not self.lost and self._close_timer is None:
             loop = asyncio.get_running_loop()
-            self._close_timer = loop.call_later(CLOSE_GRACE, self.abort)
+            if patience <= CLOSE_GRACE:
+                self._close_timer = loop.call_later(CLOSE_GRACE, self.abort)
+                return
+            self._patience = patience
+            self._flush_until = loop.time() + patience
+            self._flush_left = transport.get_write_buffer_size()
+            self._close_timer = loop.call_later(CLOSE_GRACE, self._flush_check)
+
+    def _flush_check(self) -> None:
+        """A patient close, every :data:`CLOSE_GRACE`: reset once the peer is gone or took
+        nothing for ``patience``."""
+        self._close_timer = None
+        transport = self.transport
+        if self.lost or transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = transport.get_write_buffer_size()
+        if left < self._flush_left:  # it is reading
+            self._flush_until = loop.time() + self._patience
+        self._flush_left = left
+        if loop.time() >= self._flush_until or peer_gone(transport):
+            self.abort()
+        else:
+            self._close_timer = loop.call_later(CLOSE_GRACE, self._flush_check)
 
     def abort(self) -> None:
         """Drop the connection at once (a TCP reset)."""
@@ -308,9 +341,10 @@ class WsLink(_Link):
         if not self.close_sent:
             self._write(frame(OP_PING, payload, masked=self.client))
 
-    def close(self, code: int) -> None:
+    def close(self, code: int, patience: float = CLOSE_GRACE) -> None:
         """Start the closing handshake: our close frame now, the socket is released once the
-        peer answers (or after :data:`CLOSE_GRACE`)."""
+        peer answers (or after :data:`CLOSE_GRACE`; a server flushing to a peer that is slow
+        but there waits as :meth:`close_gracefully` says)."""
         if self.lost:
             return
         if self.error_code is not None and code == 1002:
@@ -319,7 +353,7 @@ class WsLink(_Link):
             self.close_sent = True
             self._write(frame(OP_CLOSE, close_payload(code), masked=self.client))
         if self.closed_by_peer or not self.client:
-            self.close_gracefully()  # the server closes the TCP connection first (§7.1.1)
+            self.close_gracefully(patience)  # the server closes TCP first (§7.1.1)
         elif self._close_timer is None:
             self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
 
@@ -514,7 +548,48 @@ def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
         poller.register(sock.fileno(), _HANGUP)
     except (ValueError, OSError):
         return True
-    return any(events & _HANGUP for _, events in poller.poll(0))
+    events = 0
+    for _, got in poller.poll(0):
+        events |= got
+    if not events & _HANGUP:
+        return False
+    if events & (select.POLLHUP | select.POLLERR):
+        return True
+    # A FIN: the peer is done sending - but what it sent before is still to be read (the
+    # kernel's queue, a TLS transport's buffers); the end is seen once that is read.
+    return not _unread(transport, sock)
+
+
+def _unread(transport: asyncio.BaseTransport, sock: socket.socket) -> bool:
+    """Whether bytes the peer sent are still waiting to be read from ``transport``."""
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+    except OSError:
+        queued = 0
+    if queued > 0:
+        return True
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        if transport.get_read_buffer_size() > 0:  # type: ignore[attr-defined]
+            return True
+    ssl_object = transport.get_extra_info("ssl_object")
+    with contextlib.suppress(Exception):
+        if ssl_object is not None and ssl_object.pending() > 0:
+            return True
+    return False
+
+
+def peer_gone(transport: asyncio.BaseTransport) -> bool:
+    """Whether a socket's peer is gone for writing too (a reset, or both ways closed) - a
+    FIN alone (:data:`select.POLLRDHUP`) is a peer that may still read."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), select.POLLHUP | select.POLLERR)
+    except (ValueError, OSError):
+        return True
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:  # abort() is on every kind
