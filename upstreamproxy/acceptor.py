@@ -14,7 +14,7 @@ the accept loop of one listening socket instead:
   one line per :data:`LOG_INTERVAL` with the number of failures since, never a traceback.
 
 :class:`Listener` runs it on listening sockets (the relay's CONNECT listener accepts
-straight into its tunnel protocol, :func:`make_transport`); :func:`start_server` is a drop-in
+straight into its tunnel protocol, :func:`socket_transport`); :func:`start_server` is a drop-in
 for :func:`asyncio.start_server` built on it; the egress plugs :class:`Acceptor` into aiohttp
 (``egress/listener.py``).
 """
@@ -287,23 +287,33 @@ class Listener:
 
 
 def supports_make_transport(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether :func:`make_transport` works on ``loop`` (asyncio's selector loops)."""
-    return callable(getattr(loop, "_make_socket_transport", None))
+    """Whether :func:`socket_transport` can make transports on ``loop`` (asyncio's selector
+    loops, the only ones the relay and the egress run on: no uvloop)."""
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop) and callable(
+        getattr(loop, "_make_socket_transport", None)
+    )
 
 
-def make_transport(
-    conn: socket.socket, protocol: asyncio.BaseProtocol, address: Any
-) -> asyncio.Transport:
-    """The transport for an accepted socket, made at once with ``protocol`` (whose
-    ``connection_made`` follows on the next loop iteration).
+def socket_transport(
+    sock: socket.socket, protocol: asyncio.BaseProtocol, address: Any = None
+) -> asyncio.Transport | None:
+    """A transport over the connected ``sock``, made at once with ``protocol`` (whose
+    ``connection_made`` follows on the next loop iteration, as on asyncio's own path); None
+    when the loop cannot (see :func:`supports_make_transport`: await the public coroutine).
 
-    ``loop.connect_accepted_socket`` is a coroutine - a task and a future per connection,
-    which is much of what accepting costs; asyncio's selector loops build the transport with
-    ``_make_socket_transport``, which is what this calls (see
-    :func:`supports_make_transport`; elsewhere take the coroutine's way).
+    ``loop.connect_accepted_socket`` and ``loop.create_connection(sock=...)`` are coroutines -
+    a task, a waiter future and a wake-up per connection before its protocol sees a byte, a
+    good part of what a new tunnel costs; on selector loops both build the transport with
+    ``_make_socket_transport``, which is what this calls. Plain TCP only.
     """
-    make = asyncio.get_running_loop()._make_socket_transport  # type: ignore[attr-defined]
-    transport: asyncio.Transport = make(conn, protocol, extra={"peername": address})
+    loop = asyncio.get_running_loop()
+    if not supports_make_transport(loop):
+        return None
+    if sock.getblocking():
+        sock.setblocking(False)
+    extra = None if address is None else {"peername": address}
+    make = loop._make_socket_transport  # type: ignore[attr-defined]
+    transport: asyncio.Transport = make(sock, protocol, extra=extra)
     return transport
 
 

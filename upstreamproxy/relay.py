@@ -27,8 +27,8 @@ from .acceptor import (
     Listener,
     RateLimitedLog,
     bind_sockets,
-    make_transport,
     refuse_http_503,
+    socket_transport,
     supports_make_transport,
 )
 from .codec import encode_chunk
@@ -315,7 +315,7 @@ class Relay:
         else:
             protocol = ClientLink(RelayTunnel(self))
         try:
-            make_transport(conn, protocol, address)
+            socket_transport(conn, protocol, address)  # not None: _fast_accept said so
         except OSError:  # the socket died at once
             conn.close()
             if isinstance(protocol, ClientLink):

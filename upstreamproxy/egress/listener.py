@@ -27,9 +27,8 @@ from typing import Any, Final, Protocol
 
 from aiohttp import web
 
-from ..acceptor import Acceptor, bind_sockets
+from ..acceptor import Acceptor, bind_sockets, socket_transport
 from .preauth import PreauthGuard
-from .transports import socket_transport
 from .upgrade_head import MAX_HEAD_BYTES, head_end
 
 #: TLS handshake bound for listeners without a guard (the metrics listener).

@@ -119,7 +119,6 @@ class TunnelDriver:
         self._open_ready = open_ready
         self._connect_chunk = connect_chunk
         self._loop = asyncio.get_running_loop()
-        self._done: asyncio.Future[None] = self._loop.create_future()
         self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -133,32 +132,30 @@ class TunnelDriver:
         #: Set by :class:`~.actions.HandOff`: the local stream was given back to its stream
         #: pair for the plain-HTTP forwarder, which starts from these bytes.
         self.handed_off: bytes | None = None
-        #: Set by :meth:`start`: called once the tunnel ended (instead of waking :meth:`run`).
+        #: Set by :meth:`start`: called once the tunnel ended.
         self._on_done: Callable[[], None] | None = None
         self._ending = False
 
     # -- running -----------------------------------------------------------------------------
 
     async def run(self) -> str:
-        """Run the tunnel to its end; returns the outcome. Cancellation closes it too."""
+        """Run the tunnel to its end (:meth:`start`, awaited); returns the outcome.
+        Cancellation closes it too, and waits for the opening step to let go of its socket."""
+        ended: asyncio.Future[None] = self._loop.create_future()
+
+        def on_done() -> None:
+            if not ended.done():  # cancelled, when stop() below ends it
+                ended.set_result(None)
+
+        self.start(on_done)
         try:
-            self._running = True
-            reader, writer = self._initial_local
-            if self._initial_ws is not None:
-                self._use_ws(self._initial_ws)
-            if reader is not None and writer is not None:
-                self._use_local(reader, writer)
-            self._sync()
-            await self._done
+            await ended
         finally:
-            self._running = False
-            if self._timer is not None:
-                self._timer.cancel()
-            if self._opening is not None and not self._opening.done():
-                self._opening.cancel()
+            self.stop()  # nothing left to do once it ended by itself
+            opening = self._opening
+            if opening is not None and not opening.done():
                 with contextlib.suppress(BaseException):
-                    await asyncio.shield(asyncio.wait([self._opening]))
-            self._close_all()
+                    await asyncio.shield(asyncio.wait([opening]))
         return self.core.outcome
 
     def start(self, on_done: Callable[[], None], *, local: LocalLink | None = None) -> None:
@@ -205,12 +202,9 @@ class TunnelDriver:
         self._loop.call_soon(self._execute, actions)
 
     def _finish(self) -> None:
-        if self._on_done is not None:
-            if not self._ending:  # later, as run() would resume: this input is still running
-                self._ending = True
-                self._loop.call_soon(self._end)
-        elif not self._done.done():
-            self._done.set_result(None)
+        if self._on_done is not None and not self._ending:
+            self._ending = True  # on a later iteration: the input that ended it still runs
+            self._loop.call_soon(self._end)
 
     def _close_all(self) -> None:
         if self.local is not None:
