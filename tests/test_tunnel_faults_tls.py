@@ -69,21 +69,25 @@ def tls_egress(tls: TLSFiles, **kwargs: object) -> EgressServer:
     )  # type: ignore[arg-type]
 
 
+def wss_relay(egress: EgressServer, tls: TLSFiles, pool_size: int = 2) -> Relay:
+    """A relay reaching ``egress`` over wss://, trusting the tests' CA."""
+    assert egress.url.startswith("wss://")
+    config = RelayConfig(
+        egress_url=egress.url,
+        session_id=SESSION,
+        token=Secret(TOKEN),
+        egress_ca_file=str(tls.ca_file),
+        pool_size=pool_size,
+    )
+    return Relay(config)
+
+
 @pytest.fixture(params=[0, 2], ids=["fresh", "pooled"])
 async def wss(request: pytest.FixtureRequest, tls: TLSFiles) -> AsyncIterator[Relay]:
     """A relay reaching its egress over wss:// (fresh or pre-opened WebSockets)."""
     egress = tls_egress(tls)
     await egress.start()
-    assert egress.url.startswith("wss://")
-    relay = Relay(
-        RelayConfig(
-            egress_url=egress.url,
-            session_id=SESSION,
-            token=Secret(TOKEN),
-            egress_ca_file=str(tls.ca_file),
-            pool_size=request.param,
-        )
-    )
+    relay = wss_relay(egress, tls, pool_size=request.param)
     await relay.start()
     yield relay
     await relay.stop()
@@ -213,15 +217,7 @@ async def test_client_leaves_while_backpressured(
     port, sent, size = pattern_firehose
     egress = tls_egress(tls)
     await egress.start()
-    relay = Relay(
-        RelayConfig(
-            egress_url=egress.url,
-            session_id=SESSION,
-            token=Secret(TOKEN),
-            egress_ca_file=str(tls.ca_file),
-            pool_size=0,  # no pool refilling behind the fd count's back
-        )
-    )
+    relay = wss_relay(egress, tls, pool_size=0)  # no pool refilling behind the fd count's back
     await relay.start()
     try:
         baseline = await settled_fds()
@@ -295,14 +291,7 @@ async def intercepting(tls: TLSFiles, tmp_path: Path) -> AsyncIterator[tuple[Rel
     )
     await egress.start()
     assert egress.url.startswith("wss://")
-    relay = Relay(
-        RelayConfig(
-            egress_url=egress.url,
-            session_id=SESSION,
-            token=Secret(TOKEN),
-            egress_ca_file=str(tls.ca_file),
-        )
-    )
+    relay = wss_relay(egress, tls)
     await relay.start()
     bundle = tmp_path / "sandbox-bundle.pem"
     bundle.write_bytes(Path(certifi.where()).read_bytes() + egress_ca.cert_pem())
@@ -367,14 +356,7 @@ async def either_hop(
         return
     tls_end = tls_egress(tls)
     await tls_end.start()
-    relay = Relay(
-        RelayConfig(
-            egress_url=tls_end.url,
-            session_id=SESSION,
-            token=Secret(TOKEN),
-            egress_ca_file=str(tls.ca_file),
-        )
-    )
+    relay = wss_relay(tls_end, tls)
     await relay.start()
     yield relay
     await relay.stop()
@@ -424,15 +406,7 @@ async def test_a_client_that_leaves_during_the_tail_is_let_go_at_once(
     port, _ = short_download
     egress = tls_egress(tls)
     await egress.start()
-    relay = Relay(
-        RelayConfig(
-            egress_url=egress.url,
-            session_id=SESSION,
-            token=Secret(TOKEN),
-            egress_ca_file=str(tls.ca_file),
-            pool_size=0,
-        )
-    )
+    relay = wss_relay(egress, tls, pool_size=0)
     await relay.start()
     try:
         baseline = await settled_fds()
