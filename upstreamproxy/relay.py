@@ -42,14 +42,11 @@ from .relay_tunnel import ClientLink, Refusal, RelayTunnel
 from .secret import Secret
 from .tasks import TaskSet
 from .tunnel import Open, SendConnect, Timeouts
-from .tunnel.core import relay_answer
+from .tunnel.core import READ_SIZE, relay_answer
 from .tunnel.driver import Opened, close_stream
 
 log = logging.getLogger("upstreamproxy.relay")
 
-#: Bytes read from the client per chunk; well under the 512 KiB payload cap. Larger reads
-#: mean fewer frames (and fewer syscalls and mask draws) per byte relayed.
-READ_SIZE: Final = 128 * 1024
 #: Pending connections the kernel queues for us; bursts of tools opening many tunnels at once
 #: overflowed the default 100 and stalled clients for a 1 s SYN retry.
 LISTEN_BACKLOG: Final = 1024

@@ -48,8 +48,8 @@ from .actions import (
     SendPing,
     WriteLocal,
 )
-from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, READ_SIZE, Role, TunnelCore
-from .links import CLOSE_GRACE, LocalLink, WsLink, reset, transport_hung_up
+from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, Role, TunnelCore
+from .links import CLOSE_GRACE, LocalLink, WsLink, reset
 from .wsframes import Close, Event, Ping, Pong, Text, WsError
 
 log = logging.getLogger("upstreamproxy.tunnel")
@@ -62,7 +62,6 @@ __all__ = [
     "TunnelDriver",
     "close_stream",
     "reset",
-    "transport_hung_up",
 ]
 
 
@@ -523,13 +522,3 @@ async def close_stream(writer: asyncio.StreamWriter, *, abort: bool = False) -> 
     with contextlib.suppress(Exception):
         async with asyncio.timeout(CLOSE_GRACE):
             await writer.wait_closed()
-
-
-def cap_reads(transport: asyncio.BaseTransport | None, size: int) -> None:
-    """Make a socket transport ``recv`` at most ``size`` bytes at a time (streams that are
-    not tunnel links: the plain-HTTP forwarder's)."""
-    if transport is not None and getattr(transport, "max_size", 0) > size:
-        transport.max_size = size  # type: ignore[attr-defined]
-
-
-__all__ += ["READ_SIZE", "cap_reads"]
