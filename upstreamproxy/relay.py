@@ -38,11 +38,11 @@ from .fdlimit import tunnel_budget
 from .memstream import stream_pair
 from .memtrim import Trimmer
 from .relay_link import LinkConfig, WsPool, open_ws
-from .relay_tunnel import ClientLink, Refusal, RelayTunnel
+from .relay_tunnel import OVER_BUDGET, ClientLink, Refusal, RelayTunnel
 from .secret import Secret
 from .tasks import TaskSet
 from .tunnel import Open, SendConnect, Timeouts
-from .tunnel.core import READ_SIZE, relay_answer
+from .tunnel.core import READ_SIZE
 from .tunnel.driver import Opened, close_stream
 
 log = logging.getLogger("upstreamproxy.relay")
@@ -352,7 +352,7 @@ class Relay:
         """No descriptors left for this tunnel's WebSocket: say so at once (503)."""
         self._log_over_budget()
         with contextlib.suppress(ConnectionError):
-            writer.write(relay_answer(503, "too-many-tunnels (file descriptor limit)"))
+            writer.write(OVER_BUDGET)
         await close_stream(writer)
 
     async def _open_ws(self, action: Open) -> Opened:

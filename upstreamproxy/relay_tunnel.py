@@ -201,6 +201,10 @@ class ClientLink(LocalLink):
         transport.resume_reading()
 
 
+#: What a client gets when the relay has no descriptors left for its tunnel's WebSocket.
+OVER_BUDGET: Final = relay_answer(503, "too-many-tunnels (file descriptor limit)")
+
+
 class Refusal(asyncio.Protocol):
     """An accepted client the relay has no descriptors for: a 503 at once, then close."""
 
@@ -209,7 +213,7 @@ class Refusal(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.write(relay_answer(503, "too-many-tunnels (file descriptor limit)"))
+        transport.write(OVER_BUDGET)
         transport.close()  # after the answer is flushed; reset if that takes too long
         self._timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, reset, transport)
 
