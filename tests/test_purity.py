@@ -20,6 +20,7 @@ PURE_MODULES = [
     "forward_request.py",
     "tunnel/core.py",
     "tunnel/actions.py",
+    "tunnel/payload.py",
 ]
 FORBIDDEN = frozenset(
     {"asyncio", "socket", "ssl", "time", "os", "selectors", "subprocess", "threading"}

@@ -41,7 +41,7 @@ from .relay_link import LinkConfig, WsPool, open_ws
 from .relay_tunnel import OVER_BUDGET, ClientLink, Refusal, RelayTunnel
 from .secret import Secret
 from .tasks import TaskSet
-from .tunnel import Open, SendConnect, Timeouts
+from .tunnel import Open, SendConnect, Timeouts, pipe
 from .tunnel.core import READ_SIZE
 from .tunnel.driver import Opened, close_stream
 
@@ -217,6 +217,7 @@ class Relay:
         return len(self._tunnels)
 
     async def start(self) -> None:
+        pipe.prepare()
         self._budget = tunnel_budget()
         self._fast_accept = supports_make_transport(asyncio.get_running_loop())
         # Our accept loop: fd exhaustion pauses accepts with one log line, not a flood.

@@ -25,6 +25,7 @@ from ..connect_head import REASON_HEADER
 from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from ..memtrim import Trimmer
+from ..tunnel import pipe
 from ..tunnel.links import WsLink
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
@@ -189,6 +190,7 @@ class EgressServer:
         return f"{scheme}://{host}:{self.port}{self.config.ws_path}"
 
     async def start(self) -> None:
+        pipe.prepare()
         ssl_context = None
         if self.config.tls_cert_file:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass
 
 from ..connect_head import ConnectRequest, Target
+from .payload import Payload
 
 
 class Side(enum.Enum):
@@ -39,14 +40,14 @@ class SendData:
     """Send one chunk carrying ``payload`` (stream data): the adapter frames it, so the
     payload is never copied into an encoded message first."""
 
-    payload: bytes | bytearray | memoryview
+    payload: Payload
 
 
 @dataclass(frozen=True, slots=True)
 class WriteLocal:
     """Write bytes to the local stream (stream data, or the relay's answer head)."""
 
-    data: bytes | bytearray | memoryview
+    data: Payload
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ from .actions import (
     Side,
     WriteLocal,
 )
+from .payload import Payload, Piped
 
 #: Largest local read the core asks for once established (well under the 512 KiB payload cap).
 #: 64 KiB halved a busy tunnel's worst-case memory but cost 40-70% more CPU per GiB over the
@@ -282,8 +283,9 @@ class TunnelCore:
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def local_data(self, data: bytes | bytearray | memoryview, now: float) -> list[Action]:
-        """Bytes read from the local stream (client at the relay, upstream at the egress)."""
+    def local_data(self, data: Payload, now: float) -> list[Action]:
+        """Bytes read from the local stream (client at the relay, upstream at the egress);
+        :class:`~.wsframes.Piped` bytes only once established."""
         return self._dispatch("local_data", data, now)
 
     def local_eof(self, now: float) -> list[Action]:
@@ -296,9 +298,7 @@ class TunnelCore:
         self._ping_sent = None
         return self._dispatch("ws_message", message, now)
 
-    def ws_payload(
-        self, payload: bytes | bytearray | memoryview | ProtocolError, now: float
-    ) -> list[Action]:
+    def ws_payload(self, payload: Payload | ProtocolError, now: float) -> list[Action]:
         """One chunk's payload (or a piece of it, once established), already decoded by the
         adapter's frame reader - or the :class:`ProtocolError` it found instead. Same as
         :meth:`ws_message` otherwise; ``b""`` is a whole empty chunk (a keepalive)."""
@@ -587,13 +587,13 @@ class TunnelCore:
     # both, established ---------------------------------------------------------------------
 
     def _established_local_data(self, data: object, now: float) -> list[Action]:
-        assert isinstance(data, bytes | bytearray | memoryview)
+        assert isinstance(data, bytes | bytearray | memoryview | Piped)
         self._last_payload = now
         return self._chunks(data, now)
 
     def _established_ws_message(self, message: object, now: float) -> list[Action]:
         try:
-            payload = self._payload(message)
+            payload = self._any_payload(message)
         except ProtocolError as exc:
             return self._protocol_error(exc, now)
         if not payload:  # keepalives keep the WebSocket open, not an idle tunnel
@@ -632,8 +632,17 @@ class TunnelCore:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    @classmethod
+    def _payload(cls, message: object) -> bytes | bytearray | memoryview:
+        payload = cls._any_payload(message)
+        if isinstance(payload, Piped):
+            raise CoreMisuse("piped payload before the tunnel is established")
+        return payload
+
     @staticmethod
-    def _payload(message: object) -> bytes | bytearray | memoryview:
+    def _any_payload(message: object) -> Payload:
+        """The payload of a ``ws_message`` input (:class:`~.wsframes.Piped`, once
+        established, is bytes the adapter moved without reading them)."""
         if isinstance(message, _Decoded):
             if isinstance(message.payload, ProtocolError):
                 raise message.payload
@@ -699,18 +708,20 @@ class TunnelCore:
         self._outstanding(WS, len(message), now)
         return SendChunk(message, payload_size)
 
-    def _send_data(self, payload: bytes | bytearray | memoryview, now: float) -> SendData:
+    def _send_data(self, payload: Payload, now: float) -> SendData:
         self._outstanding(WS, len(payload), now)
         return SendData(payload)
 
-    def _write_local(self, data: bytes | bytearray | memoryview, now: float) -> WriteLocal:
+    def _write_local(self, data: Payload, now: float) -> WriteLocal:
         self._outstanding(LOCAL, len(data), now)
         return WriteLocal(data)
 
-    def _chunks(self, data: bytes | bytearray | memoryview, now: float) -> list[Action]:
+    def _chunks(self, data: Payload, now: float) -> list[Action]:
         self.counters.to_ws += len(data)
         if len(data) <= MAX_CHUNK_PAYLOAD:  # the common case
             return [self._send_data(data, now)]
+        if isinstance(data, Piped):
+            raise CoreMisuse(f"piped payload over {MAX_CHUNK_PAYLOAD} bytes")
         view = memoryview(data)
         return [
             self._send_data(view[at : at + MAX_CHUNK_PAYLOAD], now)
@@ -785,7 +796,7 @@ class TunnelCore:
 class _Decoded:
     """A ``ws_message`` input that the adapter already decoded (see ``ws_payload``)."""
 
-    payload: bytes | bytearray | memoryview | ProtocolError
+    payload: Payload | ProtocolError
 
 
 def _budget(pending: int) -> int:

@@ -48,8 +48,9 @@ from .actions import (
     SendPing,
     WriteLocal,
 )
-from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, Role, TunnelCore
+from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, Role, State, TunnelCore
 from .links import CLOSE_GRACE, LocalLink, WsLink, reset
+from .payload import Payload, Piped
 from .wsframes import Close, Event, Ping, Pong, Text, WsError
 
 log = logging.getLogger("upstreamproxy.tunnel")
@@ -134,6 +135,7 @@ class TunnelDriver:
         #: Set by :meth:`start`: called once the tunnel ended.
         self._on_done: Callable[[], None] | None = None
         self._ending = False
+        self._splice_checked = False
 
     # -- running -----------------------------------------------------------------------------
 
@@ -290,7 +292,7 @@ class TunnelDriver:
         for event in events:
             if core.closed:
                 return
-            if isinstance(event, memoryview | bytes):
+            if isinstance(event, memoryview | bytes | Piped):
                 self._execute(core.ws_payload(event, now))
             elif isinstance(event, Pong):
                 core.pong(now)
@@ -315,7 +317,7 @@ class TunnelDriver:
 
     # LocalOwner
 
-    def local_data(self, data: memoryview) -> None:
+    def local_data(self, data: memoryview | Piped) -> None:
         core = self.core
         if core.closed:
             return
@@ -347,6 +349,9 @@ class TunnelDriver:
             self._finish()
             return
         local, ws = self.local, self.ws
+        if not self._splice_checked and core.state is State.ESTABLISHED:
+            self._splice_checked = True
+            self._allow_splice()
         if local is not None:
             if core.may_read_local:
                 local.read_size = core.local_read_size
@@ -369,6 +374,17 @@ class TunnelDriver:
                 self._timer.cancel()
             self._timer_at = deadline
             self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _allow_splice(self) -> None:
+        """Once established: let the download direction splice (see :mod:`.pipe`) where
+        both sockets are plain - the egress's upstream reads, the relay's WebSocket reads."""
+        local, ws = self.local, self.ws
+        if local is None or ws is None or local.sock is None or ws.sock is None:
+            return
+        if self.core.role is Role.RELAY:
+            ws.splice_ok, ws.sink = True, local.sock
+        else:
+            local.splice_ok, local.sink = True, ws.sock
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
@@ -420,7 +436,7 @@ class TunnelDriver:
                 return
         self._sync()
 
-    def _send_data(self, payload: bytes | bytearray | memoryview) -> None:
+    def _send_data(self, payload: Payload) -> None:
         ws, local = self.ws, self.local
         if ws is None:
             return
@@ -434,7 +450,7 @@ class TunnelDriver:
         ws.send_message(message)
         self._after_write(WS, ws.write_paused, size)
 
-    def _write_local(self, data: bytes | bytearray | memoryview) -> None:
+    def _write_local(self, data: Payload) -> None:
         local = self.local
         if local is None:
             return

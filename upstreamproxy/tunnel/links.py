@@ -30,6 +30,8 @@ import struct
 import termios
 from typing import Final, Protocol
 
+from . import pipe
+from .payload import Piped
 from .wsframes import (
     HEADROOM,
     OP_BINARY,
@@ -96,7 +98,7 @@ class WsOwner(Protocol):
 
 
 class LocalOwner(Protocol):
-    def local_data(self, data: memoryview) -> None: ...
+    def local_data(self, data: memoryview | Piped) -> None: ...
 
     def local_eof(self) -> None: ...
 
@@ -118,9 +120,18 @@ class _Link(asyncio.BufferedProtocol):
         self._patience = CLOSE_GRACE
         self._flush_until = 0.0
         self._flush_left = 0
+        #: The plain socket under the transport, when reads can be spliced (see :mod:`.pipe`).
+        self.sock: socket.socket | None = None
+        #: Set by the driver once the tunnel is established and splicing pays (both sockets
+        #: plain, the download direction): a bulk read then switches the link to splicing.
+        self.splice_ok = False
+        self.splicing = False
+        #: Where spliced bytes go (the other link's socket), to size each splice.
+        self.sink: socket.socket | None = None
 
     def _take(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        self.sock = pipe.plain_socket(transport)
         self.write_paused = False
         self.reading = transport.is_reading()
         transport.set_protocol(self)
@@ -271,6 +282,55 @@ class WsLink(_Link):
     def buffer_updated(self, nbytes: int) -> None:
         with _Handling():
             self._handle(self.reader.feed(self._full[READ_AT : READ_AT + nbytes]))
+        if nbytes >= pipe.SPLICE_AFTER and self.splice_ok and not self.splicing:
+            self._start_splicing()
+
+    def _start_splicing(self) -> None:
+        if self.transport is not None and self.sock is not None and self.client:
+            self.splicing = True
+            pipe.redirect_reads(self.transport, self._splice_ready)
+
+    def _splice_ready(self) -> None:
+        """The socket is readable while splicing: payload of a data frame goes into the pipe
+        and on as :class:`Piped`; headers are peeked, then read and fed to the reader (which
+        checks them as ever); anything else - control frames, EOF, errors, a tunnel that
+        ended - is read the transport's own way."""
+        transport, sock, reader = self.transport, self.sock, self.reader
+        assert transport is not None and sock is not None
+        if self.owner is None or self.close_sent or not self.splice_ok:
+            pipe.plain_read(transport)
+            return
+        left = reader.payload_left()
+        if not left:
+            need = 0
+            try:
+                peek = sock.recv(pipe.PEEK, socket.MSG_PEEK)
+                need = reader.head_size(peek)
+                if need:
+                    head = sock.recv(need)  # already queued: all of it
+                    self._handle(reader.feed(head))
+                    left = reader.payload_left()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                left = 0
+            if not left or self.owner is None or not self.reading:
+                if not need:
+                    pipe.plain_read(transport)
+                return
+        try:
+            moved = pipe.splice_in(sock.fileno(), min(left, pipe.room(self.sink, self.read_size)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            moved = 0
+        if not moved:  # EOF, an error: the transport's own read sees and reports it
+            pipe.plain_read(transport)
+            return
+        try:
+            self._handle(reader.skip(moved))
+        finally:
+            pipe.settle()
 
     def _handle(self, events: list[Event]) -> None:
         if not events:
@@ -314,12 +374,20 @@ class WsLink(_Link):
             transport.write(data)
 
     def send_data(
-        self, payload: bytes | bytearray | memoryview, room: memoryview | None = None
+        self, payload: bytes | bytearray | memoryview | Piped, room: memoryview | None = None
     ) -> None:
         """Send one chunk carrying ``payload``. ``room``: the read buffer ``payload`` sits in
-        at :data:`READ_AT`, with the bytes before it free for the headers (one write)."""
+        at :data:`READ_AT`, with the bytes before it free for the headers (one write).
+        :class:`Piped` bytes go from the pipe to the socket behind their headers."""
         if self.close_sent:
             return
+        if isinstance(payload, Piped):
+            transport = self.transport
+            if self.client or transport is None or self.lost or transport.is_closing():
+                payload = pipe.take(payload)  # the relay masks: through user space
+            else:
+                pipe.send(transport, self.sock, payload, chunk_header(payload.size))
+                return
         if self.client:
             self._write(masked_chunk_frame(payload))
             return
@@ -450,6 +518,35 @@ class LocalLink(_Link):
                 self.owner.local_data(view)
         finally:
             self._last_read = None
+        if nbytes >= pipe.SPLICE_AFTER and self.splice_ok and not self.splicing:
+            self._start_splicing()
+
+    def _start_splicing(self) -> None:
+        if self.transport is not None and self.sock is not None and not self.lost:
+            self.splicing = True
+            pipe.redirect_reads(self.transport, self._splice_ready)
+
+    def _splice_ready(self) -> None:
+        """The socket is readable while splicing: its bytes go into the pipe and on as
+        :class:`Piped`; EOF, errors and a tunnel that ended are read the transport's way."""
+        transport, sock = self.transport, self.sock
+        assert transport is not None and sock is not None
+        if not self.splice_ok or self.eof:
+            pipe.plain_read(transport)
+            return
+        try:
+            moved = pipe.splice_in(sock.fileno(), pipe.room(self.sink, self.read_size))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            moved = 0
+        if not moved:
+            pipe.plain_read(transport)
+            return
+        try:
+            self.owner.local_data(Piped(moved))
+        finally:
+            pipe.settle()
 
     def data_received(self, data: bytes) -> None:  # transports that are not buffered
         self.owner.local_data(memoryview(data))
@@ -473,7 +570,14 @@ class LocalLink(_Link):
         super().resume_writing()
         self.owner.local_writable()
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview | Piped) -> None:
+        if isinstance(data, Piped):
+            transport = self.transport
+            if self._batch is None and transport is not None and not self.lost:
+                if not transport.is_closing():
+                    pipe.send(transport, self.sock, data)
+                return  # (what nobody took, pipe.settle drops)
+            data = pipe.take(data)  # into a batch of read bytes (rare), in order
         if self._batch is not None:
             self._batch.append(data)
             return

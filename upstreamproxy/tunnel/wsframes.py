@@ -47,6 +47,7 @@ from ..codec import (
     encode_varint,
 )
 from ..errors import ChunkError
+from .payload import Piped
 
 _c_apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
 try:  # websockets' C helper; a pure fallback keeps this module dependency-free
@@ -115,9 +116,10 @@ class WsError:
 
 #: What :meth:`FrameReader.feed` reports, in order: chunk payload bytes (a ``memoryview``
 #: valid until the next ``feed``, or ``bytes``; ``b""`` is a whole empty chunk - a
-#: keepalive), a :class:`~upstreamproxy.errors.ChunkError` (a malformed chunk; nothing more
-#: is read), or a control/terminal event.
-Event = memoryview | bytes | ChunkError | Ping | Pong | Close | Text | WsError
+#: keepalive; :class:`Piped` from :meth:`FrameReader.skip`), a
+#: :class:`~upstreamproxy.errors.ChunkError` (a malformed chunk; nothing more is read), or a
+#: control/terminal event.
+Event = memoryview | bytes | Piped | ChunkError | Ping | Pong | Close | Text | WsError
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -193,6 +195,50 @@ class FrameReader:
                 if self._left == 0 and self._phase != _DONE:
                     self._frame_done(events)
         return events
+
+    # -- payloads that bypass the reader (splice) -------------------------------------------
+
+    def payload_left(self) -> int:
+        """How many bytes coming next are chunk payload of an unmasked data frame whose
+        header and chunk prefix were already read and checked: the adapter may move them
+        without feeding them (:meth:`skip`). 0 when the next byte must be fed."""
+        if (
+            self._phase != _PAYLOAD
+            or self._mask
+            or self._opcode in _CONTROL_OPS
+            or self._chunk_left <= 0
+        ):
+            return 0
+        return min(self._left, self._chunk_left)
+
+    def skip(self, size: int) -> list[Event]:
+        """``size`` bytes (at most :meth:`payload_left`) went past without being fed: they
+        are reported as :class:`Piped`, with what ending the frame reports."""
+        if not 0 < size <= self.payload_left():
+            raise ValueError(f"cannot skip {size} bytes here ({self.payload_left()} may be)")
+        self._left -= size
+        self._chunk_left -= size
+        events: list[Event] = [Piped(size)]
+        if self._left == 0:
+            self._frame_done(events)
+        return events
+
+    def head_size(self, peek: bytes | bytearray | memoryview) -> int:
+        """At a frame boundary, given the bytes that come next (``MSG_PEEK``): how many of
+        them make up the header and chunk prefix of a final binary frame - to be fed, after
+        which its payload may be skipped - or 0 when that cannot be told from ``peek`` or the
+        frame is of another kind (the adapter then reads as usual)."""
+        if self._phase != _HEADER or self._head or len(peek) < 2:
+            return 0
+        if peek[0] != 0x80 | OP_BINARY or self._in_message:
+            return 0
+        end = self._header_size(peek)
+        if len(peek) <= end or peek[end] != TAG:
+            return 0
+        for at in range(end + 1, min(len(peek), end + MAX_CHUNK_PREFIX)):
+            if not peek[at] & 0x80:
+                return at + 1
+        return 0
 
     # -- frame headers -----------------------------------------------------------------------
 
