@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -284,6 +285,90 @@ async def test_slow_origin_reader_pauses_client(relay: Relay) -> None:
         writer.close()
     finally:
         server.close()
+
+
+async def test_upload_tail_reaches_a_slow_origin_after_the_client_finished(relay: Relay) -> None:
+    """A client that uploads and closes (as ``nc host port < file`` does) ends the tunnel
+    (SPEC §8), while a slow origin still has megabytes to take: it must get all of them, not
+    a reset a second later."""
+    size = 12 * 1024 * 1024
+    payload = pattern_bytes(size)
+    got = hashlib.sha256()
+    received = [0]
+    done = asyncio.Event()
+
+    async def slow_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(64 * 1024):
+                got.update(data)
+                received[0] += len(data)
+                await asyncio.sleep(0.02)  # about 3 MB/s: the tail takes seconds
+        except ConnectionError:
+            pass
+        finally:
+            done.set()
+            writer.close()
+
+    server = await asyncio.start_server(slow_sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(payload)
+        async with asyncio.timeout(30):
+            await writer.drain()
+        writer.close()  # the client is done: FIN
+        async with asyncio.timeout(30):
+            await done.wait()
+        assert received[0] == size
+        assert got.hexdigest() == hashlib.sha256(payload).hexdigest()
+    finally:
+        server.close()
+
+
+async def test_upload_to_a_deaf_origin_then_a_clean_close_is_bounded_by_the_write_stall(
+    tls: TLSFiles,
+) -> None:
+    """The patience an upload's tail gets is bounded: an origin that reads nothing while the
+    client finished cleanly is let go once nothing moved for the write-stall time."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.pause_reading()
+        held.append(writer)
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    egress = EgressServer(
+        EgressConfig(ca_cert_pem=tls.ca.cert_pem(), timeouts=TunnelTimeouts(write_stall=2.0)),
+        StaticTokens({TOKEN: Session(SESSION)}),
+        loopback_policy(),
+    )
+    await egress.start()
+    relay = make_relay(egress.url, write_stall_timeout=2.0, pool_size=0)
+    await relay.start()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                while True:  # upload until the tunnel pushes back
+                    writer.write(b"u" * 65536)
+                    await writer.drain()
+        writer.close()  # a clean close: the tail is owed to the origin - while it moves
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(15):
+            while len(os.listdir("/proc/self/fd")) > before + len(held):
+                await asyncio.sleep(0.1)
+        # write stall (2 s) plus a grace check (1 s) at each end, not the 60 s default
+        assert asyncio.get_running_loop().time() - started < 8
+    finally:
+        for w in held:
+            w.transport.abort()
+        server.close()
+        await relay.stop()
+        await egress.stop()
 
 
 # -- the relay's own answers -----------------------------------------------------------

@@ -195,6 +195,9 @@ class TunnelCore:
         self.counters = Counters()
         #: Why the tunnel ended (set with :class:`~.actions.Finished`).
         self.outcome = "open"
+        #: The close code the peer's WebSocket close frame carried (None: no close frame yet,
+        #: or the connection was lost without one).
+        self.ws_close_code: int | None = None
         #: The final HTTP status: answered (relay) or sent in the tunnel (egress); 0 if none.
         self.status = 0
         self.target: Target | None = None
@@ -307,8 +310,11 @@ class TunnelCore:
         return self._dispatch("ws_message", _Decoded(payload), now)
 
     def ws_closed(self, code: int | None, now: float) -> list[Action]:
-        """The WebSocket closed (by the peer, an error, or a failed keepalive)."""
+        """The WebSocket closed (by the peer, an error, or a failed keepalive); ``code``: the
+        peer's close code, None when it sent no close frame."""
         self._ws_open = False
+        if self.ws_close_code is None:
+            self.ws_close_code = code
         return self._dispatch("ws_closed", code, now)
 
     def ws_opened(self, now: float, *, pooled: bool = False) -> list[Action]:

@@ -208,6 +208,9 @@ class TunnelDriver:
             self._loop.call_soon(self._end)
 
     def _close_all(self) -> None:
+        # Relay: a client that reset its connection is passed on as a reset (no closing
+        # handshake), so the egress resets the upstream rather than flushing to it.
+        reset_ws = self.core.role is Role.RELAY and self.local is not None and self.local.was_reset
         if self.local is not None:
             self.local.end_batch()  # what was written before the close goes out first
         closing, self._closing = self._closing, []
@@ -222,7 +225,7 @@ class TunnelDriver:
             if isinstance(action, CloseWs) and self.ws is not None:
                 ws, self.ws = self.ws, None
                 ws.set_owner(None)
-                if action.abort:
+                if action.abort or reset_ws:
                     ws.abort()
                 else:
                     ws.close(action.code, self._ws_patience())
@@ -234,20 +237,30 @@ class TunnelDriver:
                     local.close_gracefully(self._flush_patience())
 
     def _flush_patience(self) -> float:
-        """How long the relay's client may take to accept the rest of a tunnel that ended
-        (the tail of a download): as long as a write may stall, while it keeps reading and
-        is there. The egress's upstream and a relay shutting down get :data:`CLOSE_GRACE`:
-        an upload's tail after the client left is moot (a deaf origin is let go promptly)."""
-        stall = self.core.timeouts.write_stall
-        if self.core.role is Role.RELAY and self.core.closed and stall is not None:
+        """How long the local stream may take to accept the rest of a tunnel that ended: as
+        long as a write may stall, while it keeps reading and is there - the relay's client
+        (the tail of a download), and the egress's upstream when the relay closed cleanly
+        (its client finished an upload and closed: the tail is owed to the origin). A relay
+        that vanished or whose client reset (the egress then sees no close frame), and a
+        process shutting down, get :data:`CLOSE_GRACE`: a deaf origin is let go promptly."""
+        core = self.core
+        stall = core.timeouts.write_stall
+        if not core.closed or stall is None:
+            return CLOSE_GRACE
+        if core.role is Role.RELAY or core.ws_close_code is not None:
             return max(stall, CLOSE_GRACE)
         return CLOSE_GRACE
 
     def _ws_patience(self) -> float:
-        """How long the egress's WebSocket may take to flush what a tunnel that ended sent
-        (its relay is as slow as that relay's client): as :meth:`_flush_patience`."""
-        stall = self.core.timeouts.write_stall
-        if self.core.role is not Role.RELAY and self.core.closed and stall is not None:
+        """How long the WebSocket may take to flush what a tunnel that ended sent, as
+        :meth:`_flush_patience`: the egress's (its relay is as slow as that relay's
+        client), and the relay's when its client finished and closed (the egress is as slow
+        as its origin; its answer to our close comes after the upload's tail)."""
+        core = self.core
+        stall = core.timeouts.write_stall
+        if not core.closed or stall is None:
+            return CLOSE_GRACE
+        if core.role is not Role.RELAY or core.outcome == "client-closed":
             return max(stall, CLOSE_GRACE)
         return CLOSE_GRACE
 

@@ -182,14 +182,19 @@ class _Link(asyncio.BufferedProtocol):
             return
         transport.close()
         if not self.lost and self._close_timer is None:
-            loop = asyncio.get_running_loop()
-            if patience <= CLOSE_GRACE:
-                self._close_timer = loop.call_later(CLOSE_GRACE, self.abort)
-                return
-            self._patience = patience
-            self._flush_until = loop.time() + patience
-            self._flush_left = transport.get_write_buffer_size()
-            self._close_timer = loop.call_later(CLOSE_GRACE, self._flush_check)
+            self._bounded_wait(patience)
+
+    def _bounded_wait(self, patience: float) -> None:
+        """Reset the connection after :data:`CLOSE_GRACE`, or - with more ``patience`` -
+        once the peer took nothing for ``patience`` or is gone."""
+        loop = asyncio.get_running_loop()
+        if patience <= CLOSE_GRACE:
+            self._close_timer = loop.call_later(CLOSE_GRACE, self.abort)
+            return
+        self._patience = patience
+        self._flush_until = loop.time() + patience
+        self._flush_left = _unsent(self.transport)
+        self._close_timer = loop.call_later(CLOSE_GRACE, self._flush_check)
 
     def _flush_check(self) -> None:
         """A patient close, every :data:`CLOSE_GRACE`: reset once the peer is gone or took
@@ -199,7 +204,7 @@ class _Link(asyncio.BufferedProtocol):
         if self.lost or transport is None:
             return
         loop = asyncio.get_running_loop()
-        left = transport.get_write_buffer_size()
+        left = _unsent(transport)
         if left < self._flush_left:  # it is reading
             self._flush_until = loop.time() + self._patience
         self._flush_left = left
@@ -423,7 +428,7 @@ class WsLink(_Link):
         if self.closed_by_peer or not self.client:
             self.close_gracefully(patience)  # the server closes TCP first (§7.1.1)
         elif self._close_timer is None:
-            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_GRACE, self.abort)
+            self._bounded_wait(patience)  # for the server's answer to our close
 
     @property
     def usable(self) -> bool:
@@ -451,6 +456,8 @@ class LocalLink(_Link):
         self.owner = owner
         self.read_size = SHARED_READ // 2
         self.eof = False
+        #: The stream ended with an error (a reset) rather than an EOF.
+        self.was_reset = False
         self._saved: asyncio.BaseProtocol | None = None
         self._last_read: memoryview | None = None
         self._full = _shared_view
@@ -560,6 +567,7 @@ class LocalLink(_Link):
         super().connection_lost(exc)
         if not self.eof:
             self.eof = True
+            self.was_reset = exc is not None  # (known before the owner hears of the end)
             self.owner.local_eof()
         saved, self._saved = self._saved, None
         if saved is not None:  # its StreamWriter.wait_closed() waits for this
@@ -637,6 +645,21 @@ class Parked(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         return True  # the link decides when to close
+
+
+def _unsent(transport: asyncio.BaseTransport | None) -> int:
+    """Bytes written to ``transport`` that its peer has not taken yet: the transport's own
+    buffer and the socket's send queue (which a peer that stopped reading leaves full)."""
+    if transport is None:
+        return 0
+    left = 0
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        left = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            left += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    return left
 
 
 def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
