@@ -15,9 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 
-from upstreamproxy.codec import MAX_CHUNK_PAYLOAD, decode_chunk, encode_chunk, encode_varint
+from upstreamproxy.codec import (
+    MAX_CHUNK_PAYLOAD,
+    decode_chunk,
+    encode_chunk,
+    encode_varint,
+)
 from upstreamproxy.errors import ChunkError
-from upstreamproxy.tunnel import wsframes
+from upstreamproxy.tunnel import pipe, wsframes
 from upstreamproxy.tunnel.wsframes import (
     Close,
     FrameReader,
@@ -274,3 +279,47 @@ def test_masking_keys_are_fresh_across_pool_refills() -> None:
     assert len(set(keys)) > len(keys) - 3
     frame = wsframes.masked_chunk_frame(b"payload")
     assert frame[1] & 0x80  # the mask bit is set
+
+
+# -- splicing: head_size never offers a masked frame ----------------------------------------
+
+PEEK = pipe.PEEK
+
+
+def chunk_frame(payload: bytes) -> bytes:
+    return ws_frame(OP_BINARY, encode_chunk(payload), mask=False)
+
+
+def _zero_mask_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked frame whose key is 0: its payload reads as plain (a tag where a tag would be)."""
+    return frame_header(opcode, len(payload), b"\0\0\0\0") + payload
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(_zero_mask_frame(OP_BINARY, b"\x0a\x01x"), id="masked-zero-key"),
+    ],
+)
+def test_head_size_is_0_for_anything_but_a_final_unmasked_chunk_frame(stream: bytes) -> None:
+    reader = FrameReader(masked=False)
+    assert reader.head_size(stream[:PEEK]) == 0
+    assert reader.head_size(stream) == 0
+    assert reader.payload_left() == 0
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(_zero_mask_frame(OP_BINARY, b"\x0a\x01x"), id="zero-key"),
+        pytest.param(ws_frame(OP_BINARY, encode_chunk(b"x" * 50), mask=True), id="random-key"),
+        pytest.param(chunk_frame(b"x" * 50), id="unmasked"),
+    ],
+)
+def test_a_masked_reader_never_splices(stream: bytes) -> None:
+    """The egress reads masked frames: their payload must be unmasked, in user space."""
+    reader = FrameReader(masked=True)
+    assert reader.head_size(stream[:PEEK]) == 0
+    reader.feed(stream[:10])
+    assert reader.payload_left() == 0
+    assert reader.head_size(stream[10:]) == 0
