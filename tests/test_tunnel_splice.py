@@ -21,19 +21,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import TLSFiles, connect_via, pattern_bytes
+from conftest import SESSION, TOKEN, TLSFiles, connect_via, loopback_policy, pattern_bytes
 from test_relay_handshake import answer_101
 from test_tunnel import make_relay
 from test_tunnel_faults_tls import fds_back_to, settled_fds, tls_egress, wss_relay
 
-from upstreamproxy.egress.server import EgressServer
+from upstreamproxy.egress.auth import Session, StaticTokens
+from upstreamproxy.egress.server import EgressConfig, EgressServer
+from upstreamproxy.egress.tunnel import TunnelTimeouts
 from upstreamproxy.relay import Relay
 from upstreamproxy.tunnel import pipe
 from upstreamproxy.tunnel.links import LocalLink, WsLink
 from upstreamproxy.tunnel.wsframes import (
     OP_PING,
     Close,
+    Event,
     FrameReader,
+    Ping,
     Pong,
     chunk_header,
     chunk_prefix,
@@ -309,6 +313,69 @@ async def test_an_upload_during_a_spliced_download_is_intact_both_ways(
     assert digest == sha256_of_pattern(down_size)
     assert switched == {"WsLink": 1, "LocalLink": 1}
     assert moved.spliced_in >= down_size // 2, moved
+
+
+async def test_egress_pings_while_the_relay_splices(
+    tls: TLSFiles, monkeypatch: pytest.MonkeyPatch, switched: Counter[str]
+) -> None:
+    """The egress pings whenever it heard nothing for 10 ms - all through the download, as
+    the relay sends nothing but pongs: ping frames keep landing between spliced chunks."""
+    seen: Counter[str] = Counter()
+    handle = WsLink._handle
+
+    def counting(self: WsLink, events: list[Event]) -> None:
+        if self.client:
+            seen["pings at the relay"] += sum(isinstance(e, Ping) for e in events)
+        else:
+            seen["pongs at the egress"] += sum(isinstance(e, Pong) for e in events)
+        handle(self, events)
+
+    monkeypatch.setattr(WsLink, "_handle", counting)
+    size = 64 * MiB + 5
+    config = EgressConfig(
+        ca_cert_pem=tls.ca.cert_pem(), timeouts=TunnelTimeouts(ping_interval=0.01)
+    )
+    egress = EgressServer(config, StaticTokens({TOKEN: Session(SESSION)}), loopback_policy())
+    async with (
+        egress,
+        make_relay(egress.url, pool_size=0) as relay,
+        pattern_origin(size) as origin,
+    ):
+        before = counters()
+        async with asyncio.timeout(60):
+            got, digest = await download(relay, origin)
+        moved = moved_since(before)
+    assert got == size
+    assert digest == sha256_of_pattern(size)
+    assert switched == {"WsLink": 1, "LocalLink": 1}
+    assert moved.spliced_in >= size // 2, moved
+    assert seen["pings at the relay"] >= 5, seen
+    assert seen["pongs at the egress"] >= 5, seen
+
+
+async def test_relay_keepalives_after_the_egress_closed_do_not_cut_the_tail(
+    egress: EgressServer, switched: Counter[str]
+) -> None:
+    """Regression: the egress closed its WebSocket as soon as the origin was done, with
+    megabytes it had spliced still in its socket's send queue (the relay was behind: its
+    client paused). Anything the relay sent then - a keepalive, a pong - met a closed
+    socket, and the kernel answered with a reset that threw the undelivered tail away (the
+    relay saw ``egress-closed``, its client a truncated download). The egress now keeps
+    the socket open, and read, until the relay answered its close or has all its bytes."""
+    size = 32 * MiB + 5
+    async with (
+        make_relay(egress.url, pool_size=0, keepalive_interval=0.01) as relay,
+        pattern_origin(size) as origin,
+    ):
+        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{origin.port}")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        await asyncio.sleep(1.0)  # the origin is done meanwhile; the tail waits in the queues
+        async with asyncio.timeout(30):
+            got, digest = await read_to_eof(reader)
+        writer.close()
+    assert got == size
+    assert digest == sha256_of_pattern(size)
+    assert switched == {"WsLink": 1, "LocalLink": 1}
 
 
 async def test_nothing_is_spliced_over_wss(tls: TLSFiles, switched: Counter[str]) -> None:
