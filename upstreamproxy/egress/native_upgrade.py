@@ -241,7 +241,10 @@ class NativeUpgrade:
             await self._on_upgraded(transport, leftover, session, token, preopened)
         finally:
             self._limiter.release(session.session_id)
-            if not transport.is_closing():
+            # (a WebSocket that sent its close may still be delivering: it closes itself)
+            if not transport.is_closing() and not getattr(
+                transport.get_protocol(), "lingering", False
+            ):
                 close_bounded(transport)
 
 

@@ -57,6 +57,8 @@ SHARED_READ: Final = 256 * 1024 + 64
 #: What a WebSocket with no tunnel yet (pooled, or waiting for its CONNECT) reads at once.
 WS_IDLE_READ: Final = 16 * 1024
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+#: How often a server's WebSocket that sent its close checks whether its bytes arrived.
+_LINGER_CHECK: Final = 0.1
 _HANGUP: Final = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 #: Where reads land in a read buffer: after room for a frame header.
@@ -238,6 +240,8 @@ class WsLink(_Link):
         self.closed_by_peer = False
         #: The close code our reader asked for (a malformed frame), used by :meth:`close`.
         self.error_code: int | None = None
+        #: The server sent its close and waits for the peer to have its bytes (see :meth:`close`).
+        self._lingering = False
         self._full = _shared_view
         #: Set by the driver from the core's budget (a chunk and its framing, less what is
         #: still unwritten); an idle pooled socket reads small control frames only.
@@ -355,7 +359,7 @@ class WsLink(_Link):
                 self.error_code = event.code
         if self.owner is not None:
             self.owner.ws_events(self, events)
-        else:
+        elif not self.close_sent:  # (after our close nobody will take them)
             self._early.extend(_detach(e) for e in events)
 
     def eof_received(self) -> bool:
@@ -425,10 +429,66 @@ class WsLink(_Link):
         if not self.close_sent:
             self.close_sent = True
             self._write(frame(OP_CLOSE, close_payload(code), masked=self.client))
-        if self.closed_by_peer or not self.client:
-            self.close_gracefully(patience)  # the server closes TCP first (§7.1.1)
+        if self.closed_by_peer:
+            self.close_gracefully(patience)
+        elif not self.client:
+            self._linger(patience)  # the server closes TCP first (§7.1.1)
         elif self._close_timer is None:
             self._bounded_wait(patience)  # for the server's answer to our close
+
+    def _linger(self, patience: float) -> None:
+        """The server's close while bytes it sent are still on their way: the socket stays
+        open and read (what arrives is dropped) until the peer answers our close - it has
+        read everything before it - or all of it was delivered; then it closes. Closed at
+        once, bytes the peer sends meanwhile (a pong, a keepalive, upload data) would make
+        the kernel reset the connection and throw away the tail not yet delivered. A peer
+        that takes nothing for ``patience`` is reset, as :meth:`close_gracefully` does."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        left = _unsent(transport)
+        if not left or self._close_timer is not None or transport.is_closing():
+            self.close_gracefully(patience)
+            return
+        self._lingering = True
+        self.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._patience = patience
+        self._flush_until = loop.time() + max(patience, CLOSE_GRACE)
+        self._flush_left = left
+        self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
+
+    def _linger_check(self) -> None:
+        self._close_timer = None
+        transport = self.transport
+        if not self._lingering or self.lost or transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = _unsent(transport)
+        if not left:  # all delivered
+            self.close_gracefully(self._patience)
+            return
+        if left < self._flush_left and self._patience > CLOSE_GRACE:  # it is reading
+            self._flush_until = loop.time() + self._patience
+        self._flush_left = left
+        if loop.time() >= self._flush_until or peer_gone(transport):
+            self.abort()
+        else:
+            self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
+
+    @property
+    def lingering(self) -> bool:
+        """The link sent its close and closes the transport itself, bounded (see
+        :meth:`close`): whoever handed it the transport must not close it first."""
+        return self._lingering
+
+    def close_gracefully(self, patience: float = CLOSE_GRACE) -> None:
+        if self._lingering:  # done lingering: the peer answered, or has everything
+            self._lingering = False
+            timer, self._close_timer = self._close_timer, None
+            if timer is not None:
+                timer.cancel()
+        super().close_gracefully(patience)
 
     @property
     def usable(self) -> bool:
@@ -441,6 +501,20 @@ class WsLink(_Link):
             and transport is not None
             and not transport.is_closing()
         )
+
+
+def _unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to ``transport`` that its peer has not acknowledged yet: the
+    transport's buffer and the socket's send queue."""
+    left = 0
+    with contextlib.suppress(AttributeError, NotImplementedError):
+        left = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+            left += struct.unpack("i", queued)[0]
+    return left
 
 
 def _detach(event: Event) -> Event:

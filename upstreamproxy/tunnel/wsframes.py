@@ -228,9 +228,9 @@ class FrameReader:
         them make up the header and chunk prefix of a final binary frame - to be fed, after
         which its payload may be skipped - or 0 when that cannot be told from ``peek`` or the
         frame is of another kind (the adapter then reads as usual)."""
-        if self._phase != _HEADER or self._head or len(peek) < 2:
-            return 0
-        if peek[0] != 0x80 | OP_BINARY or self._in_message:
+        if self._masked or self._phase != _HEADER or self._head or len(peek) < 2:
+            return 0  # (a masked payload is never skipped: it must be unmasked)
+        if peek[0] != 0x80 | OP_BINARY or peek[1] & 0x80 or self._in_message:
             return 0
         end = self._header_size(peek)
         if len(peek) <= end or peek[end] != TAG:
