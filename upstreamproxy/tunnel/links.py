@@ -503,20 +503,6 @@ class WsLink(_Link):
         )
 
 
-def _unsent(transport: asyncio.BaseTransport) -> int:
-    """Bytes written to ``transport`` that its peer has not acknowledged yet: the
-    transport's buffer and the socket's send queue."""
-    left = 0
-    with contextlib.suppress(AttributeError, NotImplementedError):
-        left = transport.get_write_buffer_size()  # type: ignore[attr-defined]
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError, ValueError):
-            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-            left += struct.unpack("i", queued)[0]
-    return left
-
-
 def _detach(event: Event) -> Event:
     """An event kept past the read that produced it: no views into the shared buffer."""
     return bytes(event) if isinstance(event, memoryview) else event
