@@ -634,6 +634,13 @@ class LocalLink(_Link):
             with contextlib.suppress(Exception):
                 saved.connection_lost(exc)
 
+    def hung_up(self) -> bool:
+        gone = super().hung_up()
+        if gone and not self.lost and not self.eof and self.transport is not None:
+            # Seen while not reading: a reset (POLLHUP/POLLERR) rather than a FIN.
+            self.was_reset = peer_gone(self.transport)
+        return gone
+
     def resume_writing(self) -> None:
         super().resume_writing()
         self.owner.local_writable()
