@@ -378,12 +378,6 @@ async def test_relay_keepalives_after_the_egress_closed_do_not_cut_the_tail(
     assert switched == {"WsLink": 1, "LocalLink": 1}
 
 
-@pytest.mark.xfail(
-    reason="known: the relay closes its client's socket with the tail of the download still "
-    "undelivered; bytes the client sends meanwhile make the kernel reset it (not splice-specific; "
-    "the egress's WebSocket had the same problem, fixed)",
-    strict=False,
-)
 async def test_a_client_still_sending_as_its_download_ends_gets_the_tail(
     egress: EgressServer,
 ) -> None:

@@ -126,7 +126,12 @@ class RelayTunnel:
             log.warning("tunnel %s not established: %s", _target(core), core.reason)
         link = self.link
         transport = link.transport if link is not None else None
-        if link is not None and transport is not None and not transport.is_closing():
+        if (
+            link is not None
+            and transport is not None
+            and not transport.is_closing()
+            and not link.lingering  # (closing itself, bounded)
+        ):
             link.close_gracefully()  # the driver closes it; this is a backstop
         self._end()
 

@@ -233,6 +233,8 @@ class TunnelDriver:
                 local, self.local = self.local, None
                 if action.abort:
                     local.abort()
+                elif self.core.ws_close_code is not None:  # the other end finished cleanly
+                    local.linger(self._flush_patience())
                 else:
                     local.close_gracefully(self._flush_patience())
 

@@ -130,6 +130,8 @@ class _Link(asyncio.BufferedProtocol):
         self.splicing = False
         #: Where spliced bytes go (the other link's socket), to size each splice.
         self.sink: socket.socket | None = None
+        #: Closing, waiting for the peer to have its bytes (see :meth:`linger`).
+        self._lingering = False
 
     def _take(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -179,6 +181,11 @@ class _Link(asyncio.BufferedProtocol):
         at least once per ``patience``, and has not hung up) gets the rest - the tail of a
         download to a client that paused reading is not thrown away after a second.
         """
+        if self._lingering:  # done lingering: the peer answered, or has everything
+            self._lingering = False
+            timer, self._close_timer = self._close_timer, None
+            if timer is not None:
+                timer.cancel()
         transport = self.transport
         if transport is None or self.lost:
             return
@@ -215,6 +222,59 @@ class _Link(asyncio.BufferedProtocol):
         else:
             self._close_timer = loop.call_later(CLOSE_GRACE, self._flush_check)
 
+    def linger(self, patience: float) -> None:
+        """Close without throwing away what was sent: closed while the peer still sends
+        (a pong, a keepalive, a client's acknowledgements), a socket is reset by the kernel,
+        and the peer's kernel discards the tail it has not handed to its reader yet. So the
+        socket stays open and is read - what arrives is dropped - until the peer says it is
+        done (:meth:`_peer_done`: a WebSocket's answer to our close, a stream's EOF after
+        ours), then closes. A peer that took none of our bytes for ``patience``
+        (:data:`CLOSE_GRACE` at least) - whatever it sends - or is gone, is reset.
+        (For a tunnel that ended cleanly: one that failed is closed at once.)"""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        if self._peer_done() or self._close_timer is not None or transport.is_closing():
+            self.close_gracefully(patience)
+            return
+        self._lingering = True
+        self._stop_sending(transport)
+        self.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._patience = patience
+        self._flush_until = loop.time() + max(patience, CLOSE_GRACE)
+        self._flush_left = _unsent(transport)
+        self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
+
+    def _peer_done(self) -> bool:
+        """The peer will send nothing more (closing now cannot make the kernel reset)."""
+        return False
+
+    def _stop_sending(self, transport: asyncio.Transport) -> None:
+        """Tell the peer we are done (a WebSocket already sent its close frame)."""
+
+    def _linger_check(self) -> None:
+        self._close_timer = None
+        transport = self.transport
+        if not self._lingering or self.lost or transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = _unsent(transport)
+        if left < self._flush_left and self._patience > CLOSE_GRACE:  # it is reading
+            self._flush_until = loop.time() + self._patience
+        self._flush_left = left
+        if loop.time() >= self._flush_until or peer_gone(transport):
+            self.abort()
+        else:  # (once all is delivered, only the peer's word is awaited: look less often)
+            every = _LINGER_CHECK if left else CLOSE_GRACE
+            self._close_timer = loop.call_later(every, self._linger_check)
+
+    @property
+    def lingering(self) -> bool:
+        """The link is closing and closes the transport itself, bounded (see
+        :meth:`linger`): whoever handed it the transport must not close it first."""
+        return self._lingering
+
     def abort(self) -> None:
         """Drop the connection at once (a TCP reset)."""
         timer, self._close_timer = self._close_timer, None
@@ -240,8 +300,6 @@ class WsLink(_Link):
         self.closed_by_peer = False
         #: The close code our reader asked for (a malformed frame), used by :meth:`close`.
         self.error_code: int | None = None
-        #: The server sent its close and waits for the peer to have its bytes (see :meth:`close`).
-        self._lingering = False
         self._full = _shared_view
         #: Set by the driver from the core's budget (a chunk and its framing, less what is
         #: still unwritten); an idle pooled socket reads small control frames only.
@@ -365,6 +423,10 @@ class WsLink(_Link):
     def eof_received(self) -> bool:
         return False  # no half-open WebSockets: the transport closes, connection_lost follows
 
+    def _peer_done(self) -> bool:
+        # (a reader that stopped - an error, a text frame - would not see the answer)
+        return self.closed_by_peer or self.reader.done
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.owner is not None:
@@ -432,63 +494,9 @@ class WsLink(_Link):
         if self.closed_by_peer:
             self.close_gracefully(patience)
         elif not self.client:
-            self._linger(patience)  # the server closes TCP first (§7.1.1)
+            self.linger(patience)  # the server closes TCP first (§7.1.1)
         elif self._close_timer is None:
             self._bounded_wait(patience)  # for the server's answer to our close
-
-    def _linger(self, patience: float) -> None:
-        """The server's close while bytes it sent are still on their way: the socket stays
-        open and read (what arrives is dropped) until the peer answers our close - it has
-        read everything before it - or all of it was delivered; then it closes. Closed at
-        once, bytes the peer sends meanwhile (a pong, a keepalive, upload data) would make
-        the kernel reset the connection and throw away the tail not yet delivered. A peer
-        that takes nothing for ``patience`` is reset, as :meth:`close_gracefully` does."""
-        transport = self.transport
-        if transport is None or self.lost:
-            return
-        left = _unsent(transport)
-        if not left or self._close_timer is not None or transport.is_closing():
-            self.close_gracefully(patience)
-            return
-        self._lingering = True
-        self.resume_reading()
-        loop = asyncio.get_running_loop()
-        self._patience = patience
-        self._flush_until = loop.time() + max(patience, CLOSE_GRACE)
-        self._flush_left = left
-        self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
-
-    def _linger_check(self) -> None:
-        self._close_timer = None
-        transport = self.transport
-        if not self._lingering or self.lost or transport is None:
-            return
-        loop = asyncio.get_running_loop()
-        left = _unsent(transport)
-        if not left:  # all delivered
-            self.close_gracefully(self._patience)
-            return
-        if left < self._flush_left and self._patience > CLOSE_GRACE:  # it is reading
-            self._flush_until = loop.time() + self._patience
-        self._flush_left = left
-        if loop.time() >= self._flush_until or peer_gone(transport):
-            self.abort()
-        else:
-            self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
-
-    @property
-    def lingering(self) -> bool:
-        """The link sent its close and closes the transport itself, bounded (see
-        :meth:`close`): whoever handed it the transport must not close it first."""
-        return self._lingering
-
-    def close_gracefully(self, patience: float = CLOSE_GRACE) -> None:
-        if self._lingering:  # done lingering: the peer answered, or has everything
-            self._lingering = False
-            timer, self._close_timer = self._close_timer, None
-            if timer is not None:
-                timer.cancel()
-        super().close_gracefully(patience)
 
     @property
     def usable(self) -> bool:
@@ -579,6 +587,8 @@ class LocalLink(_Link):
         return self._full[READ_AT : READ_AT + self.read_size]
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._lingering:  # closing: what the peer still sends is dropped
+            return
         view = self._last_read = self._full[READ_AT : READ_AT + nbytes]
         try:
             with _Handling():
@@ -598,7 +608,7 @@ class LocalLink(_Link):
         :class:`Piped`; EOF, errors and a tunnel that ended are read the transport's way."""
         transport, sock = self.transport, self.sock
         assert transport is not None and sock is not None
-        if not self.splice_ok or self.eof:
+        if not self.splice_ok or self.eof or self._lingering:
             pipe.plain_read(transport)
             return
         try:
@@ -616,12 +626,25 @@ class LocalLink(_Link):
             pipe.settle()
 
     def data_received(self, data: bytes) -> None:  # transports that are not buffered
+        if self._lingering:
+            return
         self.owner.local_data(memoryview(data))
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self._lingering:  # the peer saw our EOF and is done too: close cleanly
+            self.close_gracefully(self._patience)
+            return True
         self.owner.local_eof()
         return True  # the tunnel decides when to close
+
+    def _peer_done(self) -> bool:
+        return self.eof
+
+    def _stop_sending(self, transport: asyncio.Transport) -> None:
+        with contextlib.suppress(NotImplementedError, AttributeError, RuntimeError, OSError):
+            if transport.can_write_eof():
+                transport.write_eof()  # our FIN, after what is buffered
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
