@@ -208,6 +208,26 @@ async def test_a_bulk_download_is_spliced_and_intact(
     assert moved.spliced_out >= size // 2, moved
 
 
+async def test_many_concurrent_spliced_downloads_share_the_pipe_intact(
+    egress: EgressServer, switched: Counter[str]
+) -> None:
+    """One pipe per process (here relay and egress share it): 24 bulk downloads at once,
+    some clients pausing, each checked byte for byte - and nothing left in the pipe."""
+    size = 6 * MiB + 7
+    async with make_relay(egress.url, pool_size=4) as relay, pattern_origin(size) as origin:
+        before = counters()
+        async with asyncio.timeout(90):
+            results = await asyncio.gather(
+                *(download(relay, origin, pauses=(MiB,) if i % 3 == 0 else ()) for i in range(24))
+            )
+        moved = moved_since(before)
+    assert all(got == size for got, _ in results), [got for got, _ in results]
+    assert {digest for _, digest in results} == {sha256_of_pattern(size)}
+    assert switched["WsLink"] >= 12 and switched["LocalLink"] >= 12, switched
+    assert moved.spliced_in > 0
+    assert pipe._pipe is not None and pipe._pipe.held == 0
+
+
 async def test_with_splicing_off_nothing_goes_through_the_pipe(
     egress: EgressServer, switched: Counter[str]
 ) -> None:
