@@ -186,6 +186,20 @@ async def download(relay: Relay, origin: Origin, pauses: tuple[int, ...] = ()) -
         writer.close()
 
 
+async def fetched_intact(
+    relay: Relay, origin: Origin, size: int, pauses: tuple[int, ...] = (), timeout: float = 60
+) -> Moved:
+    """Download the origin's ``size`` bytes through the relay and check every one; what went
+    through the pipe meanwhile."""
+    before = counters()
+    async with asyncio.timeout(timeout):
+        got, digest = await download(relay, origin, pauses)
+    moved = moved_since(before)
+    assert got == size
+    assert digest == sha256_of_pattern(size)
+    return moved
+
+
 # -- bulk downloads ----------------------------------------------------------------------------
 
 
@@ -195,12 +209,7 @@ async def test_a_bulk_download_is_spliced_and_intact(
 ) -> None:
     size = 64 * MiB + 5
     async with make_relay(egress.url, pool_size=pool_size) as relay, pattern_origin(size) as origin:
-        before = counters()
-        async with asyncio.timeout(60):
-            got, digest = await download(relay, origin)
-        moved = moved_since(before)
-    assert got == size
-    assert digest == sha256_of_pattern(size)
+        moved = await fetched_intact(relay, origin, size)
     # Both processes' halves (here, one process) switched to the pipe ...
     assert switched == {"WsLink": 1, "LocalLink": 1}
     # ... and carried most of the bytes through it (twice: the egress's and the relay's).
@@ -234,12 +243,7 @@ async def test_with_splicing_off_nothing_goes_through_the_pipe(
     size = 64 * MiB + 5
     pipe.set_enabled(False)  # (the fixture restores it)
     async with make_relay(egress.url) as relay, pattern_origin(size) as origin:
-        before = counters()
-        async with asyncio.timeout(60):
-            got, digest = await download(relay, origin)
-        moved = moved_since(before)
-    assert got == size
-    assert digest == sha256_of_pattern(size)
+        moved = await fetched_intact(relay, origin, size)
     assert moved == Moved(0, 0, 0)
     assert not switched
 
@@ -251,12 +255,7 @@ async def test_a_client_that_pauses_twice_gets_it_all(
     (``taken``) into the transport's buffer and backpressure holds the rest."""
     size = 48 * MiB + 3
     async with make_relay(egress.url) as relay, pattern_origin(size) as origin:
-        before = counters()
-        async with asyncio.timeout(60):
-            got, digest = await download(relay, origin, pauses=(4 * MiB, 20 * MiB))
-        moved = moved_since(before)
-    assert got == size
-    assert digest == sha256_of_pattern(size)
+        moved = await fetched_intact(relay, origin, size, pauses=(4 * MiB, 20 * MiB))
     assert switched["WsLink"] == 1
     assert moved.spliced_in >= size // 2, moved
 
@@ -361,12 +360,7 @@ async def test_egress_pings_while_the_relay_splices(
         make_relay(egress.url, pool_size=0) as relay,
         pattern_origin(size) as origin,
     ):
-        before = counters()
-        async with asyncio.timeout(60):
-            got, digest = await download(relay, origin)
-        moved = moved_since(before)
-    assert got == size
-    assert digest == sha256_of_pattern(size)
+        moved = await fetched_intact(relay, origin, size)
     assert switched == {"WsLink": 1, "LocalLink": 1}
     assert moved.spliced_in >= size // 2, moved
     assert seen["pings at the relay"] >= 5, seen
@@ -457,12 +451,7 @@ async def test_nothing_is_spliced_over_wss(tls: TLSFiles, switched: Counter[str]
         wss_relay(egress, tls) as relay,
         pattern_origin(size) as origin,
     ):
-        before = counters()
-        async with asyncio.timeout(60):
-            got, digest = await download(relay, origin)
-        moved = moved_since(before)
-    assert got == size
-    assert digest == sha256_of_pattern(size)
+        moved = await fetched_intact(relay, origin, size)
     assert moved == Moved(0, 0, 0)
     assert not switched
 
