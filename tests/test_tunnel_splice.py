@@ -15,9 +15,11 @@ import contextlib
 import hashlib
 import os
 import socket
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -53,7 +55,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "splice"), reason="no os.splice 
 
 @pytest.fixture(autouse=True)
 def splicing() -> Iterator[None]:
-    """Splicing on for the test (whatever ``UPSTREAMPROXY_SPLICE`` says), as it was after."""
+    """Splicing on for the test (whatever ``UPSTREAMPROXY_NO_SPLICE`` says), as it was after."""
     was = pipe.prepare()
     pipe.set_enabled(True)
     try:
@@ -542,3 +544,62 @@ async def test_the_relays_splicing_reader_takes_odd_frames_and_stops_at_a_bad_on
     assert Pong(b"one") in heard and Pong(b"two") in heard
     closes = [e for e in heard if isinstance(e, Close)]
     assert closes and closes[0].code == 1002, heard
+
+
+# -- --no-splice in real processes ------------------------------------------------------------
+
+
+def _pipe_fds(pid: int) -> int:
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("pipe:"):
+                count += 1
+    return count
+
+
+async def _pipes_of(argv: list[str], ready: bytes, env: dict[str, str]) -> int:
+    """Start ``python -m upstreamproxy *argv``; how many pipe fds it holds once listening
+    (its stdin/stdout/stderr are files or /dev/null, so every pipe is its own)."""
+    out = open(os.devnull, "wb")  # noqa: SIM115 - closed below
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "upstreamproxy", *argv,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=out, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while ready not in (line := await proc.stdout.readline()):
+                assert line, f"{argv[0]} exited before listening"
+        # The stdout pipe is ours to read: its write end is the child's only pipe besides
+        # the splice pipe.
+        return _pipe_fds(proc.pid) - 1
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(10):
+            await proc.wait()
+        out.close()
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+async def test_no_splice_leaves_the_relay_and_the_egress_without_a_pipe(
+    tmp_path: Path, how: str
+) -> None:
+    (tmp_path / "tokens").write_text(f"{SESSION} {TOKEN}\n")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "token").chmod(0o600)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("UPSTREAMPROXY_")}
+    egress = [
+        "egress", "--port", "0", "--static-tokens", str(tmp_path / "tokens"),
+        "--allow", "127.0.0.1:1",
+    ]  # fmt: skip
+    relay = [
+        "relay", "--egress-url", "ws://127.0.0.1:9/ws", "--session-id", SESSION,
+        "--token-file", str(tmp_path / "token"), "--keep-token-file", "--port", "0",
+        "--pool-size", "0",
+    ]  # fmt: skip
+    for argv, ready in ((egress, b"egress listening on"), (relay, b"relay listening on")):
+        assert await _pipes_of(argv, ready, base) == 2  # splicing: the read and write ends
+        off = [*argv, "--no-splice"] if how == "flag" else argv
+        env = base if how == "flag" else {**base, "UPSTREAMPROXY_NO_SPLICE": "1"}
+        assert await _pipes_of(off, ready, env) == 0

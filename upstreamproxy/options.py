@@ -51,6 +51,17 @@ def env_flag(name: str) -> bool:
     return os.environ.get(f"UPSTREAMPROXY_{name}", "").lower() in ("1", "true", "yes", "on")
 
 
+def add_splice_option(parser: argparse._ActionsContainer) -> None:
+    """``--no-splice``: the relay and the egress move download bytes through user space."""
+    parser.add_argument(
+        "--no-splice",
+        action="store_true",
+        default=env_flag("NO_SPLICE"),
+        help="never splice(2) download bytes between sockets; read and write them instead "
+        "(env UPSTREAMPROXY_NO_SPLICE=1)",
+    )
+
+
 class _AppendReplacingDefault(argparse.Action):
     """``append`` whose first use on the command line replaces the (environment) default."""
 

@@ -24,14 +24,16 @@ from ..egress.server import DEFAULT_WS_PATH, EgressConfig, EgressServer
 from ..egress.tunnel import TunnelTimeouts
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
-from ..options import add_list_option, add_option
+from ..options import add_list_option, add_option, add_splice_option
 from ..tokens import TokenVerifier, load_public_keys
+from ..tunnel import pipe
 from ._serving import serve
 
 HELP = "run the egress server that terminates relay tunnels and dials upstreams"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    add_splice_option(parser)
     net = parser.add_argument_group("listening")
     add_option(net, "--host", "EGRESS_HOST", "address to listen on", default="127.0.0.1")
     add_option(
@@ -391,6 +393,7 @@ def build_interception(args: argparse.Namespace) -> Callable[[EgressMetrics], In
 def run(args: argparse.Namespace) -> int:
     server = build_server(args)
     raise_nofile_limit("egress")
+    pipe.set_enabled(not args.no_splice)
     if args.audit_log:
         audit.log_to_file(Path(args.audit_log))
 

@@ -18,9 +18,10 @@ from ..bootstrap.hardening import HardeningError, make_non_dumpable, refuse_if_t
 from ..bootstrap.token_file import delete_token_file, read_token
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
-from ..options import add_option, env_flag
+from ..options import add_option, add_splice_option, env_flag
 from ..relay import Relay, RelayConfig
 from ..secret import Secret
+from ..tunnel import pipe
 from ._serving import serve
 
 HELP = "run the local CONNECT relay that tunnels to the egress over WebSocket"
@@ -94,6 +95,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
     )
     add_liveness_options(parser)
+    add_splice_option(parser)
 
 
 def add_liveness_options(parser: argparse._ActionsContainer) -> None:
@@ -199,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
     _harden(args.fail_closed)
     relay = Relay(config_from_args(args, _read_token(args.token_file)))
     raise_nofile_limit("relay")
+    pipe.set_enabled(not args.no_splice)
 
     def ready() -> None:
         if not args.keep_token_file:

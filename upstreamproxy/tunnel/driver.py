@@ -249,8 +249,8 @@ class TunnelDriver:
         stall = core.timeouts.write_stall
         if not core.closed or stall is None:
             return CLOSE_GRACE
-        if core.role is Role.RELAY or core.ws_close_code is not None:
-            return max(stall, CLOSE_GRACE)
+        if core.role is Role.RELAY or core.ws_close_code == CLOSE_NORMAL:
+            return max(stall, CLOSE_GRACE)  # (not 1001: a relay shutting down)
         return CLOSE_GRACE
 
     def _ws_patience(self) -> float:

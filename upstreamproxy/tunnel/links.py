@@ -228,9 +228,10 @@ class _Link(asyncio.BufferedProtocol):
         and the peer's kernel discards the tail it has not handed to its reader yet. So the
         socket stays open and is read - what arrives is dropped - until the peer says it is
         done (:meth:`_peer_done`: a WebSocket's answer to our close, a stream's EOF after
-        ours), then closes. A peer that took none of our bytes for ``patience``
-        (:data:`CLOSE_GRACE` at least) - whatever it sends - or is gone, is reset.
-        (For a tunnel that ended cleanly: one that failed is closed at once.)"""
+        ours), then closes - or, once all of it was delivered, a :data:`CLOSE_GRACE` later
+        anyway. A peer that took none of our bytes for ``patience`` (:data:`CLOSE_GRACE` at
+        least) - whatever it sends - or is gone, is reset. (For a tunnel that ended
+        cleanly: one that failed is closed at once.)"""
         transport = self.transport
         if transport is None or self.lost:
             return
@@ -243,7 +244,7 @@ class _Link(asyncio.BufferedProtocol):
         loop = asyncio.get_running_loop()
         self._patience = patience
         self._flush_until = loop.time() + max(patience, CLOSE_GRACE)
-        self._flush_left = _unsent(transport)
+        self._flush_left = _unsent(transport) or -1  # (-1: delivered, a grace not yet given)
         self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
 
     def _peer_done(self) -> bool:
@@ -258,16 +259,29 @@ class _Link(asyncio.BufferedProtocol):
         transport = self.transport
         if not self._lingering or self.lost or transport is None:
             return
+        if self._peer_done():
+            self.close_gracefully(self._patience)
+            return
         loop = asyncio.get_running_loop()
         left = _unsent(transport)
+        if not left:
+            # All delivered: the peer's kernel holds it, and hands it (and our FIN) to its
+            # reader even after a reset. The peer gets one more grace to finish, then the
+            # socket closes - one that keeps sending (a stream nobody wants any more) is not
+            # read and dropped for long.
+            if self._flush_left == 0:
+                self.close_gracefully(self._patience)
+                return
+            self._flush_left = 0
+            self._close_timer = loop.call_later(CLOSE_GRACE, self._linger_check)
+            return
         if left < self._flush_left and self._patience > CLOSE_GRACE:  # it is reading
             self._flush_until = loop.time() + self._patience
         self._flush_left = left
         if loop.time() >= self._flush_until or peer_gone(transport):
             self.abort()
-        else:  # (once all is delivered, only the peer's word is awaited: look less often)
-            every = _LINGER_CHECK if left else CLOSE_GRACE
-            self._close_timer = loop.call_later(every, self._linger_check)
+        else:
+            self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
 
     @property
     def lingering(self) -> bool:
@@ -360,10 +374,20 @@ class WsLink(_Link):
     def _splice_ready(self) -> None:
         """The socket is readable while splicing: payload of a data frame goes into the pipe
         and on as :class:`Piped`; headers are peeked, then read and fed to the reader (which
-        checks them as ever); anything else - control frames, EOF, errors, a tunnel that
-        ended - is read the transport's own way."""
-        transport, sock, reader = self.transport, self.sock, self.reader
-        assert transport is not None and sock is not None
+        checks them as ever); anything else - control frames, EOF, a tunnel that ended - is
+        read the transport's own way. An error is the transport's, as on its own reads."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            self._splice_once(transport)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            pipe.fail(transport, exc)
+
+    def _splice_once(self, transport: asyncio.Transport) -> None:
+        sock, reader = self.sock, self.reader
+        assert sock is not None
         if self.owner is None or self.close_sent or not self.splice_ok:
             pipe.plain_read(transport)
             return
@@ -379,8 +403,6 @@ class WsLink(_Link):
                     left = reader.payload_left()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                left = 0
             if not left or self.owner is None or not self.reading:
                 if not need:
                     pipe.plain_read(transport)
@@ -389,9 +411,7 @@ class WsLink(_Link):
             moved = pipe.splice_in(sock.fileno(), min(left, pipe.room(self.sink, self.read_size)))
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            moved = 0
-        if not moved:  # EOF, an error: the transport's own read sees and reports it
+        if not moved:  # EOF: the transport's own read sees and reports it
             pipe.plain_read(transport)
             return
         try:
@@ -605,9 +625,20 @@ class LocalLink(_Link):
 
     def _splice_ready(self) -> None:
         """The socket is readable while splicing: its bytes go into the pipe and on as
-        :class:`Piped`; EOF, errors and a tunnel that ended are read the transport's way."""
-        transport, sock = self.transport, self.sock
-        assert transport is not None and sock is not None
+        :class:`Piped`; EOF and a tunnel that ended are read the transport's way, an error is
+        the transport's (as on its own reads)."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            self._splice_once(transport)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            pipe.fail(transport, exc)
+
+    def _splice_once(self, transport: asyncio.Transport) -> None:
+        sock = self.sock
+        assert sock is not None
         if not self.splice_ok or self.eof or self._lingering:
             pipe.plain_read(transport)
             return
@@ -615,8 +646,6 @@ class LocalLink(_Link):
             moved = pipe.splice_in(sock.fileno(), pipe.room(self.sink, self.read_size))
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            moved = 0
         if not moved:
             pipe.plain_read(transport)
             return

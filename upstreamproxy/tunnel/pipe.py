@@ -33,6 +33,7 @@ import struct
 import termios
 from typing import Any, Final
 
+from ..codec import MAX_CHUNK_PAYLOAD
 from .payload import Piped
 
 log = logging.getLogger("upstreamproxy.tunnel")
@@ -42,13 +43,21 @@ log = logging.getLogger("upstreamproxy.tunnel")
 PIPE_SIZE: Final = 1024 * 1024
 #: The most one splice moves: a whole chunk (``MAX_CHUNK_PAYLOAD``). Four times what a read
 #: takes - these bytes are never in user space, and fewer, larger chunks are most of the gain.
-SPLICE_MAX: Final = 512 * 1024
+SPLICE_MAX: Final = MAX_CHUNK_PAYLOAD
 #: A read at least this large marks a bulk transfer: the link starts to splice.
 SPLICE_AFTER: Final = 64 * 1024
-#: Bytes peeked at a frame boundary: the largest header plus the largest chunk prefix.
-PEEK: Final = 20
+#: Bytes peeked at a frame boundary: the largest header (10, unmasked) plus the largest chunk
+#: prefix (a tag and a 10-byte varint; ours are at most 5).
+PEEK: Final = 21
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_enabled = hasattr(os, "splice") and os.environ.get("UPSTREAMPROXY_SPLICE", "1") != "0"
+#: Off with ``--no-splice`` or ``UPSTREAMPROXY_NO_SPLICE=1`` (read here, so ``start``'s relay
+#: child follows it too).
+_enabled = hasattr(os, "splice") and os.environ.get("UPSTREAMPROXY_NO_SPLICE", "").lower() not in (
+    "1",
+    "true",
+    "yes",
+    "on",
+)
 
 
 class _Pipe:
@@ -131,6 +140,12 @@ def redirect_reads(transport: asyncio.Transport, ready: Any) -> None:
     stays registered, so pausing and resuming work as before). :func:`plain_read` is the
     transport's own read; ``set_protocol`` undoes this."""
     transport._read_ready_cb = ready  # type: ignore[attr-defined]
+
+
+def fail(transport: asyncio.Transport, exc: BaseException) -> None:
+    """A spliced read failed (a reset, say) or its handler raised: end the transport as its
+    own read would have (``connection_lost(exc)``; logged unless an ``OSError``)."""
+    transport._fatal_error(exc, "splice read failed")  # type: ignore[attr-defined]
 
 
 def plain_read(transport: asyncio.Transport) -> None:
