@@ -342,7 +342,11 @@ def test_relay_client_leaving_while_waiting() -> None:
     assert core.next_deadline() == 1.0  # the local side is not read: check for a hang-up
     assert CheckPeers() in core.tick(1.0)
     actions = core.local_eof(1.5)
-    assert actions == [CloseWs(1000), CloseLocal(), Finished("client-closed")]
+    assert actions == [
+        CloseWs(1000, patient=True),  # (what it sent may still be on its way)
+        CloseLocal(patient=True),
+        Finished("client-closed"),
+    ]
 
 
 # -- established ------------------------------------------------------------------------------
@@ -377,7 +381,10 @@ def test_decoded_payloads_stream_like_whole_messages(role: Role) -> None:
 def test_a_decoding_error_from_the_adapter_closes_1002(role: Role) -> None:
     core = REACH[role](State.ESTABLISHED)
     actions = core.ws_payload(ChunkError("wrong-tag", "expected tag 0x0a"), 1.0)
-    assert CloseWs(1002) in actions and finished(actions) == "protocol-error"
+    assert (
+        CloseWs(1002, patient=role is Role.EGRESS) in actions
+        and finished(actions) == "protocol-error"
+    )
     assert isinstance(core.error, ChunkError)
 
 
@@ -403,7 +410,7 @@ def test_large_local_data_is_split_at_the_payload_cap() -> None:
 def test_malformed_message_when_established_closes_1002(role: Role, message: bytes | str) -> None:
     core = REACH[role](State.ESTABLISHED)
     actions = core.ws_message(message, 1.0)
-    assert actions[0] == CloseWs(1002)
+    assert actions[0] == CloseWs(1002, patient=role is Role.EGRESS)
     assert finished(actions) == "protocol-error"
     assert not any(isinstance(a, WriteLocal) for a in actions)  # never an in-band status
 
@@ -466,7 +473,7 @@ def test_egress_idle_timeout_ignores_keepalives() -> None:
         core.ws_message(KEEPALIVE, float(t))
     actions = core.tick(300.0)
     assert finished(actions) == "idle-timeout"
-    assert CloseWs(1000) in actions
+    assert CloseWs(1000, patient=True) in actions
 
 
 def test_client_hangup_noticed_while_writes_are_stuck() -> None:
@@ -504,7 +511,7 @@ def test_egress_connect_byte_at_a_time_with_keepalives_between() -> None:
 def test_egress_malformed_chunk_in_head_closes_1002(message: bytes) -> None:
     core = TunnelCore(Role.EGRESS, TE, 0.0)
     actions = core.ws_message(message, 0.0)
-    assert actions == [CloseWs(1002), Finished("protocol-error")]
+    assert actions == [CloseWs(1002, patient=True), Finished("protocol-error")]
 
 
 @pytest.mark.parametrize(
@@ -522,14 +529,14 @@ def test_egress_refuses_a_bad_head_in_the_tunnel(head: bytes, status: int) -> No
     answer = decode_chunk(actions[0].message)
     assert answer.startswith(f"HTTP/1.1 {status}".encode())
     assert b"X-Upstreamproxy-Rule: -" in answer
-    assert actions[1:] == [CloseWs(1000), Finished(f"refused-{status}")]
+    assert actions[1:] == [CloseWs(1000, patient=True), Finished(f"refused-{status}")]
 
 
 @pytest.mark.parametrize("message", [*malformed_messages(), "text"])
 def test_egress_malformed_chunk_while_dialling_closes_1002(message: bytes | str) -> None:
     core = egress_in(State.OPENING)
     actions = core.ws_message(message, 1.0)
-    assert actions == [CloseWs(1002), Finished("protocol-error")]
+    assert actions == [CloseWs(1002, patient=True), Finished("protocol-error")]
     assert core.open_done(2.0) == []  # a dial finishing afterwards changes nothing
 
 
@@ -569,18 +576,18 @@ def test_egress_open_refusal_carries_the_rule() -> None:
 
 def test_egress_drain_closes_idle_preopened_sockets_only() -> None:
     idle = TunnelCore(Role.EGRESS, TE, 0.0, preopened=True)
-    assert idle.drain(0.5) == [CloseWs(1001), Finished("drained-before-connect")]
+    assert idle.drain(0.5) == [CloseWs(1001, patient=True), Finished("drained-before-connect")]
     fresh = TunnelCore(Role.EGRESS, TE, 0.0)
     assert fresh.drain(0.1) == []  # its CONNECT may be in flight
     assert fresh.next_deadline() == 1.0
-    assert fresh.tick(1.0) == [CloseWs(1001), Finished("drained-before-connect")]
+    assert fresh.tick(1.0) == [CloseWs(1001, patient=True), Finished("drained-before-connect")]
     busy = egress_in(State.ESTABLISHED)
     assert busy.drain(0.1) == []
 
 
 def test_egress_stale_preopened_socket_closes_without_an_answer() -> None:
     core = egress_in(State.OPENING, preopened=True)
-    assert core.open_stale(1.0) == [CloseWs(1008), Finished("stale-preopened-socket")]
+    assert core.open_stale(1.0) == [CloseWs(1008, patient=True), Finished("stale-preopened-socket")]
 
 
 def test_egress_relay_leaving_while_dialling() -> None:
@@ -756,3 +763,47 @@ def test_relay_without_plain_http_refuses_absolute_form_405() -> None:
 def test_relay_plain_http_still_tunnels_connect() -> None:
     core = TunnelCore(Role.RELAY, T, 0.0, plain_http=True)
     assert kinds(core.local_data(CONNECT, 0.0)) == [Open]
+
+
+# -- how a tunnel that ended closes its two sides ------------------------------------------------
+
+
+def test_relay_passes_a_clients_reset_on_as_a_reset() -> None:
+    core = relay_in(State.ESTABLISHED)
+    actions = core.local_eof(1.0, reset=True)
+    assert actions == [
+        CloseWs(1000, abort=True),
+        CloseLocal(patient=True),
+        Finished("client-closed"),
+    ]
+
+
+def test_relay_waits_for_the_egress_after_its_client_finished() -> None:
+    core = relay_in(State.ESTABLISHED)
+    actions = core.local_eof(1.0)
+    assert actions[0] == CloseWs(1000, patient=True)  # the upload's tail is on its way
+
+
+@pytest.mark.parametrize(
+    ("code", "local"),
+    [
+        (1000, CloseLocal(patient=True, linger=True)),  # the relay's client finished
+        (1001, CloseLocal(linger=True)),  # a relay shutting down: no patience
+        (None, CloseLocal()),  # the relay vanished: let the origin go promptly
+    ],
+)
+def test_egress_closes_its_upstream_as_the_relay_closed(
+    code: int | None, local: CloseLocal
+) -> None:
+    core = egress_in(State.ESTABLISHED)
+    actions = core.ws_closed(code, 1.0)
+    assert actions == [local, Finished("relay-closed")]
+
+
+def test_no_write_stall_means_no_patience() -> None:
+    core = TunnelCore(Role.RELAY, dataclasses.replace(T, write_stall=None), 0.0)
+    assert kinds(core.local_data(CONNECT, 0.0)) == [Open]
+    core.ws_opened(0.0)
+    core.ws_message(encode_chunk(b"HTTP/1.1 200 OK\r\n\r\n"), 0.0)
+    assert core.state is State.ESTABLISHED
+    assert core.local_eof(1.0)[:2] == [CloseWs(1000), CloseLocal()]

@@ -91,14 +91,17 @@ def switched(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     egress's upstream), how many times."""
     seen: Counter[str] = Counter()
     for cls in (WsLink, LocalLink):
-        original: Callable[[Any], None] = cls._start_splicing
+        original: Callable[[Any, int], None] = cls._bulk_read
 
-        def start(self: WsLink | LocalLink, original: Callable[[Any], None] = original) -> None:
-            original(self)
-            if self.splicing:
+        def bulk_read(
+            self: WsLink | LocalLink, nbytes: int, original: Callable[[Any, int], None] = original
+        ) -> None:
+            was = self.splicing
+            original(self, nbytes)
+            if self.splicing and not was:
                 seen[type(self).__name__] += 1
 
-        monkeypatch.setattr(cls, "_start_splicing", start)
+        monkeypatch.setattr(cls, "_bulk_read", bulk_read)
     return seen
 
 

@@ -85,17 +85,25 @@ class CheckPeers:
 
 @dataclass(frozen=True, slots=True)
 class CloseWs:
-    """Close the WebSocket with ``code``; ``abort``: drop the socket without a handshake."""
+    """Close the WebSocket with ``code``; ``abort``: drop the socket without a handshake.
+    ``patient``: what is still on its way gets as long as a write may stall (``write_stall``)
+    while it keeps moving, rather than the adapter's short grace."""
 
     code: int
     abort: bool = False
+    patient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class CloseLocal:
-    """Close the local stream; ``abort`` (unsendable data, or an error) resets it at once."""
+    """Close the local stream; ``abort`` (unsendable data, or an error) resets it at once.
+    ``patient``: as for :class:`CloseWs`. ``linger``: the other end finished cleanly - send
+    our FIN and keep reading (dropping) until the peer is done too, so its unread tail is not
+    reset away."""
 
     abort: bool = False
+    patient: bool = False
+    linger: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -198,6 +198,8 @@ class TunnelCore:
         #: The close code the peer's WebSocket close frame carried (None: no close frame yet,
         #: or the connection was lost without one).
         self.ws_close_code: int | None = None
+        self._local_reset = False  # the local stream ended with a reset (local_eof)
+        self._local_ended = False  # the tunnel ended because the local stream did
         #: The final HTTP status: answered (relay) or sent in the tunnel (egress); 0 if none.
         self.status = 0
         self.target: Target | None = None
@@ -291,8 +293,10 @@ class TunnelCore:
         :class:`~.wsframes.Piped` bytes only once established."""
         return self._dispatch("local_data", data, now)
 
-    def local_eof(self, now: float) -> list[Action]:
-        """The local stream ended (EOF, reset, or a hang-up seen while not reading)."""
+    def local_eof(self, now: float, *, reset: bool = False) -> list[Action]:
+        """The local stream ended (EOF, reset, or a hang-up seen while not reading);
+        ``reset``: by a reset (passed on as one)."""
+        self._local_reset = reset
         return self._dispatch("local_eof", None, now)
 
     def ws_message(self, message: bytes | str, now: float) -> list[Action]:
@@ -612,6 +616,7 @@ class TunnelCore:
         if self.state is State.HEAD:
             return self._finish(now, "client-gone-before-head", ws_code=None)
         # SPEC §8: every chunk for bytes already read was sent (writes are in order).
+        self._local_ended = True
         return self._finish(now, f"{self._peer(LOCAL)}-closed", ws_code=CLOSE_NORMAL)
 
     def _ws_closed_established(self, _: object, now: float) -> list[Action]:
@@ -737,18 +742,35 @@ class TunnelCore:
     def _finish(
         self, now: float, outcome: str, *, ws_code: int | None, abort: bool = False
     ) -> list[Action]:
-        """End the tunnel: close the WebSocket (if open) and the local stream (if any)."""
+        """End the tunnel: close the WebSocket (if open) and the local stream (if any).
+
+        How patient each close is (see :class:`~.actions.CloseWs`): the relay's client gets
+        the tail of a download; the egress's WebSocket as long as its relay (as slow as that
+        relay's client); the relay's WebSocket when its client finished and closed (the
+        egress answers our close after the upload's tail reached its origin); the egress's
+        upstream when the relay closed with 1000 (its client finished an upload). A relay
+        that vanished, or is shutting down (1001), gets no patience: a deaf origin is let go
+        promptly. A client's reset is passed on as one (no closing handshake). After a clean
+        close from the other end the local stream lingers (:class:`~.actions.CloseLocal`).
+        """
         self.outcome = outcome
         self.state = State.CLOSED
         self._state_deadline = None
         self._next_hangup_check = None
+        relay = self.role is Role.RELAY
+        stall = self.timeouts.write_stall is not None
+        clean_local_end = self._local_ended and not self._local_reset
         actions: list[Action] = []
         if self._ws_open:
             # No code: the peer is gone or misbehaved badly; skip the closing handshake.
-            actions.append(CloseWs(ws_code or CLOSE_NORMAL, abort=ws_code is None or abort))
+            drop = ws_code is None or abort or (relay and self._local_reset)
+            patient = not drop and stall and (not relay or clean_local_end)
+            actions.append(CloseWs(ws_code or CLOSE_NORMAL, abort=drop, patient=patient))
         self._ws_open = False
         if self._local_open:
-            actions.append(CloseLocal(abort=abort))
+            patient = not abort and stall and (relay or self.ws_close_code == CLOSE_NORMAL)
+            linger = not abort and self.ws_close_code is not None
+            actions.append(CloseLocal(abort=abort, patient=patient, linger=linger))
         actions.append(Finished(outcome))
         return actions
 

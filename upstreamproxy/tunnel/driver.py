@@ -208,9 +208,6 @@ class TunnelDriver:
             self._loop.call_soon(self._end)
 
     def _close_all(self) -> None:
-        # Relay: a client that reset its connection is passed on as a reset (no closing
-        # handshake), so the egress resets the upstream rather than flushing to it.
-        reset_ws = self.core.role is Role.RELAY and self.local is not None and self.local.was_reset
         if self.local is not None:
             self.local.end_batch()  # what was written before the close goes out first
         closing, self._closing = self._closing, []
@@ -225,46 +222,24 @@ class TunnelDriver:
             if isinstance(action, CloseWs) and self.ws is not None:
                 ws, self.ws = self.ws, None
                 ws.set_owner(None)
-                if action.abort or reset_ws:
+                if action.abort:
                     ws.abort()
                 else:
-                    ws.close(action.code, self._ws_patience())
+                    ws.close(action.code, self._patience(action.patient))
             elif isinstance(action, CloseLocal) and self.local is not None:
                 local, self.local = self.local, None
                 if action.abort:
                     local.abort()
-                elif self.core.ws_close_code is not None:  # the other end finished cleanly
-                    local.linger(self._flush_patience())
+                elif action.linger:
+                    local.linger(self._patience(action.patient))
                 else:
-                    local.close_gracefully(self._flush_patience())
+                    local.close_gracefully(self._patience(action.patient))
 
-    def _flush_patience(self) -> float:
-        """How long the local stream may take to accept the rest of a tunnel that ended: as
-        long as a write may stall, while it keeps reading and is there - the relay's client
-        (the tail of a download), and the egress's upstream when the relay closed cleanly
-        (its client finished an upload and closed: the tail is owed to the origin). A relay
-        that vanished or whose client reset (the egress then sees no close frame), and a
-        process shutting down, get :data:`CLOSE_GRACE`: a deaf origin is let go promptly."""
-        core = self.core
-        stall = core.timeouts.write_stall
-        if not core.closed or stall is None:
-            return CLOSE_GRACE
-        if core.role is Role.RELAY or core.ws_close_code == CLOSE_NORMAL:
-            return max(stall, CLOSE_GRACE)  # (not 1001: a relay shutting down)
-        return CLOSE_GRACE
-
-    def _ws_patience(self) -> float:
-        """How long the WebSocket may take to flush what a tunnel that ended sent, as
-        :meth:`_flush_patience`: the egress's (its relay is as slow as that relay's
-        client), and the relay's when its client finished and closed (the egress is as slow
-        as its origin; its answer to our close comes after the upload's tail)."""
-        core = self.core
-        stall = core.timeouts.write_stall
-        if not core.closed or stall is None:
-            return CLOSE_GRACE
-        if core.role is not Role.RELAY or core.outcome == "client-closed":
-            return max(stall, CLOSE_GRACE)
-        return CLOSE_GRACE
+    def _patience(self, patient: bool) -> float:
+        """How long a close may wait for a peer that is slow but there (see
+        :class:`~.actions.CloseWs`): the write-stall time, or :data:`CLOSE_GRACE`."""
+        stall = self.core.timeouts.write_stall
+        return max(stall, CLOSE_GRACE) if patient and stall is not None else CLOSE_GRACE
 
     # -- the sockets ---------------------------------------------------------------------------
 
@@ -340,7 +315,7 @@ class TunnelDriver:
 
     def local_eof(self) -> None:
         if not self.core.closed and self.local is not None:
-            self._execute(self.core.local_eof(self._loop.time()))
+            self._execute(self.core.local_eof(self._loop.time(), reset=self.local.was_reset))
 
     def local_writable(self) -> None:
         self._confirm(LOCAL)
@@ -433,7 +408,8 @@ class TunnelDriver:
                     self.ws.send_ping()
             elif isinstance(action, CheckPeers):
                 if self.local is not None and self.local.hung_up():
-                    self._execute(core.local_eof(self._loop.time()))
+                    now = self._loop.time()
+                    self._execute(core.local_eof(now, reset=self.local.was_reset))
                     return
                 if self.ws is not None and self.ws.hung_up():
                     self._execute(core.ws_closed(None, self._loop.time()))

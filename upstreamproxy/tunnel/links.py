@@ -222,6 +222,32 @@ class _Link(asyncio.BufferedProtocol):
         else:
             self._close_timer = loop.call_later(CLOSE_GRACE, self._flush_check)
 
+    # -- splicing (see :mod:`.pipe`) -----------------------------------------------------------
+
+    def _bulk_read(self, nbytes: int) -> None:
+        """After a read: one of :data:`~.pipe.SPLICE_AFTER` bytes or more switches the link
+        to splicing, where the driver allowed it."""
+        if nbytes < pipe.SPLICE_AFTER or not self.splice_ok or self.splicing:
+            return
+        if self.transport is not None and self.sock is not None and not self.lost:
+            self.splicing = True
+            pipe.redirect_reads(self.transport, self._splice_ready)
+
+    def _splice_ready(self) -> None:
+        """The socket is readable while splicing: :meth:`_splice_once`; an error is the
+        transport's, as on its own reads."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            self._splice_once(transport)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            pipe.fail(transport, exc)
+
+    def _splice_once(self, transport: asyncio.Transport) -> None:
+        raise NotImplementedError
+
     def linger(self, patience: float) -> None:
         """Close without throwing away what was sent: closed while the peer still sends
         (a pong, a keepalive, a client's acknowledgements), a socket is reset by the kernel,
@@ -363,32 +389,16 @@ class WsLink(_Link):
     def buffer_updated(self, nbytes: int) -> None:
         with _Handling():
             self._handle(self.reader.feed(self._full[READ_AT : READ_AT + nbytes]))
-        if nbytes >= pipe.SPLICE_AFTER and self.splice_ok and not self.splicing:
-            self._start_splicing()
-
-    def _start_splicing(self) -> None:
-        if self.transport is not None and self.sock is not None and self.client:
-            self.splicing = True
-            pipe.redirect_reads(self.transport, self._splice_ready)
-
-    def _splice_ready(self) -> None:
-        """The socket is readable while splicing: payload of a data frame goes into the pipe
-        and on as :class:`Piped`; headers are peeked, then read and fed to the reader (which
-        checks them as ever); anything else - control frames, EOF, a tunnel that ended - is
-        read the transport's own way. An error is the transport's, as on its own reads."""
-        transport = self.transport
-        assert transport is not None
-        try:
-            self._splice_once(transport)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            pipe.fail(transport, exc)
+        self._bulk_read(nbytes)
 
     def _splice_once(self, transport: asyncio.Transport) -> None:
+        """Payload of a data frame goes into the pipe and on as :class:`Piped`; headers are
+        peeked, then read and fed to the reader (which checks them as ever); anything else -
+        control frames, EOF, a tunnel that ended - is read the transport's own way. Only
+        unmasked frames (the relay's side) are ever spliced."""
         sock, reader = self.sock, self.reader
         assert sock is not None
-        if self.owner is None or self.close_sent or not self.splice_ok:
+        if self.owner is None or self.close_sent or not self.splice_ok or not self.client:
             pipe.plain_read(transport)
             return
         left = reader.payload_left()
@@ -615,28 +625,11 @@ class LocalLink(_Link):
                 self.owner.local_data(view)
         finally:
             self._last_read = None
-        if nbytes >= pipe.SPLICE_AFTER and self.splice_ok and not self.splicing:
-            self._start_splicing()
-
-    def _start_splicing(self) -> None:
-        if self.transport is not None and self.sock is not None and not self.lost:
-            self.splicing = True
-            pipe.redirect_reads(self.transport, self._splice_ready)
-
-    def _splice_ready(self) -> None:
-        """The socket is readable while splicing: its bytes go into the pipe and on as
-        :class:`Piped`; EOF and a tunnel that ended are read the transport's way, an error is
-        the transport's (as on its own reads)."""
-        transport = self.transport
-        assert transport is not None
-        try:
-            self._splice_once(transport)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            pipe.fail(transport, exc)
+        self._bulk_read(nbytes)
 
     def _splice_once(self, transport: asyncio.Transport) -> None:
+        """The socket's bytes go into the pipe and on as :class:`Piped`; EOF and a tunnel
+        that ended are read the transport's way."""
         sock = self.sock
         assert sock is not None
         if not self.splice_ok or self.eof or self._lingering:

@@ -34,6 +34,7 @@ import termios
 from typing import Any, Final
 
 from ..codec import MAX_CHUNK_PAYLOAD
+from ..options import env_flag
 from .payload import Piped
 
 log = logging.getLogger("upstreamproxy.tunnel")
@@ -52,12 +53,7 @@ PEEK: Final = 21
 _FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 #: Off with ``--no-splice`` or ``UPSTREAMPROXY_NO_SPLICE=1`` (read here, so ``start``'s relay
 #: child follows it too).
-_enabled = hasattr(os, "splice") and os.environ.get("UPSTREAMPROXY_NO_SPLICE", "").lower() not in (
-    "1",
-    "true",
-    "yes",
-    "on",
-)
+_enabled = hasattr(os, "splice") and not env_flag("NO_SPLICE")
 
 
 class _Pipe:
