@@ -102,6 +102,8 @@ class Role(enum.Enum):
     RELAY = "relay"
     EGRESS = "egress"
 
+    __hash__ = object.__hash__  # identity hash in C: keys TRANSITIONS (see Side)
+
 
 class State(enum.Enum):
     HEAD = "head"
@@ -109,6 +111,8 @@ class State(enum.Enum):
     ESTABLISHING = "establishing"
     ESTABLISHED = "established"
     CLOSED = "closed"
+
+    __hash__ = object.__hash__
 
 
 class CoreMisuse(UpstreamProxyError):
