@@ -139,7 +139,7 @@ class _Link(asyncio.BufferedProtocol):
         self.write_paused = False
         self.reading = transport.is_reading()
         transport.set_protocol(self)
-        try:
+        try:  # noqa: SIM105 (hot path: see pause_reading)
             # "Paused" = anything left unsent (see the module docstring). high=1, not 0: the
             # TLS transport pauses at size >= high, which 0 would make true after every write.
             transport.set_write_buffer_limits(high=1, low=0)
@@ -165,7 +165,7 @@ class _Link(asyncio.BufferedProtocol):
     def pause_reading(self) -> None:
         if self.reading and self.transport is not None and not self.lost:
             self.reading = False
-            try:
+            try:  # noqa: SIM105 (hot path: see pause_reading)
                 self.transport.pause_reading()
             except (RuntimeError, AttributeError):
                 pass
@@ -173,7 +173,7 @@ class _Link(asyncio.BufferedProtocol):
     def resume_reading(self) -> None:
         if not self.reading and self.transport is not None and not self.lost:
             self.reading = True
-            try:
+            try:  # noqa: SIM105 (hot path: see pause_reading)
                 self.transport.resume_reading()
             except (RuntimeError, AttributeError):
                 pass
@@ -776,13 +776,13 @@ def _unsent(transport: asyncio.BaseTransport | None) -> int:
     if transport is None:
         return 0
     left = 0
-    try:
+    try:  # noqa: SIM105 (hot path: see pause_reading)
         left = transport.get_write_buffer_size()  # type: ignore[attr-defined]
     except (AttributeError, NotImplementedError):
         pass
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        try:  # noqa: SIM105 (hot path: see pause_reading)
             left += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _INT0))[0]
         except (OSError, ValueError):
             pass
