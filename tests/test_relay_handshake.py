@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -193,6 +194,64 @@ async def test_ws_upgrade_gives_a_working_websocket(egress: EgressServer, origin
     assert up.leftover == b""
     assert not up.eof
     await prove_websocket(up, origin)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_plain_ip_egress_is_connected_without_create_connection(
+    host: str, origin: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's refill path: a plain ws:// egress at an IP literal gets a non-blocking
+    connect and its transport at once (the upgrade waits in the transport's buffer), with
+    TCP_NODELAY as create_connection would set it; a working WebSocket all the same."""
+    server = make_egress(host=host)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    used: list[object] = []
+    real = loop.create_connection
+
+    async def spy(*args: object, **kwargs: object) -> object:
+        used.append(args)
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "create_connection", spy)
+    try:
+        up = await open_upgraded(link(server.url))
+        assert used == []
+        sock = up.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        await prove_websocket(up, origin)
+    finally:
+        await server.stop()
+
+
+async def test_egress_named_by_host_name_still_connects(
+    egress: EgressServer, origin: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    used: list[object] = []
+    real = loop.create_connection
+
+    async def spy(*args: object, **kwargs: object) -> object:
+        used.append(args)
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "create_connection", spy)
+    up = await open_upgraded(link(egress.url.replace("127.0.0.1", "localhost")))
+    assert len(used) == 1  # a name is resolved the usual way
+    await prove_websocket(up, origin)
+
+
+async def test_refused_plain_connect_releases_the_socket() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    baseline = fd_count()
+    for _ in range(20):
+        with pytest.raises(OpenFailed) as info:
+            await open_upgraded(link(f"ws://127.0.0.1:{port}/ws"))
+        assert info.value.reason == "cannot reach the egress: ConnectionRefusedError"
+    assert await settle_fds(baseline) <= baseline
 
 
 async def test_wss_upgrade_gives_a_working_websocket(
