@@ -19,7 +19,8 @@ Measured for each path: 1 GiB single-stream download (MB/s; proxy CPU seconds pe
 fresh-CONNECT time to first byte at 0 and at 20 ms RTT (median; proxy CPU per new tunnel at
 0 RTT); 200 concurrent 1 MiB tunnels (wall time, median of rounds; RSS growth per busy
 tunnel); RSS of each proxy process while 1000 tunnels sit idle. Ratios to squid are printed
-with the targets of issue 8 marked pass/fail.
+with the targets of issue 8 marked pass/fail. For scale, the CPU per new tunnel of a bare
+one-process asyncio CONNECT proxy (the ``asyncio-floor`` row) is measured in the same run.
 
 Usage (root: it creates network namespaces and qdiscs)::
 
@@ -67,6 +68,10 @@ MIB: Final = 1024 * 1024
 GIB: Final = 1024**3
 
 
+#: The reference row: a bare one-process asyncio CONNECT proxy (see _FloorDown).
+FLOOR: Final = "asyncio-floor"
+
+
 class BenchError(Exception):
     pass
 
@@ -103,6 +108,77 @@ async def _origin_session(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 async def _serve_origin(host: str) -> None:
     server = await asyncio.start_server(_origin_session, host, 0, backlog=4096)
     print(f"origin listening on {server.sockets[0].getsockname()[1]}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+# -- the floor: the least an asyncio CONNECT proxy does per tunnel ---------------------------------
+
+
+class _FloorUp(asyncio.Protocol):
+    def __init__(self, down: _FloorDown) -> None:
+        self.down = down
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.down.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.down.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.down.transport.close()
+
+
+class _FloorDown(asyncio.Protocol):
+    """One client of the floor proxy: its CONNECT head, a dial, then bytes both ways. No
+    WebSocket, credentials, policy, limits, audit or bounds: a reference point, not a proxy
+    anyone should run."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.head = b""
+        self.up: _FloorUp | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None:
+            self.up.transport.write(data)  # type: ignore[attr-defined]
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            host, port = self.head.split(b" ", 2)[1].decode().rsplit(":", 1)
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._dial(host, int(port)))
+
+    async def _dial(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, up = await loop.create_connection(lambda: _FloorUp(self), host, port)
+        except OSError:
+            self.transport.write(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
+            self.transport.close()
+            return
+        self.up = up
+        self.transport.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        if self.up is not None:
+            self.up.transport.write_eof()  # type: ignore[attr-defined]
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.up is not None:
+            self.up.transport.close()
+
+
+async def _serve_floor(host: str) -> None:
+    server = await asyncio.get_running_loop().create_server(_FloorDown, host, 0, backlog=4096)
+    print(f"floor listening on {server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await server.serve_forever()
 
@@ -563,6 +639,10 @@ def inside(args: argparse.Namespace) -> int:
             None,
         )
         children.append(squid)
+        floor, floor_port = spawn(
+            "floor", [*server, *python, __file__, "--floor", SERVER_IP], workdir, b"floor"
+        )
+        children.append(floor)
         wait_port(SERVER_IP, SQUID_PORT)
         paths = [
             Route("direct", None, ()),
@@ -623,6 +703,11 @@ def inside(args: argparse.Namespace) -> int:
             "rtt_method": "tc netem on the veth pair" if netem else "user-space delay line",
         }
         measure(results, paths, origin, sizes, args, rtt_plan, netem)
+        floor_route = Route(FLOOR, (SERVER_IP, int(floor_port)), (floor.proc.pid,))
+        settle((*paths[1].pids, *paths[2].pids, floor.proc.pid))
+        ttfb_ms, cpu = ttfb(floor_route, origin, sizes.ttfb_count)
+        results.rows[FLOOR] = {"ttfb_ms": ttfb_ms, "cpu_ms_per_tunnel": cpu * 1000}
+        note(FLOOR, "cpu/tunnel", cpu * 1e6, "us")
         results.environment["load_after"] = os.getloadavg()
         print(json.dumps(results.__dict__), flush=True)
         return 0
@@ -788,6 +873,17 @@ def render(data: dict[str, Any], rtt: float) -> str:
     lines += ["", "targets (issue 8):"]
     for label, value, ok in verdicts(rows, rtt):
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {label:44} {value}")
+    floor = rows.get(FLOOR)
+    if floor:
+        squid_cpu = max(rows["squid"]["cpu_ms_per_tunnel"], 1e-6)
+        ratio = floor["cpu_ms_per_tunnel"] / squid_cpu
+        lines += [
+            "",
+            "reference: a bare asyncio CONNECT proxy (one process; no WebSocket, credentials,",
+            "policy, limits or audit) uses "
+            f"{floor['cpu_ms_per_tunnel']:.3f} ms CPU per new tunnel = {ratio:.2f}x squid;",
+            f"the relay and the egress are two such processes: a floor of about {2 * ratio:.1f}x.",
+        ]
     return "\n".join(lines)
 
 
@@ -798,6 +894,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the results as JSON to this file")
     parser.add_argument("--origin", help=argparse.SUPPRESS)  # internal: serve the origin
     parser.add_argument("--delay-line", nargs=3, help=argparse.SUPPRESS)  # internal
+    parser.add_argument("--floor", help=argparse.SUPPRESS)  # internal: serve the floor proxy
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client-ns", help=argparse.SUPPRESS)
     parser.add_argument("--server-ns", help=argparse.SUPPRESS)
@@ -809,6 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.origin:
         asyncio.run(_serve_origin(args.origin))
+        return 0
+    if args.floor:
+        asyncio.run(_serve_floor(args.floor))
         return 0
     if args.delay_line:
         host, port, one_way = args.delay_line

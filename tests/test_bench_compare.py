@@ -25,7 +25,10 @@ def test_quick_benchmark_reports_every_figure_and_target(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert set(rows) == {"direct", "squid", "upstreamproxy"}
+    assert set(rows) == {"direct", "squid", "upstreamproxy", "asyncio-floor"}
+    assert rows["asyncio-floor"]["cpu_ms_per_tunnel"] >= 0
+    assert "reference: a bare asyncio CONNECT proxy" in done.stdout
+    rows.pop("asyncio-floor")
     for name in rows:
         assert rows[name]["throughput_mbs"] > 0
         assert rows[name]["ttfb_ms"] > 0 and rows[name]["ttfb_rtt_ms"] > rows[name]["ttfb_ms"]
