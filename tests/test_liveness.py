@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import select
@@ -145,6 +146,65 @@ async def test_egress_closes_a_tunnel_whose_relay_froze() -> None:
         assert time.monotonic() - started < 5
         ws.transport.abort()
         await fds_back_to(baseline)
+    origin.close()
+
+
+SIZE = 16 * 1024 * 1024
+
+
+async def test_a_download_paused_longer_than_the_ping_timeout_completes() -> None:
+    """A client that stops reading a download for longer than ping interval + timeout: the
+    relay stops reading the WebSocket, so the egress's pong waits behind its data. That is
+    not an unresponsive egress - the download resumes and completes (it was cut at ~1 s)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(hashlib.sha256(b"seed").digest() * (SIZE // 32))
+        await writer.drain()
+        writer.close()
+
+    origin = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    async with (
+        egress_server(TunnelTimeouts(ping_interval=0.3, ping_timeout=0.5)) as egress,
+        make_relay(egress.url, pool_size=0, **FAST) as relay,
+    ):
+        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert len(await reader.readexactly(65536)) == 65536
+        writer.transport.pause_reading()
+        await asyncio.sleep(3.0)  # six ping timeouts
+        writer.transport.resume_reading()
+        rest = await asyncio.wait_for(reader.read(), 30)
+        assert 65536 + len(rest) == SIZE
+        writer.close()
+    origin.close()
+
+
+async def test_an_upload_paused_by_the_origin_longer_than_the_ping_timeout_completes() -> None:
+    """The same on the egress: an origin that stops reading an upload pauses the egress's
+    WebSocket reads; the relay's pong waits behind the upload, and the relay is not dead."""
+    got = asyncio.get_running_loop().create_future()
+
+    async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3.0)  # six ping timeouts, with the upload queued
+        total = 0
+        while chunk := await reader.read(1 << 20):
+            total += len(chunk)
+        got.set_result(total)
+        writer.close()
+
+    origin = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    async with (
+        egress_server(TunnelTimeouts(ping_interval=0.3, ping_timeout=0.5)) as egress,
+        make_relay(egress.url, pool_size=0, **FAST) as relay,
+    ):
+        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.write(b"u" * SIZE)
+        writer.write_eof()
+        assert await asyncio.wait_for(got, 30) == SIZE
+        writer.close()
     origin.close()
 
 

@@ -452,6 +452,35 @@ def test_ping_then_dead_peer_closes_established() -> None:
     assert CloseWs(1011, abort=True) in actions
 
 
+def test_unanswered_ping_is_no_dead_peer_while_ws_reads_are_paused() -> None:
+    """A slow client pauses the relay's WebSocket reads: the egress's pong then waits unread
+    behind its data, and a ping gone unanswered says nothing. Once reading resumes, any
+    byte read answers it, and a peer that is really gone is noticed within the timeout."""
+    core = relay_in(State.ESTABLISHED)
+    core.ws_message(encode_chunk(b"y" * HIGH_WATER), 1.0)  # the client does not take it
+    assert not core.may_read_ws
+    assert SendPing() in core.tick(21.0)
+    # Was "egress-unresponsive". Now: ping again (the egress takes it as a sign of life).
+    assert core.tick(41.0)[0] == SendPing()  # (then the keepalive chunk and a hang-up check)
+    assert not any(isinstance(a, Finished) for a in core.tick(55.0))
+    core.written(LOCAL, HIGH_WATER, 56.0)  # the client took it: reads resume
+    assert core.may_read_ws
+    deadline = core.next_deadline()
+    assert deadline is not None and deadline <= 56.0 + T.ping_timeout
+    assert "egress-unresponsive" in finished(core.tick(56.0 + T.ping_timeout))
+
+
+def test_paused_ws_reads_then_data_counts_as_the_answer() -> None:
+    core = egress_in(State.ESTABLISHED)
+    core.ws_message(encode_chunk(b"u" * HIGH_WATER), 1.0)  # an upload the origin does not take
+    assert not core.may_read_ws
+    assert SendPing() in core.tick(21.0)
+    assert not any(isinstance(a, Finished) for a in core.tick(41.0))
+    core.written(LOCAL, HIGH_WATER, 45.0)
+    core.ws_message(encode_chunk(b"u"), 45.5)  # read again: the relay is there
+    assert not any(isinstance(a, Finished) for a in core.tick(61.0))
+
+
 def test_any_message_counts_as_a_pong() -> None:
     core = egress_in(State.ESTABLISHED)
     assert core.tick(20.0) == [SendPing()]

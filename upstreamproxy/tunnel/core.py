@@ -367,9 +367,19 @@ class TunnelCore:
                 return self._fail(
                     now, f"write-stall ({self._peer(side)} accepted no bytes)", abort=True
                 )
+        heartbeat = False
         if self._ws_open:
             if self._ping_sent is not None and now >= self._ping_sent + self.timeouts.ping_timeout:
-                return self._peer_dead(now)
+                if self.may_read_ws:
+                    return self._peer_dead(now)
+                # Not reading the WebSocket (our other side is slow to take its bytes): the
+                # answer may wait unread behind data, and the peer's own pings go unanswered
+                # for the same reason. Ping again - to the peer, a ping is a sign of life - and
+                # wait again; once reading resumes any byte read answers, and a peer that is
+                # gone is noticed within the timeout (one that takes nothing: write-stall).
+                self._ping_sent = now
+                self.deadline_moved = True
+                heartbeat = True
             idle = self.timeouts.idle
             if (
                 idle is not None
@@ -377,7 +387,7 @@ class TunnelCore:
                 and now >= self._last_payload + idle
             ):
                 return self._finish(now, "idle-timeout", ws_code=CLOSE_NORMAL)
-        actions: list[Action] = []
+        actions: list[Action] = [SendPing()] if heartbeat else []
         if self._ws_open:
             interval = self.timeouts.ping_interval
             if (
