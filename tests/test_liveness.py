@@ -199,7 +199,7 @@ async def test_an_upload_paused_by_the_origin_longer_than_the_ping_timeout_compl
         egress_server(TunnelTimeouts(ping_interval=0.3, ping_timeout=0.5)) as egress,
         make_relay(egress.url, pool_size=0, **FAST) as relay,
     ):
-        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
         assert head.startswith(b"HTTP/1.1 200")
         writer.write(b"u" * SIZE)
         writer.write_eof()
