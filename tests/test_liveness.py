@@ -151,6 +151,31 @@ async def test_egress_closes_a_tunnel_whose_relay_froze() -> None:
 
 SIZE = 16 * 1024 * 1024
 
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def pinging_tunnel(
+    origin_handler: StreamHandler,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A tunnel through a relay and an egress that both ping (FAST) to an origin served by
+    ``origin_handler``: the client's stream."""
+    origin = await asyncio.start_server(origin_handler, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        async with (
+            egress_server(TunnelTimeouts(**FAST)) as egress,
+            make_relay(egress.url, pool_size=0, **FAST) as relay,
+        ):
+            reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+            assert head.startswith(b"HTTP/1.1 200")
+            try:
+                yield reader, writer
+            finally:
+                writer.close()
+    finally:
+        origin.close()
+
 
 async def test_a_download_paused_longer_than_the_ping_timeout_completes() -> None:
     """A client that stops reading a download for longer than ping interval + timeout: the
@@ -162,22 +187,13 @@ async def test_a_download_paused_longer_than_the_ping_timeout_completes() -> Non
         await writer.drain()
         writer.close()
 
-    origin = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
-    async with (
-        egress_server(TunnelTimeouts(ping_interval=0.3, ping_timeout=0.5)) as egress,
-        make_relay(egress.url, pool_size=0, **FAST) as relay,
-    ):
-        reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
-        assert head.startswith(b"HTTP/1.1 200")
+    async with pinging_tunnel(serve) as (reader, writer):
         assert len(await reader.readexactly(65536)) == 65536
         writer.transport.pause_reading()
         await asyncio.sleep(3.0)  # six ping timeouts
         writer.transport.resume_reading()
         rest = await asyncio.wait_for(reader.read(), 30)
         assert 65536 + len(rest) == SIZE
-        writer.close()
-    origin.close()
 
 
 async def test_an_upload_paused_by_the_origin_longer_than_the_ping_timeout_completes() -> None:
@@ -193,19 +209,10 @@ async def test_an_upload_paused_by_the_origin_longer_than_the_ping_timeout_compl
         got.set_result(total)
         writer.close()
 
-    origin = await asyncio.start_server(slow_reader, "127.0.0.1", 0)
-    port = origin.sockets[0].getsockname()[1]
-    async with (
-        egress_server(TunnelTimeouts(ping_interval=0.3, ping_timeout=0.5)) as egress,
-        make_relay(egress.url, pool_size=0, **FAST) as relay,
-    ):
-        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
-        assert head.startswith(b"HTTP/1.1 200")
+    async with pinging_tunnel(slow_reader) as (_, writer):
         writer.write(b"u" * SIZE)
         writer.write_eof()
         assert await asyncio.wait_for(got, 30) == SIZE
-        writer.close()
-    origin.close()
 
 
 @pytest.fixture

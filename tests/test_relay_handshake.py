@@ -196,15 +196,8 @@ async def test_ws_upgrade_gives_a_working_websocket(egress: EgressServer, origin
     await prove_websocket(up, origin)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
-async def test_plain_ip_egress_is_connected_without_create_connection(
-    host: str, origin: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The pool's refill path: a plain ws:// egress at an IP literal gets a non-blocking
-    connect and its transport at once (the upgrade waits in the transport's buffer), with
-    TCP_NODELAY as create_connection would set it; a working WebSocket all the same."""
-    server = make_egress(host=host)
-    await server.start()
+def spy_on_create_connection(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The running loop's create_connection, recording each call (the list it returns)."""
     loop = asyncio.get_running_loop()
     used: list[object] = []
     real = loop.create_connection
@@ -214,6 +207,19 @@ async def test_plain_ip_egress_is_connected_without_create_connection(
         return await real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(loop, "create_connection", spy)
+    return used
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_plain_ip_egress_is_connected_without_create_connection(
+    host: str, origin: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's refill path: a plain ws:// egress at an IP literal gets a non-blocking
+    connect and its transport at once (the upgrade waits in the transport's buffer), with
+    TCP_NODELAY as create_connection would set it; a working WebSocket all the same."""
+    server = make_egress(host=host)
+    await server.start()
+    used = spy_on_create_connection(monkeypatch)
     try:
         up = await open_upgraded(link(server.url))
         assert used == []
@@ -227,15 +233,7 @@ async def test_plain_ip_egress_is_connected_without_create_connection(
 async def test_egress_named_by_host_name_still_connects(
     egress: EgressServer, origin: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loop = asyncio.get_running_loop()
-    used: list[object] = []
-    real = loop.create_connection
-
-    async def spy(*args: object, **kwargs: object) -> object:
-        used.append(args)
-        return await real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(loop, "create_connection", spy)
+    used = spy_on_create_connection(monkeypatch)
     up = await open_upgraded(link(egress.url.replace("127.0.0.1", "localhost")))
     assert len(used) == 1  # a name is resolved the usual way
     await prove_websocket(up, origin)
