@@ -406,6 +406,58 @@ async def test_session_limit_is_a_429_with_the_egress_reason(origin: int) -> Non
         await server.stop()
 
 
+async def test_a_websocket_still_delivering_its_tail_keeps_its_session_slot() -> None:
+    """A tunnel that ended while its WebSocket still holds bytes for a relay that reads
+    slowly lingers until they are delivered (or the relay stops taking them): it still holds
+    a socket and fds, so it keeps counting against --max-session-tunnels until it is gone.
+    (It used to free the slot at once: a session could hold any number of lingering sockets.)"""
+
+    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"d" * (8 * 1024 * 1024))
+        await writer.drain()
+        writer.close()
+
+    origin_server = await asyncio.start_server(big, "127.0.0.1", 0)
+    origin_port = origin_server.sockets[0].getsockname()[1]
+    server = make_egress(max_session_tunnels=1)
+    await server.start()
+    try:
+        first = await open_upgraded(link(server.url))
+        collector = Collector(first.leftover)
+        first.transport.set_protocol(collector)
+        first.transport.resume_reading()
+        credentials = base64.b64encode(f"{SESSION}:{TOKEN}".encode()).decode()
+        head = (
+            f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\n"
+            f"Proxy-Authorization: Basic {credentials}\r\n\r\n"
+        ).encode()
+        first.transport.write(masked_binary(encode_chunk(head)))
+        assert decode_chunk((await collector.frame())[1]).startswith(b"HTTP/1.1 200")
+        async with asyncio.timeout(20):
+            while server.active:  # a relay whose client reads slowly, until the tunnel ends
+                first.transport.pause_reading()
+                await asyncio.sleep(0.03)
+                first.transport.resume_reading()
+                await asyncio.sleep(0.01)
+        first.transport.pause_reading()  # ... with the tail still in the egress's send queue
+        with pytest.raises(OpenFailed) as info:
+            await open_upgraded(link(server.url))
+        assert info.value.status == 429  # the lingering socket still counts
+        first.transport.abort()  # the relay lets go: the socket, and the slot, are freed
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    third = await open_upgraded(link(server.url))
+                    break
+                except OpenFailed as exc:
+                    assert exc.status == 429
+                    await asyncio.sleep(0.1)
+        third.transport.abort()
+    finally:
+        await server.stop()
+        origin_server.close()
+
+
 async def test_draining_is_a_503_and_retried(egress: EgressServer, origin: int) -> None:
     busy = await open_upgraded(link(egress.url))
     await prove_websocket(busy, origin, close=False)  # an established tunnel keeps it draining

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
@@ -44,6 +45,7 @@ from typing import Any, Final
 
 from ..connect_head import PREOPENED_HEADER, REASON_HEADER
 from ..errors import AuthError
+from ..tunnel.links import WsLink
 from ..ws_handshake import VERSION, accept_key
 from .auth import Session, bearer_token
 from .limits import Limiter, LimitExceeded
@@ -240,12 +242,20 @@ class NativeUpgrade:
         try:
             await self._on_upgraded(transport, leftover, session, token, preopened)
         finally:
-            self._limiter.release(session.session_id)
-            # (a WebSocket that sent its close may still be delivering: it closes itself)
-            if not transport.is_closing() and not getattr(
-                transport.get_protocol(), "lingering", False
+            release = functools.partial(self._limiter.release, session.session_id)
+            link = transport.get_protocol()
+            if (
+                isinstance(link, WsLink)
+                and not link.lost
+                and (link.lingering or transport.is_closing())
             ):
-                close_bounded(transport)
+                # Still delivering its tail (it closes itself, bounded): the socket keeps its
+                # session's slot until it is gone, or a session could hold any number.
+                link.when_lost(release)
+            else:
+                release()
+                if not transport.is_closing():
+                    close_bounded(transport)
 
 
 def close_bounded(transport: asyncio.Transport) -> None:

@@ -28,6 +28,7 @@ import select
 import socket
 import struct
 import termios
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from . import pipe
@@ -118,6 +119,7 @@ class _Link(asyncio.BufferedProtocol):
         self.reading = True
         self.write_paused = False
         self.lost = False
+        self._on_lost: list[Callable[[], None]] = []
         self._close_timer: asyncio.TimerHandle | None = None
         self._patience = CLOSE_GRACE
         self._flush_until = 0.0
@@ -159,6 +161,17 @@ class _Link(asyncio.BufferedProtocol):
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
+        callbacks, self._on_lost = self._on_lost, []
+        for callback in callbacks:
+            callback()
+
+    def when_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the connection is gone (at once if it is): whatever the
+        socket holds - a session's slot, say - is held until then, lingering included."""
+        if self.lost:
+            callback()
+        else:
+            self._on_lost.append(callback)
 
     # try/except rather than contextlib.suppress on these paths: they run several times per
     # tunnel, and suppress costs three Python calls each time.
