@@ -423,16 +423,7 @@ async def test_a_websocket_still_delivering_its_tail_keeps_its_session_slot() ->
     await server.start()
     try:
         first = await open_upgraded(link(server.url))
-        collector = Collector(first.leftover)
-        first.transport.set_protocol(collector)
-        first.transport.resume_reading()
-        credentials = base64.b64encode(f"{SESSION}:{TOKEN}".encode()).decode()
-        head = (
-            f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\n"
-            f"Proxy-Authorization: Basic {credentials}\r\n\r\n"
-        ).encode()
-        first.transport.write(masked_binary(encode_chunk(head)))
-        assert decode_chunk((await collector.frame())[1]).startswith(b"HTTP/1.1 200")
+        await prove_websocket(first, origin_port, close=False)  # the tunnel is open
         async with asyncio.timeout(20):
             while server.active:  # a relay whose client reads slowly, until the tunnel ends
                 first.transport.pause_reading()
