@@ -236,15 +236,22 @@ class _Link(asyncio.BufferedProtocol):
         transport = self.transport
         if self.lost or transport is None:
             return
+        self._watch_progress(transport, _unsent(transport), CLOSE_GRACE, self._flush_check)
+
+    def _watch_progress(
+        self, transport: asyncio.Transport, left: int, every: float, check: Callable[[], None]
+    ) -> None:
+        """A patient close's look at its peer, ``left`` bytes still unsent: the deadline
+        moves on while the peer takes bytes; past it, or with the peer gone, reset; else
+        ``check`` again in ``every`` seconds."""
         loop = asyncio.get_running_loop()
-        left = _unsent(transport)
-        if left < self._flush_left:  # it is reading
+        if left < self._flush_left and self._patience > CLOSE_GRACE:  # it is reading
             self._flush_until = loop.time() + self._patience
         self._flush_left = left
         if loop.time() >= self._flush_until or peer_gone(transport):
             self.abort()
         else:
-            self._close_timer = loop.call_later(CLOSE_GRACE, self._flush_check)
+            self._close_timer = loop.call_later(every, check)
 
     # -- splicing (see :mod:`.pipe`) -----------------------------------------------------------
 
@@ -325,13 +332,7 @@ class _Link(asyncio.BufferedProtocol):
             self._flush_left = 0
             self._close_timer = loop.call_later(CLOSE_GRACE, self._linger_check)
             return
-        if left < self._flush_left and self._patience > CLOSE_GRACE:  # it is reading
-            self._flush_until = loop.time() + self._patience
-        self._flush_left = left
-        if loop.time() >= self._flush_until or peer_gone(transport):
-            self.abort()
-        else:
-            self._close_timer = loop.call_later(_LINGER_CHECK, self._linger_check)
+        self._watch_progress(transport, left, _LINGER_CHECK, self._linger_check)
 
     @property
     def lingering(self) -> bool:
@@ -783,6 +784,9 @@ class Parked(asyncio.Protocol):
         return True  # the link decides when to close
 
 
+_INT0: Final = bytes(4)  # TIOCOUTQ's argument
+
+
 def _unsent(transport: asyncio.BaseTransport | None) -> int:
     """Bytes written to ``transport`` that its peer has not taken yet: the transport's own
     buffer and the socket's send queue (which a peer that stopped reading leaves full)."""
@@ -800,9 +804,6 @@ def _unsent(transport: asyncio.BaseTransport | None) -> int:
         except (OSError, ValueError):
             pass
     return left
-
-
-_INT0: Final = bytes(4)
 
 
 def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
