@@ -61,7 +61,12 @@ class _Idle(asyncio.Protocol):
 
 
 async def hold_until_gone(
-    transport: asyncio.Transport, leftover: bytes, session: Session, token: str, preopened: bool
+    transport: asyncio.Transport,
+    leftover: bytes,
+    session: Session,
+    token: str,
+    preopened: bool,
+    reuse: bool = False,
 ) -> None:
     idle = _Idle()
     transport.set_protocol(idle)

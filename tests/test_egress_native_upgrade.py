@@ -117,6 +117,7 @@ class StubRunner:
         session: Session,
         token: str,
         preopened: bool,
+        reuse: bool = False,
     ) -> None:
         self.calls.append((session, token, preopened, leftover))
         if self.mode == "echo":

@@ -28,6 +28,7 @@ from upstreamproxy.tunnel import pipe, wsframes
 from upstreamproxy.tunnel.payload import Piped
 from upstreamproxy.tunnel.wsframes import (
     Close,
+    End,
     FrameReader,
     Ping,
     Pong,
@@ -666,3 +667,65 @@ def test_a_splicing_reader_meets_a_bad_frame_as_feeding_does(kind: str, seed: in
     assert got == expected
     if seed == 0:
         assert skipped >= 70000  # the good frame's payload was skipped
+
+
+# -- tunnel reuse: the end-of-tunnel message (SPEC §11) ---------------------------------------
+
+END_MESSAGE = ws_frame(OP_BINARY, b"\x10\x01", mask=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tunnels=st.lists(chunk_payloads, min_size=1, max_size=4),
+    masked=st.booleans(),
+    step=st.integers(1, 200),
+)
+def test_end_of_tunnel_messages_split_a_reused_stream_into_its_tunnels(
+    tunnels: list[list[bytes]], masked: bool, step: int
+) -> None:
+    """Each tunnel's chunks, then an End: reported in order however the stream is cut, and
+    reading goes on after each End (the WebSocket stays open)."""
+    end = ws_frame(OP_BINARY, b"\x10\x01", mask=masked)
+    stream = b"".join(
+        b"".join(ws_frame(OP_BINARY, encode_chunk(c), mask=masked) for c in chunks) + end
+        for chunks in tunnels
+    )
+    events = feed_all(FrameReader(masked=masked, reuse=True), stream, step)
+    assert events.count(End()) == len(tunnels)
+    seen: list[bytes] = []
+    current = b""
+    for event in events:
+        if isinstance(event, End):
+            seen.append(current)
+            current = b""
+        else:
+            assert isinstance(event, bytes), event
+            current += event
+    assert seen == [b"".join(chunks) for chunks in tunnels]
+
+
+def test_without_reuse_an_end_of_tunnel_message_is_a_wrong_tag() -> None:
+    events = feed_all(FrameReader(masked=False), END_MESSAGE)
+    assert len(events) == 1 and isinstance(events[0], ChunkError)
+    assert events[0].code == "wrong-tag"
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        ws_frame(OP_BINARY, b"\x10\x02", mask=False),  # end = 2
+        ws_frame(OP_BINARY, b"\x10\x00", mask=False),  # end = false
+        ws_frame(OP_BINARY, b"\x10\x01\x00", mask=False),  # a trailing byte
+        ws_frame(OP_BINARY, b"\x10", mask=False),  # truncated
+        ws_frame(OP_BINARY, b"\x10\x81\x00", mask=False),  # an overlong varint
+        # fragmented: an end-of-tunnel message is always one frame
+        ws_frame(OP_BINARY, b"\x10", mask=False, fin=False)
+        + ws_frame(OP_CONT, b"\x01", mask=False),
+    ],
+    ids=["two", "false", "trailing", "truncated", "overlong", "fragmented"],
+)
+def test_a_malformed_end_of_tunnel_message_is_an_error_and_ends_reading(stream: bytes) -> None:
+    reader = FrameReader(masked=False, reuse=True)
+    events = feed_all(reader, stream + ws_frame(OP_BINARY, encode_chunk(b"after"), mask=False))
+    assert [type(e) for e in events] == [ChunkError], events
+    assert reader.done

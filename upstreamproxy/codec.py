@@ -29,6 +29,11 @@ MAX_CHUNK_PAYLOAD: Final = 512 * 1024
 MAX_MESSAGE_BYTES: Final = 1 + MAX_VARINT_BYTES + MAX_CHUNK_PAYLOAD
 #: The empty chunk sent as a keepalive.
 KEEPALIVE: Final = b"\x0a\x00"
+#: The tunnel-reuse extension's end-of-tunnel message (SPEC §11): field 2 (``bool end``) set.
+#: Sent and understood only on a WebSocket whose upgrade negotiated reuse; a CCR peer never
+#: sees it (to a plain decoder it is a wrong tag).
+END_TAG: Final = 0x10
+END_OF_TUNNEL: Final = b"\x10\x01"
 
 # Stable error codes (mirrored in protocol/vectors.json).
 WRONG_TAG: Final = "wrong-tag"

@@ -24,6 +24,8 @@ REASON_HEADER: Final = "X-Upstreamproxy-Reason"
 RULE_HEADER: Final = "X-Upstreamproxy-Rule"
 #: Optional upgrade header: the relay opens this WebSocket ahead of any CONNECT (a pool).
 PREOPENED_HEADER: Final = "X-Upstreamproxy-Preopened"
+#: Upgrade request and 101 answer: tunnel reuse (SPEC §11) offered, and accepted.
+REUSE_HEADER: Final = "X-Upstreamproxy-Reuse"
 #: Largest CONNECT head accepted, terminator included.
 MAX_HEAD_BYTES: Final = 8 * 1024
 MAX_HEADERS: Final = 100

@@ -62,6 +62,17 @@ def add_splice_option(parser: argparse._ActionsContainer) -> None:
     )
 
 
+def add_reuse_option(parser: argparse._ActionsContainer) -> None:
+    """``--no-reuse``: one WebSocket per tunnel, as CCR does (no tunnel reuse, SPEC §11)."""
+    parser.add_argument(
+        "--no-reuse",
+        action="store_true",
+        default=env_flag("NO_REUSE"),
+        help="never reuse a WebSocket for a second tunnel: one per CONNECT, closed after it "
+        "(env UPSTREAMPROXY_NO_REUSE=1)",
+    )
+
+
 class _AppendReplacingDefault(argparse.Action):
     """``append`` whose first use on the command line replaces the (environment) default."""
 

@@ -76,6 +76,9 @@ class RelayConfig:
     write_stall_timeout: float = 60.0
     #: Pre-opened WebSockets kept ready (0: open one per CONNECT).
     pool_size: int = 2
+    #: Offer tunnel reuse (SPEC §11): a WebSocket whose tunnel ended cleanly goes back to
+    #: the pool instead of being closed, where the egress agrees.
+    reuse: bool = True
 
     def validate(self) -> None:
         if not self.egress_url.startswith(("ws://", "wss://")):
@@ -141,6 +144,8 @@ def tuning_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             fields[field_name] = convert(raw)
         except ValueError:
             raise ConfigError(field_name, f"UPSTREAMPROXY_{name}={raw!r} is not a number") from None
+    if environ.get("UPSTREAMPROXY_NO_REUSE", "").lower() in ("1", "true", "yes", "on"):
+        fields["reuse"] = False
     return fields
 
 
@@ -182,6 +187,7 @@ class Relay:
             config.handshake_timeout,
             config.egress_proxy,
             self._ssl,
+            config.reuse,
         )
         self.pool = WsPool(
             config.pool_size,
@@ -359,7 +365,9 @@ class Relay:
     async def _open_ws(self, action: Open) -> Opened:
         """The driver's opener: a pre-opened WebSocket, or a fresh one when asked."""
         if action.fresh:
-            return Opened(ws=await open_ws(self._link))
+            link = await open_ws(self._link)
+            self.pool.adopt(link)
+            return Opened(ws=link)
         port, pooled = await self.pool.take()
         return Opened(ws=port, pooled=pooled)
 

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from . import __version__
 from .acceptor import socket_transport
-from .connect_head import PREOPENED_HEADER, REASON_HEADER
+from .connect_head import PREOPENED_HEADER, REASON_HEADER, REUSE_HEADER
 from .secret import Secret
 from .tunnel.driver import OpenFailed
 from .ws_handshake import (
@@ -53,6 +53,8 @@ class LinkConfig:
     handshake_timeout: float
     egress_proxy: str | None
     ssl: ssl.SSLContext | None
+    #: Offer tunnel reuse (SPEC §11) in every upgrade; the egress's 101 says if it agrees.
+    reuse: bool = False
 
 
 #: An upgrade refused because that egress is draining is tried again this many times (after
@@ -112,11 +114,13 @@ class Upgraded:
     ``eof``: the egress's end of stream arrived together with the head (a TLS close_notify
     in the same read), or the transport is already closing: the new protocol should treat
     the stream as ended after ``leftover`` (it may get no ``connection_lost`` of its own).
+    ``reuse``: the egress accepted tunnel reuse (SPEC §11).
     """
 
     transport: asyncio.Transport
     leftover: bytes
     eof: bool = False
+    reuse: bool = False
 
 
 #: What one read of a handshake answer takes at most (heads are a few hundred bytes).
@@ -235,6 +239,8 @@ async def open_upgraded(
             ]
             if preopened:
                 extra.append((PREOPENED_HEADER, "1"))
+            if cfg.reuse:
+                extra.append((REUSE_HEADER, "1"))
             request = build_upgrade_request(target, key, extra)
             transport = await _connect(cfg, target, reader, transports)
             reader.pause_after_head = not keep_reading
@@ -243,7 +249,12 @@ async def open_upgraded(
             if response.status != 101:
                 raise _Refused(response.status, response.get(REASON_HEADER))
             check_upgrade(response, key)
-        upgraded = Upgraded(transport, bytes(reader.buffer), reader.eof or transport.is_closing())
+        upgraded = Upgraded(
+            transport,
+            bytes(reader.buffer),
+            reader.eof or transport.is_closing(),
+            cfg.reuse and response.get(REUSE_HEADER) == "1",
+        )
         reader.buffer.clear()
         return upgraded
     except BaseException as exc:

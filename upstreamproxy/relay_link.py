@@ -10,6 +10,12 @@ pre-opened sockets with 1001) is dropped and replaced in the background. The wir
 unchanged: to the egress a pooled socket is a tunnel whose CONNECT is late, so a CCR-style
 server that knows nothing of pools serves it too (within its own head timeout; set
 ``pool_size`` 0 for a server that waits less than a keepalive interval).
+
+With tunnel reuse (SPEC §11) negotiated, a socket whose tunnel ended with the end-of-tunnel
+exchange comes back to the pool (:meth:`WsPool.give_back`) - while there is room - instead of
+being closed, and a socket handed out within the last :data:`REUSE_HOLD` seconds counts as
+coming back: short tunnels one after another then cost no new socket, and a long one is
+replaced once it is past that.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ log = logging.getLogger("upstreamproxy.relay")
 #: Refill back-off after a failed pre-open (doubling up to the maximum).
 POOL_BACKOFF: Final = 1.0
 POOL_BACKOFF_MAX: Final = 30.0
+#: A reusable socket handed out this recently counts toward the pool's size (it is likely
+#: to come back); after that the pool opens a replacement.
+REUSE_HOLD: Final = 1.0
 
 
 async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
@@ -52,7 +61,9 @@ async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
     when the egress that answered is draining) and hand its transport to a tunnel link."""
     # Taken over at once (no await in between): reading need not pause for the hand-over.
     upgraded = await open_upgraded_retrying(cfg, preopened=preopened, keep_reading=True)
-    return WsLink.attach(upgraded.transport, upgraded.leftover, client=True, eof=upgraded.eof)
+    return WsLink.attach(
+        upgraded.transport, upgraded.leftover, client=True, eof=upgraded.eof, reuse=upgraded.reuse
+    )
 
 
 class _Idle:
@@ -69,6 +80,7 @@ class _Idle:
         self._timer: asyncio.TimerHandle | None = None
         link.set_owner(self)
         if self.link.usable:
+            link.resume_reading()  # (a socket back from a tunnel comes paused)
             self._arm()
 
     def _arm(self) -> None:
@@ -115,7 +127,7 @@ class _Idle:
             # The egress sends nothing unasked before a CONNECT: anything but a ping or a
             # pong (its close when draining, say) retires the socket.
             if not isinstance(event, Ping | Pong):
-                if isinstance(event, Close):  # answered by the link; let it finish closing
+                if isinstance(event, Close) and not link.ended:  # answered; it closes itself
                     self.release()
                     self.pool._dropped(self)
                 else:
@@ -154,8 +166,12 @@ class WsPool:
         self._backoff = 0.0
         self._started = False
         self._closed = False
-        #: Sockets handed out, replaced after dying before an answer, opened on demand.
-        self.stats = {"taken": 0, "replaced": 0, "missed": 0}
+        #: Reusable sockets handed out, and when: young ones count toward ``size``.
+        self._out: dict[WsLink, float] = {}
+        self._hold_timer: asyncio.TimerHandle | None = None
+        #: Sockets handed out, replaced after dying before an answer, opened on demand, and
+        #: back from a tunnel (reuse).
+        self.stats = {"taken": 0, "replaced": 0, "missed": 0, "reused": 0}
 
     def __len__(self) -> int:
         return len(self._idle)
@@ -169,12 +185,38 @@ class WsPool:
         while self._idle:
             idle = self._idle.popleft()
             link = idle.release()
-            self._refill()
             if link.usable:
-                self.stats["taken"] += 1
+                self._handed_out(link)
+                self._refill()
                 return link
             link.abort()
+            self._refill()
         return None
+
+    def _handed_out(self, link: WsLink) -> None:
+        self.stats["taken"] += 1
+        self.adopt(link)
+        if link.reuse:
+            self._out[link] = asyncio.get_running_loop().time()
+
+    def adopt(self, link: WsLink) -> None:
+        """A socket opened for a tunnel comes back here when the tunnel ends (reuse)."""
+        if link.reuse:
+            link.on_reusable = self.give_back
+
+    def give_back(self, link: WsLink) -> None:
+        """A socket whose tunnel ended with the end-of-tunnel exchange: kept while there is
+        room, closed otherwise."""
+        self._out.pop(link, None)
+        if self._closed or len(self._idle) >= self.size or not link.usable:
+            link.retire()
+            return
+        self.stats["reused"] += 1
+        idle = _Idle(self, link)
+        if link.usable:
+            self._idle.append(idle)
+        else:
+            idle.drop()
 
     async def take(self) -> tuple[WsLink, bool]:
         """A ready socket (``pooled`` True) or, if none is ready, a freshly opened one."""
@@ -197,14 +239,18 @@ class WsPool:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
             if link_or_none is not None:
-                self.stats["taken"] += 1
+                self._handed_out(link_or_none)
                 return link_or_none, True
         if self.size > 0:
             self.stats["missed"] += 1
-        return await self._open(), False
+        link = await self._open()
+        self.adopt(link)
+        return link, False
 
     async def close(self) -> None:
         self._closed = True
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -223,9 +269,26 @@ class WsPool:
         to do it: whatever takes, drops or finishes opening a socket calls this)."""
         if not self._started or self._closed:
             return
-        while len(self._idle) + self._opening < self.size:
+        young = 0
+        if self._out:
+            now = asyncio.get_running_loop().time()
+            for link, at in list(self._out.items()):
+                if link.lost or not link.reuse or now >= at + REUSE_HOLD:
+                    del self._out[link]
+                else:
+                    young += 1
+            if self._out and self._hold_timer is None:  # look again when the oldest is old
+                oldest = min(self._out.values())
+                self._hold_timer = asyncio.get_running_loop().call_at(
+                    oldest + REUSE_HOLD, self._hold_over
+                )
+        while len(self._idle) + self._opening + young < self.size:
             self._opening += 1
             self._tasks.spawn(self._open_one(), name="ws-pool-open")
+
+    def _hold_over(self) -> None:
+        self._hold_timer = None
+        self._refill()
 
     async def _open_one(self) -> None:
         try:

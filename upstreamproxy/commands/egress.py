@@ -24,7 +24,7 @@ from ..egress.server import DEFAULT_WS_PATH, EgressConfig, EgressServer
 from ..egress.tunnel import TunnelTimeouts
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
-from ..options import add_list_option, add_option, add_splice_option
+from ..options import add_list_option, add_option, add_reuse_option, add_splice_option
 from ..tokens import TokenVerifier, load_public_keys
 from ..tunnel import pipe
 from ._serving import serve
@@ -34,6 +34,7 @@ HELP = "run the egress server that terminates relay tunnels and dials upstreams"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_splice_option(parser)
+    add_reuse_option(parser)
     net = parser.add_argument_group("listening")
     add_option(net, "--host", "EGRESS_HOST", "address to listen on", default="127.0.0.1")
     add_option(
@@ -357,6 +358,7 @@ def build_server(args: argparse.Namespace) -> EgressServer:
             args.max_tunnels, args.max_session_tunnels, args.session_rate, args.session_burst
         ),
         preauth=PreauthLimits(args.upgrade_timeout, args.max_preauth, args.max_preauth_per_peer),
+        reuse=not args.no_reuse,
     )
     config.limits.validate()
     config.preauth.validate()

@@ -18,7 +18,7 @@ from ..bootstrap.hardening import HardeningError, make_non_dumpable, refuse_if_t
 from ..bootstrap.token_file import delete_token_file, read_token
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
-from ..options import add_option, add_splice_option, env_flag
+from ..options import add_option, add_reuse_option, add_splice_option, env_flag
 from ..relay import Relay, RelayConfig
 from ..secret import Secret
 from ..tunnel import pipe
@@ -96,6 +96,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_liveness_options(parser)
     add_splice_option(parser)
+    add_reuse_option(parser)
 
 
 def add_liveness_options(parser: argparse._ActionsContainer) -> None:
@@ -151,6 +152,7 @@ def config_from_args(args: argparse.Namespace, token: Secret) -> RelayConfig:
         handshake_timeout=args.handshake_timeout,
         keepalive_interval=args.keepalive,
         pool_size=args.pool_size,
+        reuse=not args.no_reuse,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         write_stall_timeout=args.write_stall_timeout,

@@ -86,6 +86,12 @@ class Limiter:
         else:
             self._per_session.pop(session_id, None)
 
+    def renew(self, session_id: str) -> None:
+        """A new tunnel on a WebSocket that already holds its slot (tunnel reuse): only the
+        rate applies (:class:`LimitExceeded` with ``session-rate-limit``)."""
+        if not self._take_token(session_id):
+            raise LimitExceeded(429, "session-rate-limit")
+
     def session_tunnels(self, session_id: str) -> int:
         return self._per_session.get(session_id, 0)
 

@@ -64,6 +64,11 @@ class EgressMetrics:
             ["reason"],
             registry=r,
         )
+        self.reused = Counter(
+            "upstreamproxy_websockets_reused_total",
+            "WebSockets kept open after a tunnel for the session's next one (tunnel reuse)",
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "upstreamproxy_policy_reloads_total", "Policy reloads by result", ["result"], registry=r
         )

@@ -20,9 +20,10 @@ request body)
 session limits                         429/503 the limiter's reason
 =====================================  ======  ===========================================
 
-then ``101 Switching Protocols`` (no extension, no subprotocol) in one write, the
+then ``101 Switching Protocols`` (no extension, no subprotocol; ``X-Upstreamproxy-Reuse: 1``
+when the relay offered tunnel reuse and this egress allows it) in one write, the
 connection leaves the pre-auth books, and ``on_upgraded(transport, leftover, session, token,
-preopened)`` runs with reading paused: ``leftover`` holds any bytes that came after the
+preopened, reuse)`` runs with reading paused: ``leftover`` holds any bytes that came after the
 head (the first frames). The session's limiter slot is released when it returns or raises.
 Refusals carry ``Connection: close``; the transport is closed, and aborted if it could not
 flush within :data:`CLOSE_TIMEOUT`.
@@ -43,7 +44,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from http import HTTPStatus
 from typing import Any, Final
 
-from ..connect_head import PREOPENED_HEADER, REASON_HEADER
+from ..connect_head import PREOPENED_HEADER, REASON_HEADER, REUSE_HEADER
 from ..errors import AuthError
 from ..tunnel.links import WsLink
 from ..ws_handshake import VERSION, accept_key
@@ -60,8 +61,9 @@ CLOSE_TIMEOUT: Final = 5.0
 
 #: The tunnel runner: owns ``transport`` (reading paused) once called. ``leftover``: bytes
 #: received after the upgrade head; ``token``: the verified bearer token (the in-tunnel
-#: Proxy-Authorization must repeat it); ``preopened``: ``X-Upstreamproxy-Preopened: 1``.
-OnUpgraded = Callable[[asyncio.Transport, bytes, Session, str, bool], Awaitable[None]]
+#: Proxy-Authorization must repeat it); ``preopened``: ``X-Upstreamproxy-Preopened: 1``;
+#: ``reuse``: tunnel reuse was negotiated (SPEC §11).
+OnUpgraded = Callable[[asyncio.Transport, bytes, Session, str, bool, bool], Awaitable[None]]
 
 UPGRADE_REQUIRED: Final = {"error": "websocket upgrade required"}
 
@@ -141,10 +143,11 @@ def answer(status: int, body: dict[str, str], headers: tuple[tuple[str, str], ..
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
 
 
-def switching_protocols(key: str) -> bytes:
+def switching_protocols(key: str, *, reuse: bool = False) -> bytes:
+    extra = f"{REUSE_HEADER}: 1\r\n" if reuse else ""
     return (
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n"
+        f"Sec-WebSocket-Accept: {accept_key(key)}\r\n{extra}\r\n"
     ).encode("ascii")
 
 
@@ -171,6 +174,7 @@ class NativeUpgrade:
         on_upgraded: OnUpgraded,
         refusing: Callable[[], bool],
         spawn: Callable[[Coroutine[Any, Any, None]], object],
+        reuse: bool = False,
     ) -> None:
         self.prefix = b"GET " + path.encode("ascii")
         self._authenticate = authenticate
@@ -180,6 +184,7 @@ class NativeUpgrade:
         self._on_upgraded = on_upgraded
         self._refusing = refusing
         self._spawn = spawn
+        self._reuse = reuse
 
     def claims(self, buffer: bytes | bytearray) -> bool | None:
         return claims(buffer, self.prefix)
@@ -196,10 +201,11 @@ class NativeUpgrade:
         except Refusal as refusal:
             self._refuse(transport, refusal)
             return
-        transport.write(switching_protocols(ws_key))
+        reuse = self._reuse and parsed.header(REUSE_HEADER) == "1"
+        transport.write(switching_protocols(ws_key, reuse=reuse))
         self._guard.left_preauth(key)
         preopened = parsed.header(PREOPENED_HEADER) == "1"
-        self._spawn(self._run(transport, leftover, session, token, preopened))
+        self._spawn(self._run(transport, leftover, session, token, preopened, reuse))
 
     def _admit(self, head: RequestHead, transport: asyncio.Transport) -> tuple[Session, str, str]:
         if self._refusing():
@@ -238,9 +244,10 @@ class NativeUpgrade:
         session: Session,
         token: str,
         preopened: bool,
+        reuse: bool,
     ) -> None:
         try:
-            await self._on_upgraded(transport, leftover, session, token, preopened)
+            await self._on_upgraded(transport, leftover, session, token, preopened, reuse)
         finally:
             release = functools.partial(self._limiter.release, session.session_id)
             link = transport.get_protocol()

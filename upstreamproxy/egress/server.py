@@ -26,6 +26,7 @@ from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from ..memtrim import Trimmer
 from ..tunnel import pipe
+from ..tunnel.core import CLOSE_GOING_AWAY
 from ..tunnel.links import WsLink
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
@@ -74,6 +75,9 @@ class EgressConfig:
     timeouts: TunnelTimeouts = field(default_factory=TunnelTimeouts)
     limits: LimitConfig = field(default_factory=LimitConfig)
     preauth: PreauthLimits = field(default_factory=PreauthLimits)
+    #: Accept tunnel reuse (SPEC §11) when a relay offers it: one WebSocket carries its
+    #: session's tunnels one after another.
+    reuse: bool = True
 
 
 class EgressServer:
@@ -152,6 +156,7 @@ class EgressServer:
             on_upgraded=on_upgraded or self._run_tunnel,
             refusing=lambda: self._refusing,
             spawn=self._spawn_native,
+            reuse=config.reuse,
         )
         self.app = self._build_app()
 
@@ -372,22 +377,52 @@ class EgressServer:
         session: Session,
         token: str,
         preopened: bool,
+        reuse: bool = False,
     ) -> None:
         """Serve one natively upgraded, authenticated WebSocket as a tunnel, to its end (run
-        by :meth:`_spawn_native`, which keeps the active count and the limiter)."""
+        by :meth:`_spawn_native`, which keeps the active count and the limiter). With
+        ``reuse`` negotiated, a tunnel that ended with the end-of-tunnel exchange leaves the
+        WebSocket open: it then waits for its next CONNECT as a pre-opened socket does."""
         task = asyncio.current_task()
         assert task is not None
-        link = WsLink.attach(transport, leftover, client=False)
-        tunnel = Tunnel(link, session, token, self.context, preopened=preopened)
-        self._tunnels[task] = tunnel
-        try:
-            await tunnel.run()
-        except asyncio.CancelledError:
-            tunnel.record.close_cause = "server-shutdown"
-            raise
-        finally:
-            self._tunnels.pop(task, None)
-            self._audit(tunnel)
+        link = WsLink.attach(transport, leftover, client=False, reuse=reuse)
+        loop = asyncio.get_running_loop()
+        freed: asyncio.Future[bool] = loop.create_future()
+
+        def on_free(_: WsLink) -> None:
+            if not freed.done():
+                freed.set_result(True)
+
+        def on_lost() -> None:
+            if not freed.done():
+                freed.set_result(False)
+
+        if reuse:
+            link.when_lost(on_lost)
+        reused = False
+        while True:
+            link.on_reusable = on_free if reuse else None
+            tunnel = Tunnel(link, session, token, self.context, preopened=preopened, reused=reused)
+            self._tunnels[task] = tunnel
+            try:
+                await tunnel.run()
+            except asyncio.CancelledError:
+                tunnel.record.close_cause = "server-shutdown"
+                raise
+            finally:
+                self._tunnels.pop(task, None)
+                core = tunnel.core
+                if not (reused and core.request is None and not core.status and not core.error):
+                    self._audit(tunnel)  # (a reused socket closed before any CONNECT: no tunnel)
+            # The link is freed by the end-of-tunnel exchange, or closes (bounded either way).
+            if not reuse or not await freed:
+                return
+            if self._refusing:  # draining: the relay opens its next socket elsewhere
+                link.close(CLOSE_GOING_AWAY)
+                return
+            self.metrics.reused.inc()
+            freed = loop.create_future()
+            preopened = reused = True
 
     def _audit(self, tunnel: Tunnel) -> None:
         record, admitted = tunnel.record, tunnel.admitted

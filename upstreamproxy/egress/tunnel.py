@@ -25,7 +25,7 @@ from ..tunnel.links import WsLink
 from .admission import Admission, AdmissionRecord, Refusal, Route
 from .auth import Session, check_tunnel_credentials
 from .intercept.engine import Downstream
-from .limits import Limiter
+from .limits import Limiter, LimitExceeded
 from .metrics import EgressMetrics
 from .transports import parked_transport
 
@@ -128,8 +128,12 @@ class Tunnel:
         context: TunnelContext,
         *,
         preopened: bool = False,
+        reused: bool = False,
     ) -> None:
         self.link = link
+        #: The WebSocket carried an earlier tunnel (reuse): its upgrade's slot is kept, but
+        #: each new tunnel still takes one of the session's new-tunnels-per-second tokens.
+        self.reused = reused
         self.session = session
         self._token = token
         self.ctx = context
@@ -201,6 +205,12 @@ class Tunnel:
         except HeadError as exc:
             self.ctx.metrics.auth_failures.labels("tunnel-credentials").inc()
             raise OpenFailed(exc.status, exc.reason) from None
+        if self.reused:
+            try:
+                self.ctx.limiter.renew(self.session.session_id)
+            except LimitExceeded as exc:
+                self.ctx.metrics.limit_rejections.labels(exc.reason).inc()
+                raise OpenFailed(exc.status, exc.reason) from None
         if self.core.preopened and self.ctx.authenticate is not None:
             # Authenticated at its upgrade, maybe long ago: the token must still be good.
             try:

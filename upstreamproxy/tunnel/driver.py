@@ -51,7 +51,7 @@ from .actions import (
 from .core import CLOSE_GOING_AWAY, CLOSE_NORMAL, Role, State, TunnelCore
 from .links import CLOSE_GRACE, LocalLink, WsLink, reset
 from .payload import Payload, Piped
-from .wsframes import Close, Event, Ping, Pong, Text, WsError
+from .wsframes import Close, End, Event, Ping, Pong, Text, WsError
 
 log = logging.getLogger("upstreamproxy.tunnel")
 
@@ -222,7 +222,7 @@ class TunnelDriver:
             if isinstance(action, CloseWs) and self.ws is not None:
                 ws, self.ws = self.ws, None
                 ws.set_owner(None)
-                if action.abort:
+                if action.abort and not ws.ended:  # (an ended tunnel left it clean: reuse it)
                     ws.abort()
                 else:
                     ws.close(action.code, self._patience(action.patient))
@@ -294,6 +294,8 @@ class TunnelDriver:
                 self._execute(core.ws_message("", now))
             elif isinstance(event, WsError):
                 self._execute(core.ws_payload(ProtocolError(event.reason), now))
+            elif isinstance(event, End):  # (never: the link reports it as a Close)
+                continue
             else:  # a ChunkError
                 self._execute(core.ws_payload(event, now))
 

@@ -31,6 +31,7 @@ import termios
 from collections.abc import Callable
 from typing import Final, Protocol
 
+from ..codec import END_OF_TUNNEL
 from . import pipe
 from .payload import Piped
 from .wsframes import (
@@ -40,6 +41,7 @@ from .wsframes import (
     OP_PING,
     OP_PONG,
     Close,
+    End,
     Event,
     FrameReader,
     Ping,
@@ -57,6 +59,10 @@ CLOSE_GRACE: Final = 1.0
 SHARED_READ: Final = 256 * 1024 + 64
 #: What a WebSocket with no tunnel yet (pooled, or waiting for its CONNECT) reads at once.
 WS_IDLE_READ: Final = 16 * 1024
+#: What a reused WebSocket reads at once while it waits for the peer's end of a tunnel
+#: (dropping the tunnel's last bytes the peer sent before it saw ours).
+_END_WAIT_READ: Final = 64 * 1024
+_CLOSE_NORMAL: Final = 1000
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 #: How often a server's WebSocket that sent its close checks whether its bytes arrived.
 _LINGER_CHECK: Final = 0.1
@@ -353,12 +359,30 @@ class WsLink(_Link):
     """One upgraded WebSocket carrying a tunnel (or waiting for one, in the relay's pool).
 
     ``client``: the relay's end - frames it sends are masked, frames it reads must not be.
+
+    ``reuse``: the upgrade negotiated tunnel reuse (SPEC §11). A tunnel then ends with an
+    end-of-tunnel message each way instead of the closing handshake - the same steps, a
+    message instead of a close frame: ``close(1000)`` sends ours and waits (reading and
+    dropping, bounded as :meth:`linger` is) for the peer's; the peer's, when it comes first,
+    is answered at once and reported to the owner as ``Close(1000)``. Once both went, the
+    WebSocket carries nothing of that tunnel any more: it goes to :attr:`on_reusable` (the
+    relay's pool, the egress's next tunnel) instead of being closed. Any other close code,
+    an abort or an error closes it for real.
     """
 
-    def __init__(self, *, client: bool) -> None:
+    def __init__(self, *, client: bool, reuse: bool = False) -> None:
         super().__init__()
         self.client = client
-        self.reader = FrameReader(masked=not client)
+        self.reuse = reuse
+        #: Called with the link once a tunnel ended on it with the end-of-tunnel exchange
+        #: (None: it is then closed for real).
+        self.on_reusable: Callable[[WsLink], None] | None = None
+        #: Both ends' end-of-tunnel messages went (the peer's first): the owner's close
+        #: hands the link on instead of closing it.
+        self.ended = False
+        self._end_sent = False  # ours went first: the peer's is awaited
+        self._held: list[Event] = []  # read after the peer's end, before the link is free
+        self.reader = FrameReader(masked=not client, reuse=reuse)
         self.owner: WsOwner | None = None
         self._early: list[Event] = []  # events read before there was an owner
         self.close_sent = False
@@ -378,14 +402,16 @@ class WsLink(_Link):
         *,
         client: bool,
         eof: bool = False,
+        reuse: bool = False,
     ) -> WsLink:
         """Take over an upgraded transport (reading paused by whoever upgraded it, or still on
         if nothing awaited since: what it read is in ``leftover``).
 
         ``leftover``: bytes read past the upgrade's head; ``eof``: the peer's end of stream
         came with them (or the transport is already closing) - the link is then lost.
+        ``reuse``: the upgrade negotiated tunnel reuse.
         """
-        link = cls(client=client)
+        link = cls(client=client, reuse=reuse)
         link._take(transport)
         if leftover:
             link._handle(link.reader.feed(leftover))
@@ -402,7 +428,10 @@ class WsLink(_Link):
             if self._early:
                 events, self._early = self._early, []
                 owner.ws_events(self, events)
-            if self.lost:
+            if self._held and not self.ended:  # read after a tunnel's end: not handled yet
+                held, self._held = self._held, []
+                self._handle(held)
+            if self.lost and self.owner is owner:
                 owner.ws_lost(self)
 
     # -- reading -----------------------------------------------------------------------------
@@ -457,6 +486,9 @@ class WsLink(_Link):
     def _handle(self, events: list[Event]) -> None:
         if not events:
             return
+        if self.ended:  # the next tunnel's, come early: kept for the link's next owner
+            self._held.extend(_detach(e) for e in events)
+            return
         for event in events:
             if isinstance(event, Ping):
                 if not self.close_sent:
@@ -470,10 +502,64 @@ class WsLink(_Link):
                 self.close_gracefully()
             elif isinstance(event, WsError):
                 self.error_code = event.code
+            elif isinstance(event, End):
+                events = self._end_received(events)
+                if not events:
+                    return
+                break
         if self.owner is not None:
             self.owner.ws_events(self, events)
         elif not self.close_sent:  # (after our close nobody will take them)
             self._early.extend(_detach(e) for e in events)
+
+    def _end_received(self, events: list[Event]) -> list[Event]:
+        """The peer's end-of-tunnel message is among ``events``: what the owner is told."""
+        at = next(i for i, e in enumerate(events) if isinstance(e, End))
+        if self._end_sent:  # the answer to ours: the tunnel is over at both ends
+            rest = events[at + 1 :]
+            self._free()
+            if rest:  # (nothing can follow before the next tunnel; kept for its owner)
+                self._handle(rest)
+            return []
+        if self.close_sent or self.ended:  # after a real close, or twice: not the protocol
+            self.error_code = 1002
+            return [*events[:at], WsError(1002, "unexpected end-of-tunnel message")]
+        # The peer ended the tunnel first: answer at once (as a close frame is answered) -
+        # nothing of this tunnel is sent after it - and tell the owner it closed normally.
+        # What follows belongs to the next tunnel: held (reading paused) for the next owner.
+        self.close_sent = self.closed_by_peer = self.ended = True
+        self._write(frame(OP_BINARY, END_OF_TUNNEL, masked=self.client))
+        self._held = [_detach(e) for e in events[at + 1 :]]
+        self.pause_reading()
+        return [*events[:at], Close(_CLOSE_NORMAL, "")]
+
+    def _free(self) -> None:
+        """Both end-of-tunnel messages went: the link is as a fresh upgraded one, paused,
+        for :attr:`on_reusable` (or closed, for real, when nobody takes it)."""
+        timer, self._close_timer = self._close_timer, None
+        if timer is not None:
+            timer.cancel()
+        self._lingering = self._end_sent = self.ended = False
+        self.close_sent = self.closed_by_peer = False
+        self.owner = None
+        self._early = []  # (what was read after the peer's end stays held for the next owner)
+        transport = self.transport
+        if self.splicing and transport is not None:
+            transport.set_protocol(self)  # reads go through the protocol again
+        self.splicing = self.splice_ok = False
+        self.sink = None
+        self.read_size = WS_IDLE_READ
+        self.pause_reading()
+        hook, self.on_reusable = self.on_reusable, None
+        if hook is None:
+            self.retire()
+        else:
+            hook(self)
+
+    def retire(self) -> None:
+        """Close a reusable link that is not wanted any more, with the closing handshake."""
+        self.reuse = self.reader.reuse = False
+        self.close(_CLOSE_NORMAL)
 
     def eof_received(self) -> bool:
         return False  # no half-open WebSockets: the transport closes, connection_lost follows
@@ -540,6 +626,19 @@ class WsLink(_Link):
         peer answers (or after :data:`CLOSE_GRACE`; a server flushing to a peer that is slow
         but there waits as :meth:`close_gracefully` says)."""
         if self.lost:
+            return
+        if self.reuse and code == _CLOSE_NORMAL and self.error_code is None:
+            if self.ended:  # the peer's end came first and was answered
+                self._free()
+                return
+            if not self.close_sent:  # our end first: the peer's answer frees the link
+                self.close_sent = self._end_sent = True
+                self._write(frame(OP_BINARY, END_OF_TUNNEL, masked=self.client))
+                self.read_size = _END_WAIT_READ
+                self.linger(patience)
+                return
+        if self._end_sent or self.ended:  # the exchange did not finish: no handshake now
+            self.abort()
             return
         if self.error_code is not None and code == 1002:
             code = self.error_code  # a reader error knows its precise code (1009, 1007)

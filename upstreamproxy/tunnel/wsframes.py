@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..codec import (
+    END_TAG,
     LENGTH_EXCEEDS_BUFFER,
     MAX_CHUNK_PAYLOAD,
     MAX_MESSAGE_BYTES,
@@ -102,6 +103,12 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class End:
+    """The peer's end-of-tunnel message (tunnel reuse, SPEC §11): its side of the tunnel is
+    done; the WebSocket stays open. Reported only by a reader made with ``reuse``."""
+
+
+@dataclass(frozen=True, slots=True)
 class Text:
     """A text message began: not part of the tunnel protocol (the core closes with 1002)."""
 
@@ -119,7 +126,7 @@ class WsError:
 #: keepalive; :class:`Piped` from :meth:`FrameReader.skip`), a
 #: :class:`~upstreamproxy.errors.ChunkError` (a malformed chunk; nothing more is read), or a
 #: control/terminal event.
-Event = memoryview | bytes | Piped | ChunkError | Ping | Pong | Close | Text | WsError
+Event = memoryview | bytes | Piped | ChunkError | Ping | Pong | Close | End | Text | WsError
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -136,6 +143,7 @@ class FrameReader:
     __slots__ = (
         "_chunk_left",
         "_control",
+        "_ending",
         "_fin",
         "_head",
         "_in_message",
@@ -149,9 +157,12 @@ class FrameReader:
         "_pending_total",
         "_phase",
         "_prefix",
+        "reuse",
     )
 
-    def __init__(self, *, masked: bool, max_message: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self, *, masked: bool, max_message: int = MAX_MESSAGE_BYTES, reuse: bool = False
+    ) -> None:
         #: Whether frames must be masked (the server reading a client) or must not be.
         self._masked = masked
         self._max_message = max_message
@@ -170,6 +181,10 @@ class FrameReader:
         #: The whole message's size when it is one frame (checked against the chunk's
         #: length before any payload is reported); -1 for a fragmented message.
         self._pending_total = -1
+        #: Tunnel reuse was negotiated: an end-of-tunnel message is an :class:`End`, not a
+        #: wrong tag.
+        self.reuse = reuse
+        self._ending = False  # the message being read is an end-of-tunnel message
 
     @property
     def done(self) -> bool:
@@ -362,7 +377,9 @@ class FrameReader:
             prefix.append(byte)
             used += 1
             if len(prefix) == 1:
-                if byte != TAG:
+                if byte == END_TAG and self.reuse and self._pending_total == 2:
+                    self._ending = True
+                elif byte != TAG:
                     self._chunk_error(events, WRONG_TAG, f"expected tag 0x0a, got 0x{byte:02x}")
                     return piece[:0]
             elif not byte & 0x80:
@@ -373,6 +390,12 @@ class FrameReader:
                     events, OVERLONG_VARINT, f"length varint longer than {MAX_VARINT_BYTES} bytes"
                 )
             return piece[:0]
+        if self._ending:  # the whole message is END_OF_TUNNEL, or it is malformed
+            if prefix[1] != 1:
+                self._chunk_error(events, WRONG_TAG, "malformed end-of-tunnel message")
+                return piece[:0]
+            self._chunk_left = 0
+            return piece[used:]
         length = 0
         for shift, byte in enumerate(prefix[1:]):
             length |= (byte & 0x7F) << (7 * shift)
@@ -417,7 +440,10 @@ class FrameReader:
             return
         # The end of a binary message.
         self._in_message = False
-        if self._message_size == 0:
+        if self._ending:
+            self._ending = False
+            events.append(End())
+        elif self._message_size == 0:
             events.append(b"")  # a zero-length message is an empty chunk (proto3)
         elif self._chunk_left < 0:
             self._chunk_error(events, "truncated-varint", "message ends inside the length varint")

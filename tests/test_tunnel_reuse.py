@@ -1,0 +1,346 @@
+"""Tunnel reuse (SPEC §11): one WebSocket carries a session's tunnels one after another.
+
+Against the real relay and egress in this process, and against the real egress driven by a
+WebSocket client that plays the relay (the websockets library), including a hostile one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import SESSION, TOKEN, connect_via, loopback_policy
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from upstreamproxy import relay_link
+from upstreamproxy.codec import END_OF_TUNNEL, decode_chunk, encode_chunk
+from upstreamproxy.connect_head import REUSE_HEADER, basic_credentials
+from upstreamproxy.egress.auth import Session, StaticTokens
+from upstreamproxy.egress.limits import LimitConfig
+from upstreamproxy.egress.server import EgressConfig, EgressServer
+from upstreamproxy.relay import Relay, RelayConfig
+from upstreamproxy.secret import Secret
+
+AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/proto"}
+REUSE = {**AUTH, REUSE_HEADER: "1"}
+
+
+def make_egress(**config: object) -> EgressServer:
+    return EgressServer(
+        EgressConfig(**config),  # type: ignore[arg-type]
+        StaticTokens({TOKEN: Session(SESSION)}),
+        loopback_policy(),
+    )
+
+
+def make_relay(url: str, **config: object) -> Relay:
+    return Relay(
+        RelayConfig(egress_url=url, session_id=SESSION, token=Secret(TOKEN), **config)  # type: ignore[arg-type]
+    )
+
+
+def reused(egress: EgressServer) -> float:
+    value = egress.metrics.registry.get_sample_value("upstreamproxy_websockets_reused_total")
+    return value or 0.0
+
+
+async def until(check: object, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+@pytest.fixture
+async def flood_port() -> AsyncIterator[int]:
+    """An origin that sends b"A" until its client leaves (at most 256 MiB)."""
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        block = b"A" * 65536
+        try:
+            for _ in range(4096):
+                writer.write(block)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+@pytest.fixture
+async def bye_port() -> AsyncIterator[int]:
+    """An origin that says b"bye" and closes: the egress ends those tunnels first."""
+
+    async def bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(bye, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def echo_once(relay: Relay, port: int, data: bytes = b"ping") -> bytes:
+    reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+    try:
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(len(data)), 10)
+    finally:
+        writer.close()
+
+
+# -- relay and egress together ---------------------------------------------------------------
+
+
+async def test_tunnels_one_after_another_share_the_pooled_websockets(echo_port: int) -> None:
+    async with make_egress() as egress, make_relay(egress.url, pool_size=2) as relay:
+        await until(lambda: len(relay.pool) == 2)
+        for n in range(20):
+            assert await echo_once(relay, echo_port, b"ping %d" % n) == b"ping %d" % n
+            await until(lambda: len(relay.pool) == 2)  # the socket is back, not replaced
+        assert relay.pool.stats["reused"] == 20
+        assert relay.pool.stats["missed"] == 0
+        assert reused(egress) == 20
+
+
+async def test_the_tail_of_an_abandoned_download_never_reaches_the_next_tunnel(
+    flood_port: int, echo_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client ends a download mid-stream (a FIN: a reset is passed on as one, which
+    closes the WebSocket); the egress still has megabytes on their way. The same WebSocket
+    then carries the next tunnel: it sees only its own bytes."""
+    # However long the drop takes on a loaded machine, the pool waits for the socket to
+    # come back rather than opening another: the next tunnel runs on the same socket.
+    monkeypatch.setattr(relay_link, "REUSE_HOLD", 60.0)
+    async with make_egress() as egress, make_relay(egress.url, pool_size=1) as relay:
+        await until(lambda: len(relay.pool) == 1)
+        for _ in range(3):
+            reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{flood_port}")
+            assert head.startswith(b"HTTP/1.1 200")
+            got = 0
+            while got < 1024 * 1024:
+                got += len(await asyncio.wait_for(reader.read(65536), 10))
+            writer.write_eof()
+            while await asyncio.wait_for(reader.read(1 << 20), 10):
+                pass  # what was under way, then the relay's close
+            writer.close()
+            before = relay.pool.stats["reused"]
+            await until(lambda: relay.pool.stats["reused"] == before + 1)  # noqa: B023
+            assert len(relay.pool) == 1
+            reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
+            assert head == b"HTTP/1.1 200 Connection established\r\n\r\n", head
+            writer.write(b"mine")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == b"mine"
+            with pytest.raises(TimeoutError):  # and nothing after it
+                await asyncio.wait_for(reader.read(1), 0.2)
+            writer.close()
+        assert reused(egress) >= 3
+
+
+async def test_a_tunnel_the_egress_ends_first_hands_its_websocket_back(
+    bye_port: int, echo_port: int
+) -> None:
+    async with make_egress() as egress, make_relay(egress.url, pool_size=1) as relay:
+        await until(lambda: len(relay.pool) == 1)
+        for n in range(5):
+            reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{bye_port}")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(reader.read(), 10) == b"bye"  # then EOF
+            writer.close()
+            await until(lambda: relay.pool.stats["reused"] == n + 1)  # noqa: B023
+        assert await echo_once(relay, echo_port) == b"ping"
+        await until(lambda: reused(egress) == 6)
+
+
+@pytest.mark.parametrize("side", ["relay", "egress"])
+async def test_either_end_can_turn_reuse_off(side: str, echo_port: int) -> None:
+    relay_config = {"reuse": False} if side == "relay" else {}
+    egress_config = {"reuse": False} if side == "egress" else {}
+    async with (
+        make_egress(**egress_config) as egress,
+        make_relay(egress.url, pool_size=1, **relay_config) as relay,
+    ):
+        for _ in range(3):
+            assert await echo_once(relay, echo_port) == b"ping"
+        assert relay.pool.stats["reused"] == 0
+        assert reused(egress) == 0
+
+
+async def test_the_rate_limit_still_counts_tunnels_on_a_reused_websocket(echo_port: int) -> None:
+    limits = LimitConfig(session_rate=0.001, session_burst=3)
+    async with make_egress(limits=limits) as egress, make_relay(egress.url, pool_size=1) as relay:
+        await until(lambda: len(relay.pool) == 1)  # one token: the upgrade
+        assert await echo_once(relay, echo_port) == b"ping"  # on that upgrade
+        await until(lambda: len(relay.pool) == 1)
+        assert await echo_once(relay, echo_port) == b"ping"  # reused: the second token
+        await until(lambda: len(relay.pool) == 1)
+        assert await echo_once(relay, echo_port) == b"ping"  # the third
+        await until(lambda: len(relay.pool) == 1)
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 429"), head
+        assert b"session-rate-limit" in head
+
+
+# -- the egress, driven by a WebSocket client playing the relay ---------------------------------
+
+
+def connect_chunk(port: int) -> bytes:
+    target = f"127.0.0.1:{port}"
+    return encode_chunk(
+        f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: "
+        f"{basic_credentials(SESSION, TOKEN)}\r\n\r\n".encode()
+    )
+
+
+async def recv_chunk(ws: ClientConnection) -> bytes:
+    message = await asyncio.wait_for(ws.recv(), 5)
+    assert isinstance(message, bytes)
+    return message
+
+
+async def echo_tunnel(ws: ClientConnection, port: int, data: bytes) -> None:
+    await ws.send(connect_chunk(port))
+    assert decode_chunk(await recv_chunk(ws)).startswith(b"HTTP/1.1 200")
+    await ws.send(encode_chunk(data))
+    got = b""
+    while len(got) < len(data):
+        got += decode_chunk(await recv_chunk(ws))
+    assert got == data
+
+
+@pytest.fixture
+async def egress_audit(caplog: pytest.LogCaptureFixture) -> AsyncIterator[EgressServer]:
+    caplog.set_level(logging.INFO, logger="upstreamproxy.audit")
+    async with make_egress() as egress:
+        yield egress
+
+
+def audit_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "upstreamproxy.audit"]
+
+
+async def test_reuse_is_answered_only_when_offered(egress_audit: EgressServer) -> None:
+    async with connect(egress_audit.url, additional_headers=AUTH, proxy=None) as ws:
+        assert ws.response is not None and REUSE_HEADER not in ws.response.headers
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        assert ws.response is not None and ws.response.headers.get(REUSE_HEADER) == "1"
+
+
+async def test_end_of_tunnel_exchange_then_the_next_connect(
+    egress_audit: EgressServer, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        for n in range(3):
+            await echo_tunnel(ws, echo_port, b"round %d" % n)
+            await ws.send(END_OF_TUNNEL)
+            assert await recv_chunk(ws) == END_OF_TUNNEL  # the answer; the socket stays open
+    await until(lambda: len(audit_lines(caplog)) == 3)
+    assert all('"status":200' in line for line in audit_lines(caplog))
+    assert reused(egress_audit) == 3
+
+
+async def test_the_egress_ends_first_and_waits_for_the_answer(
+    egress_audit: EgressServer, bye_port: int, echo_port: int
+) -> None:
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        await ws.send(connect_chunk(bye_port))
+        assert decode_chunk(await recv_chunk(ws)).startswith(b"HTTP/1.1 200")
+        assert decode_chunk(await recv_chunk(ws)) == b"bye"
+        assert await recv_chunk(ws) == END_OF_TUNNEL
+        # Bytes of the old tunnel still on their way are dropped, not taken for a CONNECT.
+        await ws.send(encode_chunk(b"late upload"))
+        await ws.send(END_OF_TUNNEL)
+        await echo_tunnel(ws, echo_port, b"next")
+
+
+async def test_end_of_tunnel_without_reuse_is_a_protocol_error(
+    egress_audit: EgressServer, echo_port: int
+) -> None:
+    async with connect(egress_audit.url, additional_headers=AUTH, proxy=None) as ws:
+        await echo_tunnel(ws, echo_port, b"data")
+        await ws.send(END_OF_TUNNEL)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1002
+
+
+@pytest.mark.parametrize("message", [b"\x10\x02", b"\x10\x01\x00", b"\x10\x00"])
+async def test_a_malformed_end_of_tunnel_is_a_protocol_error(
+    egress_audit: EgressServer, echo_port: int, message: bytes
+) -> None:
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        await echo_tunnel(ws, echo_port, b"data")
+        await ws.send(message)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1002
+
+
+async def test_ends_without_tunnels_cost_no_audit_lines(
+    egress_audit: EgressServer, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay that sends nothing but end-of-tunnel messages: each is answered, none after
+    the first (a socket closed before its CONNECT, audited as ever) is a tunnel, and the
+    socket still serves a real one afterwards."""
+    baseline = open_fds()
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        for _ in range(200):
+            await ws.send(END_OF_TUNNEL)
+        for _ in range(200):
+            assert await recv_chunk(ws) == END_OF_TUNNEL
+        await echo_tunnel(ws, echo_port, b"real")
+        await ws.send(END_OF_TUNNEL)
+        assert await recv_chunk(ws) == END_OF_TUNNEL
+    await until(lambda: len(audit_lines(caplog)) == 2)
+    await asyncio.sleep(0.1)
+    lines = audit_lines(caplog)
+    assert len(lines) == 2 and "closed-before-connect" in lines[0] and '"status":200' in lines[1]
+    await until(lambda: open_fds() <= baseline)
+
+
+async def test_a_relay_that_never_answers_the_end_is_let_go(
+    egress_audit: EgressServer, bye_port: int
+) -> None:
+    """The egress ended the tunnel; the relay never answers (and sends nothing): the socket is
+    closed within the close grace, and its session slot comes back."""
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        await ws.send(connect_chunk(bye_port))
+        assert decode_chunk(await recv_chunk(ws)).startswith(b"HTTP/1.1 200")
+        assert decode_chunk(await recv_chunk(ws)) == b"bye"
+        assert await recv_chunk(ws) == END_OF_TUNNEL
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+    await until(lambda: egress_audit.limiter.total == 0)
