@@ -305,3 +305,76 @@ async def test_egress_killed_and_restarted(rig: Rig, echo_origin_port: int) -> N
     for _ in range(3):
         await echo_works(rig, echo_origin_port)
     await back_to(rig.relay, relay_fds, timeout=40)  # the pool refills after its back-off
+
+
+# -- tunnel reuse: a peer that fails in the middle of the end-of-tunnel exchange --------------
+
+
+async def test_egress_frozen_while_a_tunnel_ends(rig: Rig, echo_origin_port: int) -> None:
+    """The relay sent its end-of-tunnel message to an egress that froze just then: no answer
+    comes, so the socket is closed (not handed to the next tunnel) within the close grace."""
+    await echo_works(rig, echo_origin_port)  # a reused socket or two in the pool
+    relay_fds, egress_fds = await baseline(rig.relay), await baseline(rig.egress)
+    reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{echo_origin_port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.write(b"hello")
+    assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+    rig.egress.proc.send_signal(signal.SIGSTOP)
+    try:
+        writer.close()  # the relay ends the tunnel: its end-of-tunnel message goes unanswered
+        assert await closed_within(reader, 10) < 5
+        await back_to(rig.relay, relay_fds - 1, timeout=10)  # that socket is gone
+    finally:
+        rig.egress.proc.send_signal(signal.SIGCONT)
+    for _ in range(3):
+        await echo_works(rig, echo_origin_port)
+    await back_to(rig.relay, relay_fds)
+    await back_to(rig.egress, egress_fds)
+
+
+async def test_relay_frozen_while_the_egress_ends_a_tunnel(rig: Rig) -> None:
+    """The origin ends the tunnel; the egress sends its end-of-tunnel message to a relay that
+    froze: the egress lets the socket go within the close grace, without waiting for the
+    relay. Thawed, the relay still hands its client every byte, then a clean EOF."""
+    release = asyncio.Event()
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        writer.write(b"bye")
+        await writer.drain()
+        writer.close()
+
+    origin = await asyncio.start_server(held, "127.0.0.1", 0)
+    port = origin.sockets[0].getsockname()[1]
+    try:
+        relay_fds, egress_fds = await baseline(rig.relay), await baseline(rig.egress)
+        reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        rig.relay.proc.send_signal(signal.SIGSTOP)
+        try:
+            release.set()
+            # The origin's socket and the unanswered WebSocket both go.
+            await back_to(rig.egress, egress_fds - 1, timeout=10)
+        finally:
+            rig.relay.proc.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(reader.read(), 10) == b"bye"
+        writer.close()
+        for _ in range(3):
+            await echo_works_plain(rig)
+        await back_to(rig.relay, relay_fds)
+        await back_to(rig.egress, egress_fds)
+    finally:
+        origin.close()
+
+
+async def echo_works_plain(rig: Rig) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readexactly(5))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        await echo_works(rig, server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
