@@ -344,3 +344,29 @@ async def test_a_relay_that_never_answers_the_end_is_let_go(
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
     await until(lambda: egress_audit.limiter.total == 0)
+
+
+async def test_after_a_burst_the_pool_keeps_what_came_back_for_a_while(
+    echo_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty tunnels at once (a package manager's parallel downloads): their sockets come
+    back and the next burst takes them instead of opening its own; the surplus is closed
+    after SURPLUS_IDLE."""
+    monkeypatch.setattr(relay_link, "SURPLUS_IDLE", 1.0)
+    async with make_egress() as egress, make_relay(egress.url, pool_size=2) as relay:
+        await until(lambda: len(relay.pool) == 2)
+
+        async def burst() -> None:
+            results = await asyncio.gather(*(echo_once(relay, echo_port) for _ in range(20)))
+            assert results == [b"ping"] * 20
+
+        await burst()
+        await until(lambda: len(relay.pool) == 20)
+        missed = relay.pool.stats["missed"]
+        assert missed >= 18
+        await burst()
+        assert relay.pool.stats["missed"] == missed  # all twenty from the pool
+        await until(lambda: len(relay.pool) == 20)
+        await until(lambda: len(relay.pool) == 2, timeout=5)  # the surplus closed
+        await until(lambda: egress.limiter.total == 2)  # closed at the egress too
+        assert await echo_once(relay, echo_port) == b"ping"

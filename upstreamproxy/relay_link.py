@@ -15,7 +15,10 @@ With tunnel reuse (SPEC §11) negotiated, a socket whose tunnel ended with the e
 exchange comes back to the pool (:meth:`WsPool.give_back`) - while there is room - instead of
 being closed, and a socket handed out within the last :data:`REUSE_HOLD` seconds counts as
 coming back: short tunnels one after another then cost no new socket, and a long one is
-replaced once it is past that.
+replaced once it is past that. After a burst (a package manager's parallel downloads) the pool
+keeps up to :data:`SURPLUS_MAX` sockets beyond ``size`` that came back, for
+:data:`SURPLUS_IDLE` seconds: the next burst takes those instead of opening its own. Sockets
+are taken newest first, so the surplus that is not needed is the oldest, and is closed.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ POOL_BACKOFF_MAX: Final = 30.0
 #: A reusable socket handed out this recently counts toward the pool's size (it is likely
 #: to come back); after that the pool opens a replacement.
 REUSE_HOLD: Final = 1.0
+#: Sockets back from tunnels kept beyond the pool's size (after a burst), and for how long.
+SURPLUS_MAX: Final = 256
+SURPLUS_IDLE: Final = 5.0
 
 
 async def open_ws(cfg: LinkConfig, *, preopened: bool = False) -> WsLink:
@@ -75,7 +81,7 @@ class _Idle:
         self.link = link
         self._loop = asyncio.get_running_loop()
         self._ping_sent: float | None = None
-        self._last_heard = self._loop.time()
+        self._last_heard = self.since = self._loop.time()
         self._next_keepalive = self._last_heard + pool._keepalive
         self._timer: asyncio.TimerHandle | None = None
         link.set_owner(self)
@@ -169,6 +175,7 @@ class WsPool:
         #: Reusable sockets handed out, and when: young ones count toward ``size``.
         self._out: dict[WsLink, float] = {}
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._surplus_timer: asyncio.TimerHandle | None = None
         #: Sockets handed out, replaced after dying before an answer, opened on demand, and
         #: back from a tunnel (reuse).
         self.stats = {"taken": 0, "replaced": 0, "missed": 0, "reused": 0}
@@ -183,7 +190,7 @@ class WsPool:
     def take_ready(self) -> WsLink | None:
         """A ready socket at once, or None (:meth:`take` then waits for or opens one)."""
         while self._idle:
-            idle = self._idle.popleft()
+            idle = self._idle.pop()  # the newest: what is not needed ages at the other end
             link = idle.release()
             if link.usable:
                 self._handed_out(link)
@@ -208,15 +215,31 @@ class WsPool:
         """A socket whose tunnel ended with the end-of-tunnel exchange: kept while there is
         room, closed otherwise."""
         self._out.pop(link, None)
-        if self._closed or len(self._idle) >= self.size or not link.usable:
+        room = self.size + SURPLUS_MAX if self.size else 0
+        if self._closed or len(self._idle) >= room or not link.usable:
             link.retire()
             return
         self.stats["reused"] += 1
         idle = _Idle(self, link)
-        if link.usable:
-            self._idle.append(idle)
-        else:
+        if not link.usable:
             idle.drop()
+            return
+        self._idle.append(idle)
+        if len(self._idle) > self.size and self._surplus_timer is None:
+            self._surplus_timer = asyncio.get_running_loop().call_at(
+                self._idle[0].since + SURPLUS_IDLE, self._trim_surplus
+            )
+
+    def _trim_surplus(self) -> None:
+        """Close the sockets beyond ``size`` that waited :data:`SURPLUS_IDLE` (oldest first)."""
+        self._surplus_timer = None
+        now = asyncio.get_running_loop().time()
+        while len(self._idle) > self.size and self._idle[0].since + SURPLUS_IDLE <= now:
+            self._idle.popleft().release().retire()
+        if len(self._idle) > self.size:
+            self._surplus_timer = asyncio.get_running_loop().call_at(
+                self._idle[0].since + SURPLUS_IDLE, self._trim_surplus
+            )
 
     async def take(self) -> tuple[WsLink, bool]:
         """A ready socket (``pooled`` True) or, if none is ready, a freshly opened one."""
@@ -249,8 +272,9 @@ class WsPool:
 
     async def close(self) -> None:
         self._closed = True
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
+        for timer in (self._hold_timer, self._surplus_timer):
+            if timer is not None:
+                timer.cancel()
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
