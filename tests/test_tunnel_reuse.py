@@ -15,6 +15,7 @@ import pytest
 from conftest import SESSION, TOKEN, connect_via, loopback_policy
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 
 from upstreamproxy import relay_link
 from upstreamproxy.codec import END_OF_TUNNEL, decode_chunk, encode_chunk
@@ -149,11 +150,11 @@ async def test_the_tail_of_an_abandoned_download_never_reaches_the_next_tunnel(
             got = 0
             while got < 1024 * 1024:
                 got += len(await asyncio.wait_for(reader.read(65536), 10))
+            before = relay.pool.stats["reused"]
             writer.write_eof()
             while await asyncio.wait_for(reader.read(1 << 20), 10):
                 pass  # what was under way, then the relay's close
             writer.close()
-            before = relay.pool.stats["reused"]
             await until(lambda: relay.pool.stats["reused"] == before + 1)  # noqa: B023
             assert len(relay.pool) == 1
             reader, writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
@@ -309,26 +310,65 @@ async def test_a_malformed_end_of_tunnel_is_a_protocol_error(
     assert ws.close_code == 1002
 
 
-async def test_ends_without_tunnels_cost_no_audit_lines(
-    egress_audit: EgressServer, echo_port: int, caplog: pytest.LogCaptureFixture
+async def test_an_end_without_a_tunnel_is_a_protocol_error(
+    egress_audit: EgressServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A relay that sends nothing but end-of-tunnel messages: each is answered, none after
-    the first (a socket closed before its CONNECT, audited as ever) is a tunnel, and the
-    socket still serves a real one afterwards."""
+    """No relay ends a tunnel that carried nothing: a hostile one would make empty rounds
+    cheap (each answered, each a new tunnel object). The first such end closes (1002)."""
     baseline = open_fds()
     async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
         for _ in range(200):
             await ws.send(END_OF_TUNNEL)
-        for _ in range(200):
-            assert await recv_chunk(ws) == END_OF_TUNNEL
-        await echo_tunnel(ws, echo_port, b"real")
-        await ws.send(END_OF_TUNNEL)
-        assert await recv_chunk(ws) == END_OF_TUNNEL
-    await until(lambda: len(audit_lines(caplog)) == 2)
-    await asyncio.sleep(0.1)
-    lines = audit_lines(caplog)
-    assert len(lines) == 2 and "closed-before-connect" in lines[0] and '"status":200' in lines[1]
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1002
     await until(lambda: open_fds() <= baseline)
+    assert "protocol error" in caplog.text
+
+
+async def test_a_connect_pipelined_between_two_ends_is_not_lost(
+    egress_audit: EgressServer, bye_port: int, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The egress ended a tunnel; in one write the relay answers, sends its next CONNECT and
+    ends that tunnel at once (its client left): the CONNECT is served (and audited), and
+    the socket goes on."""
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        await ws.send(connect_chunk(bye_port))
+        assert decode_chunk(await recv_chunk(ws)).startswith(b"HTTP/1.1 200")
+        assert decode_chunk(await recv_chunk(ws)) == b"bye"
+        assert await recv_chunk(ws) == END_OF_TUNNEL
+        frames = (END_OF_TUNNEL, connect_chunk(echo_port), END_OF_TUNNEL)
+        ws.transport.write(  # three messages in one write: one read at the egress
+            b"".join(Frame(Opcode.BINARY, m).serialize(mask=True, extensions=[]) for m in frames)
+        )
+        assert await recv_chunk(ws) == END_OF_TUNNEL
+        await echo_tunnel(ws, echo_port, b"next")
+    await until(lambda: len(audit_lines(caplog)) == 3)
+    assert f'"target":"127.0.0.1:{echo_port}"' in audit_lines(caplog)[1]
+
+
+async def test_over_the_rate_a_reused_socket_is_closed(echo_port: int) -> None:
+    """A CONNECT over the session's rate on a reused socket gets its 429, then the socket is
+    closed (1008): further tries cost an upgrade, refused before any tunnel."""
+    limits = LimitConfig(session_rate=0.001, session_burst=2)
+    async with make_egress(limits=limits) as egress:
+        async with connect(egress.url, additional_headers=REUSE, proxy=None) as ws:
+            await echo_tunnel(ws, echo_port, b"one")  # the upgrade's token
+            await ws.send(END_OF_TUNNEL)
+            assert await recv_chunk(ws) == END_OF_TUNNEL
+            await echo_tunnel(ws, echo_port, b"two")  # the second token
+            await ws.send(END_OF_TUNNEL)
+            assert await recv_chunk(ws) == END_OF_TUNNEL
+            await ws.send(connect_chunk(echo_port))
+            status = decode_chunk(await recv_chunk(ws))
+            assert status.startswith(b"HTTP/1.1 429") and b"session-rate-limit" in status
+            assert await recv_chunk(ws) == END_OF_TUNNEL
+            await ws.send(END_OF_TUNNEL)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1008
+        await until(lambda: egress.limiter.total == 0)
 
 
 async def test_a_relay_that_never_answers_the_end_is_let_go(

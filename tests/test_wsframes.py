@@ -718,11 +718,13 @@ def test_without_reuse_an_end_of_tunnel_message_is_a_wrong_tag() -> None:
         ws_frame(OP_BINARY, b"\x10\x01\x00", mask=False),  # a trailing byte
         ws_frame(OP_BINARY, b"\x10", mask=False),  # truncated
         ws_frame(OP_BINARY, b"\x10\x81\x00", mask=False),  # an overlong varint
+        ws_frame(OP_BINARY, b"\x10\x81", mask=False),  # a varint that never ends
+        ws_frame(OP_BINARY, b"\x10\x80", mask=False),
         # fragmented: an end-of-tunnel message is always one frame
         ws_frame(OP_BINARY, b"\x10", mask=False, fin=False)
         + ws_frame(OP_CONT, b"\x01", mask=False),
     ],
-    ids=["two", "false", "trailing", "truncated", "overlong", "fragmented"],
+    ids=["two", "false", "trailing", "truncated", "overlong", "unended", "unended0", "fragmented"],
 )
 def test_a_malformed_end_of_tunnel_message_is_an_error_and_ends_reading(stream: bytes) -> None:
     reader = FrameReader(masked=False, reuse=True)

@@ -190,7 +190,9 @@ class WsPool:
     def take_ready(self) -> WsLink | None:
         """A ready socket at once, or None (:meth:`take` then waits for or opens one)."""
         while self._idle:
-            idle = self._idle.pop()  # the newest: what is not needed ages at the other end
+            # The newest, where sockets come back (reuse): what is not needed ages at the other
+            # end. Without reuse the oldest, before a server's own wait for its CONNECT ends.
+            idle = self._idle.pop() if self._idle[-1].link.reuse else self._idle.popleft()
             link = idle.release()
             if link.usable:
                 self._handed_out(link)

@@ -26,7 +26,7 @@ from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from ..memtrim import Trimmer
 from ..tunnel import pipe
-from ..tunnel.core import CLOSE_GOING_AWAY
+from ..tunnel.core import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION
 from ..tunnel.links import WsLink
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
@@ -419,6 +419,11 @@ class EgressServer:
                 return
             if self._refusing:  # draining: the relay opens its next socket elsewhere
                 link.close(CLOSE_GOING_AWAY)
+                return
+            if tunnel.core.status == 429:
+                # Over a limit: no cheap retries on this socket - the next try is an upgrade,
+                # refused (429) before any tunnel or audit line.
+                link.close(CLOSE_POLICY_VIOLATION)
                 return
             self.metrics.reused.inc()
             freed = loop.create_future()

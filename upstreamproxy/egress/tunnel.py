@@ -198,6 +198,13 @@ class Tunnel:
         """In-tunnel credentials, admission, then the upstream (or the interception engine)."""
         request = action.request
         assert request is not None
+        # First: every CONNECT on a reused socket takes a token, refused or not.
+        if self.reused:
+            try:
+                self.ctx.limiter.renew(self.session.session_id)
+            except LimitExceeded as exc:
+                self.ctx.metrics.limit_rejections.labels(exc.reason).inc()
+                raise OpenFailed(exc.status, exc.reason) from None
         try:
             check_tunnel_credentials(
                 request.header("Proxy-Authorization"), self.session, self._token
@@ -205,12 +212,6 @@ class Tunnel:
         except HeadError as exc:
             self.ctx.metrics.auth_failures.labels("tunnel-credentials").inc()
             raise OpenFailed(exc.status, exc.reason) from None
-        if self.reused:
-            try:
-                self.ctx.limiter.renew(self.session.session_id)
-            except LimitExceeded as exc:
-                self.ctx.metrics.limit_rejections.labels(exc.reason).inc()
-                raise OpenFailed(exc.status, exc.reason) from None
         if self.core.preopened and self.ctx.authenticate is not None:
             # Authenticated at its upgrade, maybe long ago: the token must still be good.
             try:

@@ -382,6 +382,7 @@ class WsLink(_Link):
         self.ended = False
         self._end_sent = False  # ours went first: the peer's is awaited
         self._held: list[Event] = []  # read after the peer's end, before the link is free
+        self._carried = False  # a chunk with bytes came since the upgrade or the last end
         self.reader = FrameReader(masked=not client, reuse=reuse)
         self.owner: WsOwner | None = None
         self._early: list[Event] = []  # events read before there was an owner
@@ -489,6 +490,7 @@ class WsLink(_Link):
         if self.ended:  # the next tunnel's, come early: kept for the link's next owner
             self._held.extend(_detach(e) for e in events)
             return
+        keep = not self.close_sent  # (what comes after our close nobody will take)
         for event in events:
             if isinstance(event, Ping):
                 if not self.close_sent:
@@ -507,9 +509,11 @@ class WsLink(_Link):
                 if not events:
                     return
                 break
+            elif event:
+                self._carried = True
         if self.owner is not None:
             self.owner.ws_events(self, events)
-        elif not self.close_sent:  # (after our close nobody will take them)
+        elif keep:
             self._early.extend(_detach(e) for e in events)
 
     def _end_received(self, events: list[Event]) -> list[Event]:
@@ -521,7 +525,9 @@ class WsLink(_Link):
             if rest:  # (nothing can follow before the next tunnel; kept for its owner)
                 self._handle(rest)
             return []
-        if self.close_sent or self.ended:  # after a real close, or twice: not the protocol
+        if self.close_sent or self.ended or not self._carried:
+            # After a real close, twice, or ending a tunnel that never carried a byte (no
+            # peer does that; a hostile one would make empty rounds cheap): not the protocol.
             self.error_code = 1002
             return [*events[:at], WsError(1002, "unexpected end-of-tunnel message")]
         # The peer ended the tunnel first: answer at once (as a close frame is answered) -
@@ -539,7 +545,7 @@ class WsLink(_Link):
         timer, self._close_timer = self._close_timer, None
         if timer is not None:
             timer.cancel()
-        self._lingering = self._end_sent = self.ended = False
+        self._lingering = self._end_sent = self.ended = self._carried = False
         self.close_sent = self.closed_by_peer = False
         self.owner = None
         self._early = []  # (what was read after the peer's end stays held for the next owner)
@@ -555,6 +561,10 @@ class WsLink(_Link):
             self.retire()
         else:
             hook(self)
+
+    def resume_reading(self) -> None:
+        if not self.ended:  # (ended: nothing is read until the next owner has the link)
+            super().resume_reading()
 
     def retire(self) -> None:
         """Close a reusable link that is not wanted any more, with the closing handshake."""

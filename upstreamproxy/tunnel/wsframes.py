@@ -442,6 +442,9 @@ class FrameReader:
         self._in_message = False
         if self._ending:
             self._ending = False
+            if self._chunk_left != 0:  # the value's varint never ended
+                self._chunk_error(events, WRONG_TAG, "malformed end-of-tunnel message")
+                return
             events.append(End())
         elif self._message_size == 0:
             events.append(b"")  # a zero-length message is an empty chunk (proto3)
