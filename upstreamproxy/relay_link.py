@@ -217,6 +217,11 @@ class WsPool:
         """A socket whose tunnel ended with the end-of-tunnel exchange: kept while there is
         room, closed otherwise."""
         self._out.pop(link, None)
+        while self._waiters and link.usable and not self._closed:
+            waiter = self._waiters.popleft()  # a CONNECT waiting for a socket being opened
+            if not waiter.done():
+                waiter.set_result(link)
+                return
         room = self.size + SURPLUS_MAX if self.size else 0
         if self._closed or len(self._idle) >= room or not link.usable:
             link.retire()
