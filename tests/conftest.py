@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,18 @@ def origin_app() -> web.Application:
     app.router.add_get("/bytes/{size:\\d+}", data)
     app.router.add_post("/upload", upload)
     return app
+
+
+@contextlib.asynccontextmanager
+async def tcp_origin(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[int]:
+    """A plain TCP origin on 127.0.0.1 serving each connection with ``handle``; its port."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
 
 
 @dataclass

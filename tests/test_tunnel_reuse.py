@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import SESSION, TOKEN, connect_via, loopback_policy
+from conftest import SESSION, TOKEN, connect_via, loopback_policy, tcp_origin
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -70,9 +70,8 @@ async def echo_port() -> AsyncIterator[int]:
             pass
         writer.close()
 
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
+    async with tcp_origin(echo) as port:
+        yield port
 
 
 @pytest.fixture
@@ -89,9 +88,8 @@ async def flood_port() -> AsyncIterator[int]:
             pass
         writer.close()
 
-    server = await asyncio.start_server(flood, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
+    async with tcp_origin(flood) as port:
+        yield port
 
 
 @pytest.fixture
@@ -103,9 +101,8 @@ async def bye_port() -> AsyncIterator[int]:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(bye, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
+    async with tcp_origin(bye) as port:
+        yield port
 
 
 async def echo_once(relay: Relay, port: int, data: bytes = b"ping") -> bytes:

@@ -51,25 +51,33 @@ def env_flag(name: str) -> bool:
     return os.environ.get(f"UPSTREAMPROXY_{name}", "").lower() in ("1", "true", "yes", "on")
 
 
+def add_switch(parser: argparse._ActionsContainer, flag: str, env: str, help: str) -> None:
+    """A ``store_true`` flag that ``UPSTREAMPROXY_<env>=1`` also sets."""
+    parser.add_argument(
+        flag,
+        action="store_true",
+        default=env_flag(env),
+        help=f"{help} (env UPSTREAMPROXY_{env}=1)",
+    )
+
+
 def add_splice_option(parser: argparse._ActionsContainer) -> None:
     """``--no-splice``: the relay and the egress move download bytes through user space."""
-    parser.add_argument(
+    add_switch(
+        parser,
         "--no-splice",
-        action="store_true",
-        default=env_flag("NO_SPLICE"),
-        help="never splice(2) download bytes between sockets; read and write them instead "
-        "(env UPSTREAMPROXY_NO_SPLICE=1)",
+        "NO_SPLICE",
+        "never splice(2) download bytes between sockets; read and write them instead",
     )
 
 
 def add_reuse_option(parser: argparse._ActionsContainer) -> None:
     """``--no-reuse``: one WebSocket per tunnel, as CCR does (no tunnel reuse, SPEC §11)."""
-    parser.add_argument(
+    add_switch(
+        parser,
         "--no-reuse",
-        action="store_true",
-        default=env_flag("NO_REUSE"),
-        help="never reuse a WebSocket for a second tunnel: one per CONNECT, closed after it "
-        "(env UPSTREAMPROXY_NO_REUSE=1)",
+        "NO_REUSE",
+        "never reuse a WebSocket for a second tunnel: one per CONNECT, closed after it",
     )
 
 
