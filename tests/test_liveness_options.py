@@ -61,6 +61,19 @@ def test_start_reads_the_same_variables() -> None:
     assert info.value.field == "ping_interval"
 
 
+def test_no_reuse_is_read_from_the_given_environment_by_start_and_the_relay_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("UPSTREAMPROXY_NO_REUSE", raising=False)
+    assert tuning_from_env({"UPSTREAMPROXY_NO_REUSE": "1"}) == {"reuse": False}
+    assert tuning_from_env({"UPSTREAMPROXY_NO_REUSE": "0"}) == {}
+    args = parse(["relay", "--egress-url", "ws://x/ws", "--session-id", "s"])
+    assert config_from_args(args, Secret("t")).reuse is True
+    monkeypatch.setenv("UPSTREAMPROXY_NO_REUSE", "yes")
+    args = parse(["relay", "--egress-url", "ws://x/ws", "--session-id", "s"])
+    assert config_from_args(args, Secret("t")).reuse is False
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("pool_size", -1), ("ping_interval", 0), ("ping_timeout", -1), ("write_stall_timeout", 0)],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,10 @@ def _named_type(convert: Callable[[str], Any], flag: str, variable: str) -> Call
     return parse
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(f"UPSTREAMPROXY_{name}", "").lower() in ("1", "true", "yes", "on")
+def env_flag(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``UPSTREAMPROXY_<name>`` (in ``environ``, default the process's) is set true."""
+    value = (os.environ if environ is None else environ).get(f"UPSTREAMPROXY_{name}", "")
+    return value.lower() in ("1", "true", "yes", "on")
 
 
 def add_switch(parser: argparse._ActionsContainer, flag: str, env: str, help: str) -> None:

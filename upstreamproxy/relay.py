@@ -37,6 +37,7 @@ from .errors import ConfigError
 from .fdlimit import tunnel_budget
 from .memstream import stream_pair
 from .memtrim import Trimmer
+from .options import env_flag
 from .relay_link import LinkConfig, WsPool, open_ws
 from .relay_tunnel import OVER_BUDGET, ClientLink, Refusal, RelayTunnel
 from .secret import Secret
@@ -144,7 +145,7 @@ def tuning_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             fields[field_name] = convert(raw)
         except ValueError:
             raise ConfigError(field_name, f"UPSTREAMPROXY_{name}={raw!r} is not a number") from None
-    if environ.get("UPSTREAMPROXY_NO_REUSE", "").lower() in ("1", "true", "yes", "on"):
+    if env_flag("NO_REUSE", environ):
         fields["reuse"] = False
     return fields
 

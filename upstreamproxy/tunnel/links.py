@@ -33,8 +33,10 @@ from typing import Final, Protocol
 
 from ..codec import END_OF_TUNNEL
 from . import pipe
+from .core import CLOSE_NORMAL
 from .payload import Piped
 from .wsframes import (
+    CLOSE_PROTOCOL_ERROR,
     HEADROOM,
     OP_BINARY,
     OP_CLOSE,
@@ -62,7 +64,6 @@ WS_IDLE_READ: Final = 16 * 1024
 #: What a reused WebSocket reads at once while it waits for the peer's end of a tunnel
 #: (dropping the tunnel's last bytes the peer sent before it saw ours).
 _END_WAIT_READ: Final = 64 * 1024
-_CLOSE_NORMAL: Final = 1000
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 #: How often a server's WebSocket that sent its close checks whether its bytes arrived.
 _LINGER_CHECK: Final = 0.1
@@ -528,16 +529,16 @@ class WsLink(_Link):
         if self.close_sent or self.ended or not self._carried:
             # After a real close, twice, or ending a tunnel that never carried a byte (no
             # peer does that; a hostile one would make empty rounds cheap): not the protocol.
-            self.error_code = 1002
-            return [*events[:at], WsError(1002, "unexpected end-of-tunnel message")]
+            self.error_code = CLOSE_PROTOCOL_ERROR
+            return [*events[:at], WsError(CLOSE_PROTOCOL_ERROR, "unexpected end-of-tunnel message")]
         # The peer ended the tunnel first: answer at once (as a close frame is answered) -
         # nothing of this tunnel is sent after it - and tell the owner it closed normally.
         # What follows belongs to the next tunnel: held (reading paused) for the next owner.
         self.close_sent = self.closed_by_peer = self.ended = True
-        self._write(frame(OP_BINARY, END_OF_TUNNEL, masked=self.client))
+        self._send_end()
         self._held = [_detach(e) for e in events[at + 1 :]]
         self.pause_reading()
-        return [*events[:at], Close(_CLOSE_NORMAL, "")]
+        return [*events[:at], Close(CLOSE_NORMAL, "")]
 
     def _free(self) -> None:
         """Both end-of-tunnel messages went: the link is as a fresh upgraded one, paused,
@@ -562,6 +563,9 @@ class WsLink(_Link):
         else:
             hook(self)
 
+    def _send_end(self) -> None:
+        self._write(frame(OP_BINARY, END_OF_TUNNEL, masked=self.client))
+
     def resume_reading(self) -> None:
         if not self.ended:  # (ended: nothing is read until the next owner has the link)
             super().resume_reading()
@@ -569,7 +573,7 @@ class WsLink(_Link):
     def retire(self) -> None:
         """Close a reusable link that is not wanted any more, with the closing handshake."""
         self.reuse = self.reader.reuse = False
-        self.close(_CLOSE_NORMAL)
+        self.close(CLOSE_NORMAL)
 
     def eof_received(self) -> bool:
         return False  # no half-open WebSockets: the transport closes, connection_lost follows
@@ -637,13 +641,13 @@ class WsLink(_Link):
         but there waits as :meth:`close_gracefully` says)."""
         if self.lost:
             return
-        if self.reuse and code == _CLOSE_NORMAL and self.error_code is None:
+        if self.reuse and code == CLOSE_NORMAL and self.error_code is None:
             if self.ended:  # the peer's end came first and was answered
                 self._free()
                 return
             if not self.close_sent:  # our end first: the peer's answer frees the link
                 self.close_sent = self._end_sent = True
-                self._write(frame(OP_BINARY, END_OF_TUNNEL, masked=self.client))
+                self._send_end()
                 self.read_size = _END_WAIT_READ
                 self.linger(patience)
                 return
