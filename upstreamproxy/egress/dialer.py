@@ -4,13 +4,17 @@ Connections race RFC 8305 style ("happy eyeballs") with :mod:`aiohappyeyeballs` 
 implementation aiohttp uses): the checked addresses are interleaved by family, a new attempt
 starts every ``stagger`` seconds or as soon as the previous one fails, and the first to
 connect wins; the rest are closed. It is fed socket addresses built from the checked IP
-addresses, so nothing is resolved again.
+addresses, so nothing is resolved again. A single address has nothing to race: it is
+connected directly (what aiohappyeyeballs does then too, less its layers of coroutines and
+``sock_connect``'s second look at the address - a dial is a good part of a new tunnel's cost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,10 +88,14 @@ async def dial_addresses(
     within ``deadline`` seconds for the whole race."""
     if not addresses:
         raise DialError(502, "dial-failed")
+    infos = address_infos(addresses, port)
     try:
         async with asyncio.timeout(deadline):
+            if len(infos) == 1:
+                sock = await _connect(infos[0])
+                return Upstream(sock, _format(str(addresses[0]), port))
             sock = await aiohappyeyeballs.start_connection(
-                address_infos(addresses, port), happy_eyeballs_delay=stagger, interleave=1
+                infos, happy_eyeballs_delay=stagger, interleave=1
             )
     except TimeoutError:
         raise DialError(504, "dial-timeout") from None
@@ -106,3 +114,35 @@ async def dial_addresses(
         sock.close()
         raise DialError(502, "dial-failed") from None
     return Upstream(sock, address)
+
+
+async def _connect(info: aiohappyeyeballs.AddrInfoType) -> socket.socket:
+    """One non-blocking connect to a literal socket address; the socket, or an OSError."""
+    family, kind, proto, _, address = info
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        if error == errno.EINPROGRESS:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            fd = sock.fileno()
+            loop.add_writer(fd, _writable, loop, fd, done)
+            try:
+                await done
+            except BaseException:  # cancelled, or timed out
+                loop.remove_writer(fd)
+                raise
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _writable(loop: asyncio.AbstractEventLoop, fd: int, done: asyncio.Future[None]) -> None:
+    loop.remove_writer(fd)  # (level-triggered: not again before the task resumes)
+    if not done.done():
+        done.set_result(None)
