@@ -123,7 +123,7 @@ async def _connect(info: aiohappyeyeballs.AddrInfoType) -> socket.socket:
     try:
         sock.setblocking(False)
         error = sock.connect_ex(address)
-        if error == errno.EINPROGRESS:
+        if error in (errno.EINPROGRESS, errno.EINTR):  # (as sock_connect: under way)
             loop = asyncio.get_running_loop()
             done: asyncio.Future[None] = loop.create_future()
             fd = sock.fileno()
