@@ -17,16 +17,18 @@ from typing import Any
 audit_log = logging.getLogger("upstreamproxy.audit")
 log = logging.getLogger("upstreamproxy.egress")
 
-#: The whole-second part of the last timestamp, formatted once per second.
-_second: list[Any] = [-1, ""]
+#: The last timestamp's whole second, and that second formatted (once per second).
+_second = -1
+_second_text = ""
 
 
 def utc_now() -> str:
+    global _second, _second_text
     now = time.time()
     second = int(now)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int(now % 1 * 1000):03d}Z"
+    if second != _second:
+        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second_text}.{int(now % 1 * 1000):03d}Z"
 
 
 _encoder = json.JSONEncoder(separators=(",", ":"), default=str)
