@@ -237,7 +237,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         pol,
         "--reload-interval",
         "RELOAD_INTERVAL",
-        "seconds between checks of the policy and key files for changes (0: SIGHUP only)",
+        "seconds between checks of the policy and key files for changes and of the audit file "
+        "for rotation (0: SIGHUP only)",
         default=10.0,
         type=float,
     )

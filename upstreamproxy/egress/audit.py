@@ -35,6 +35,8 @@ _encoder = json.JSONEncoder(separators=(",", ":"), default=str)
 
 #: ``--audit-log``: the file's descriptor (``O_APPEND``), written directly; None: the logger.
 _fd: int | None = None
+#: The path ``_fd`` was opened from (looked at again by :func:`reopen_if_moved`).
+_path: Path | None = None
 _failed_at = 0.0
 
 
@@ -68,11 +70,44 @@ def _write(data: bytes) -> None:
             log.error("cannot write the audit log: %s", exc.strerror or exc)
 
 
+def _open(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+
+
 def log_to_file(path: Path) -> None:
     """Send audit lines (bare JSON, one per line) to ``path`` instead of the root handlers
     (appended; created as ``logging.FileHandler`` would, honouring the umask)."""
-    global _fd
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    global _fd, _path
+    fd = _open(path)
     if _fd is not None:
         os.close(_fd)
-    _fd = fd
+    _fd, _path = fd, path
+
+
+def reopen_if_moved() -> bool:
+    """After a log rotation renamed or removed the audit file, open its path anew (created
+    if missing) so that lines stop going to the old file - or, once the rotation deleted
+    it, nowhere. Cheap (a ``stat`` and an ``fstat``): the egress calls it on SIGHUP and on
+    every ``--reload-interval`` tick. A path that cannot be opened keeps the old file,
+    logged; returns whether the file was reopened."""
+    global _fd
+    if _fd is None or _path is None:
+        return False
+    try:
+        now = os.stat(_path)
+        same = os.path.samestat(now, os.fstat(_fd))
+    except FileNotFoundError:
+        same = False
+    except OSError:
+        return False  # cannot tell: keep writing where we are
+    if same:
+        return False
+    try:
+        fd = _open(_path)
+    except OSError as exc:
+        log.error("cannot reopen the audit log %s: %s", _path, exc.strerror or exc)
+        return False
+    old, _fd = _fd, fd
+    os.close(old)
+    log.info("audit log reopened: %s", _path)
+    return True

@@ -233,11 +233,13 @@ class EgressServer:
 
     async def _watch_files(self) -> None:
         """Reload when the policy file or a key file changes (a ConfigMap or Secret update swaps
-        them underneath us), as SIGHUP would."""
+        them underneath us), as SIGHUP would; reopen an audit file a rotation moved."""
         while True:
             await asyncio.sleep(self.config.reload_interval)
             if self.policies.changed() or self.authenticator.changed():
-                self.reload()
+                self.reload()  # (which reopens a moved audit file too)
+            else:
+                audit.reopen_if_moved()
 
     async def stop(self, grace: float = 0.0, delay: float = 0.0) -> None:
         """Drain: readiness turns 503; for ``delay`` seconds new tunnels are still accepted
@@ -274,8 +276,10 @@ class EgressServer:
         self._started = False
 
     def reload(self) -> bool:
-        """Reload the policy file and the token keys (SIGHUP). A bad file keeps the last good."""
+        """Reload the policy file and the token keys (SIGHUP). A bad file keeps the last good.
+        A rotated audit file (``--audit-log``) is reopened."""
         ok = True
+        audit.reopen_if_moved()
         error = self.policies.reload()
         if error is not None:
             ok = False
