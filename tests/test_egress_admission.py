@@ -649,4 +649,7 @@ async def test_dns_failure_is_502(admission: EgressServer, name: str, reason: st
     assert answer.status == 502
     assert answer.reason == reason
     assert answer.json()["reason"] == reason
+    # The rule that let the name through is named, as for a failed dial.
+    assert answer.rule == "names"
+    assert answer.json()["rule"] == "names"
     assert calls(admission) == [name]

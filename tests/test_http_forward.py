@@ -391,8 +391,11 @@ async def test_https_absolute_form_is_refused(plain: PlainWorld) -> None:
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(65536), 10)
     writer.close()
-    # Not an http:// absolute-form request: the CONNECT parser refuses the method.
+    # Not an http:// absolute-form request: the CONNECT parser refuses the method, and says
+    # what to do instead (not "only tunnels CONNECT": http:// URLs are forwarded).
     assert answer.startswith(b"HTTP/1.1 405")
+    assert b"https:// URLs must be tunnelled with CONNECT" in answer
+    assert b"only tunnels CONNECT" not in answer
 
 
 async def test_malformed_second_request_gets_400_and_close(plain: PlainWorld) -> None:

@@ -221,6 +221,8 @@ def parse_connect_head(head: bytes) -> ConnectRequest:
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         raise HeadError(400, "unsupported HTTP version")
     if method != "CONNECT":
+        if raw_target[:8].lower() == "https://":  # (a plain-HTTP client given HTTPS_PROXY's URL)
+            raise HeadError(405, "https:// URLs must be tunnelled with CONNECT")
         raise HeadError(405, f"method {method[:16]} not allowed; this proxy only tunnels CONNECT")
     target = parse_target(raw_target)
     return ConnectRequest(method, target, version, _parse_headers(lines[1:]))

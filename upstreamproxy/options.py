@@ -31,7 +31,20 @@ def add_option(
     convert = kwargs.pop("type", None)
     if convert is not None:
         kwargs["type"] = _named_type(convert, flag, f"UPSTREAMPROXY_{env}")
-    parser.add_argument(flag, default=value, help=f"{help} (env UPSTREAMPROXY_{env})", **kwargs)
+    shown = _shown_default(default, help)
+    parser.add_argument(
+        flag, default=value, help=f"{help} ({shown}env UPSTREAMPROXY_{env})", **kwargs
+    )
+
+
+def _shown_default(default: Any, help: str) -> str:
+    """``default: X; `` for the help text - unless there is none, or the text names it."""
+    if default is None or default is False or "default" in help:
+        return ""
+    if isinstance(default, float) and default.is_integer():
+        default = int(default)
+    text = ",".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+    return f"default: {text}; ".replace("%", "%%")  # (argparse %-formats help)
 
 
 def _named_type(convert: Callable[[str], Any], flag: str, variable: str) -> Callable[[str], Any]:

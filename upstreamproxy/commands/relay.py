@@ -76,7 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser,
         "--egress-proxy",
         "EGRESS_PROXY",
-        "outbound proxy the relay uses to reach the egress (http:// or socks5://)",
+        "outbound proxy the relay uses to reach the egress (http://, https:// or socks5://)",
     )
     add_option(
         parser,

@@ -121,7 +121,7 @@ class Admission:
         else:
             record.decision = "deny"
             raise Refusal(403, decision.reason, decision.rule)
-        addresses = await self._resolve(host, target.port)
+        addresses = await self._resolve(host, target.port, decision.rule)
         record.resolved = [str(a) for a in addresses]
         self._check_addresses(policy, addresses, target.port, decision.rule, record)
         if decision.intercept is not None:
@@ -144,14 +144,14 @@ class Admission:
         record.dialled = upstream.address
         return upstream
 
-    async def _resolve(self, host: str, port: int) -> list[IPAddress]:
+    async def _resolve(self, host: str, port: int, rule: str) -> list[IPAddress]:
         literal = parse_ip_literal(host)
         if literal is not None:
             return [literal]
         try:
             return await self._resolver.resolve(host, port)
         except ResolveError as exc:
-            raise Refusal(504 if exc.reason == "dns-timeout" else 502, exc.reason) from None
+            raise Refusal(504 if exc.reason == "dns-timeout" else 502, exc.reason, rule) from None
 
     def _check_addresses(
         self,

@@ -18,7 +18,11 @@ class EgressMetrics:
             ["decision"],
             registry=r,
         )
-        self.active = Gauge("upstreamproxy_active_tunnels", "Tunnels open now", registry=r)
+        self.active = Gauge(
+            "upstreamproxy_active_tunnels",
+            "Tunnel WebSockets open now (pre-opened and idle reused ones included)",
+            registry=r,
+        )
         self.bytes = Counter(
             "upstreamproxy_bytes_total",
             "Bytes relayed; direction is up (to upstream) or down",

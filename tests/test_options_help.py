@@ -1,0 +1,76 @@
+"""``--help`` shows each option's built-in default next to its environment variable, so the
+README's defaults tables can be checked against the program itself."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+
+import pytest
+
+from upstreamproxy.options import add_option
+
+
+def help_text(**kwargs: object) -> str:
+    parser = argparse.ArgumentParser()
+    add_option(parser, "--x", "X_TEST", "what x is", **kwargs)
+    return " ".join(parser.format_help().split())
+
+
+@pytest.mark.parametrize(
+    ("default", "shown"),
+    [
+        (10.0, "(default: 10; env UPSTREAMPROXY_X_TEST)"),
+        (0.5, "(default: 0.5; env"),
+        ("/v1/ws", "(default: /v1/ws; env"),
+        (["a", "b"], "(default: a,b; env"),
+        ("100%", "(default: 100%; env"),
+    ],
+)
+def test_a_default_is_shown(default: object, shown: str) -> None:
+    assert shown in help_text(default=default)
+
+
+@pytest.mark.parametrize("default", [None, False])
+def test_no_default_shows_none(default: object) -> None:
+    assert "what x is (env UPSTREAMPROXY_X_TEST)" in help_text(default=default)
+
+
+def test_a_help_that_names_its_default_is_left_alone() -> None:
+    parser = argparse.ArgumentParser()
+    add_option(parser, "--x", "X_TEST", "what x is (default: any free one)", default=0)
+    text = " ".join(parser.format_help().split())
+    assert "(default: any free one) (env UPSTREAMPROXY_X_TEST)" in text
+    assert "default: 0" not in text
+
+
+def test_the_environment_does_not_change_the_shown_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("UPSTREAMPROXY_X_TEST", "7")
+    assert "(default: 3; env" in help_text(default=3)
+
+
+def test_egress_help_shows_its_defaults() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "upstreamproxy", "egress", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    text = " ".join(out.split()).split(" options: ", 1)[1]  # (past the usage lines)
+    for flag, default in [
+        ("reload-interval", "10"),
+        ("ping-interval", None),
+        ("max-preauth-per-peer", None),
+        ("upgrade-timeout", None),
+    ]:
+        match = re.search(rf"--{flag} [A-Z_]+ (.*?)env UPSTREAMPROXY_", text)
+        assert match is not None, flag
+        shown = re.search(r"default: ([^;]+);", match.group(1))
+        assert shown is not None, f"--{flag} shows no default: {match.group(0)}"
+        if default is not None:
+            assert shown.group(1) == default
