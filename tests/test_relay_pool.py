@@ -16,7 +16,10 @@ from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.limits import LimitConfig
 from upstreamproxy.egress.server import EgressConfig, EgressServer
 from upstreamproxy.relay import Relay, RelayConfig
+from upstreamproxy.relay_link import WsPool
 from upstreamproxy.secret import Secret
+from upstreamproxy.tunnel.driver import OpenFailed
+from upstreamproxy.tunnel.links import WsLink
 
 
 def make_relay(url: str, **kwargs: object) -> Relay:
@@ -234,3 +237,32 @@ async def test_upgrade_refused_while_draining_is_tried_again(echo_port: int) -> 
     finally:
         await runner.cleanup()
     assert len(refused) == 2
+
+
+async def test_a_failed_pre_open_skips_a_connect_that_gave_up_waiting_for_it() -> None:
+    """A CONNECT waiting for a socket being pre-opened gives up (its client left) in the very
+    loop iteration where that pre-open fails: its cancelled waiter is still listed. The failed
+    pre-open passes it over instead of failing on it (InvalidStateError, a task exception
+    nobody retrieves)."""
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def opener() -> WsLink:
+        await gate
+        raise OpenFailed(502, "refused")
+
+    pool = WsPool(1, opener, keepalive=30.0, ping_interval=None, ping_timeout=20.0)
+    pool.start()
+    await until(lambda: pool._connecting == 1, timeout=5)
+    opening = list(pool._tasks._tasks)
+    take = asyncio.ensure_future(pool.take())
+    await until(lambda: len(pool._waiters) == 1, timeout=5)
+    gate.set_result(None)  # the pre-open fails (its task runs first) ...
+    take.cancel()  # ... as the CONNECT waiting for it gives up
+    with pytest.raises(asyncio.CancelledError):
+        await take
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.wait(opening)
+        assert [t.exception() for t in opening if not t.cancelled()] == [None]
+    finally:
+        await pool.close()

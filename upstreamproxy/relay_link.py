@@ -332,8 +332,11 @@ class WsPool:
                 if not self._backoff:  # one line per failure streak, not one per attempt
                     log.warning("pre-opening a WebSocket failed: %s", exc.reason)
                 self._backoff = min(max(self._backoff * 2, POOL_BACKOFF), POOL_BACKOFF_MAX)
-                if self._waiters:  # that CONNECT opens its own and gets the real answer
-                    self._waiters.popleft().set_result(None)
+                while self._waiters:  # that CONNECT opens its own and gets the real answer
+                    waiter = self._waiters.popleft()
+                    if not waiter.done():  # (one that gave up is still listed until it runs)
+                        waiter.set_result(None)
+                        break
                 return
             finally:
                 self._connecting -= 1
