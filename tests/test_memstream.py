@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
 from conftest import TLSFiles
@@ -103,3 +104,26 @@ async def test_bytes_written_while_paused_wait_for_the_next_protocol() -> None:
     transport.resume_reading()
     await asyncio.sleep(0.01)
     assert bytes(got) == b"hello, pipelined"
+
+
+async def test_a_failed_tls_handshake_over_the_pair_fails_at_once(tls: TLSFiles) -> None:
+    # Regression: asyncio's TLS layer ends a connection on a fatal error with the transport's
+    # _force_close(); the pair had none, so a failed handshake raised AttributeError inside
+    # the TLS layer and start_tls() only returned at its handshake timeout.
+    (_, wa), (_, wb) = stream_pair()
+    loop = asyncio.get_running_loop()
+    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
+    wb.transport.pause_reading()  # as the egress hands it over: held for the TLS layer
+    handshake = asyncio.ensure_future(
+        loop.start_tls(
+            wb.transport,
+            protocol,
+            tls.server_context(),
+            server_side=True,
+            ssl_handshake_timeout=10,  # type: ignore[arg-type]
+        )
+    )
+    wa.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")  # not a ClientHello
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.wait_for(handshake, 2)
+    assert wb.transport.is_closing()

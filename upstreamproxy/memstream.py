@@ -156,6 +156,15 @@ class _MemoryTransport(asyncio.Transport):
         self._pending.clear()
         self._shutdown()
 
+    def _force_close(self, exc: BaseException | None) -> None:
+        # Not public API, but asyncio's TLS layer (start_tls's SSLProtocol) calls it on its
+        # transport for every fatal error: a failed handshake, its timeout, a failed or timed
+        # out shutdown. Without it those raised AttributeError inside the TLS layer instead, so
+        # the handshake's waiter was never woken (the server hung until its own timeout) and
+        # closing a TLS connection whose peer misbehaved raised out of StreamWriter.close().
+        # Like a socket transport's: buffered data is dropped and the connection ends now.
+        self.abort()
+
     def _shutdown(self) -> None:
         if self._closing:
             return
