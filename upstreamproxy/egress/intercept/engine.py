@@ -520,7 +520,10 @@ class _Session:
         self, client: Peer, upstream: Peer, exchange: _Exchange, body: asyncio.Task[None]
     ) -> None:
         while True:
-            event = await upstream.next_event()
+            # An upstream is silent while it takes a request body in (most answer only once
+            # all of it arrived): that is no stall while the body still moves, under its own
+            # deadlines (client reads, upstream writes). Only after it can silence time out.
+            event = await upstream.next_event(patient=lambda: not body.done())
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101:
                     raise PeerError(UPSTREAM, "upstream-unexpected-101")

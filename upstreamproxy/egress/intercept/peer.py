@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import Final
 
 import h11
@@ -101,11 +102,23 @@ class Peer:
     def _error(self, reason: str, *, closed: bool = False, status_hint: int = 0) -> PeerError:
         return PeerError(self.side, f"{self.side}-{reason}", closed=closed, status_hint=status_hint)
 
-    async def read(self, wait: float | None = None) -> bytes:
-        """Raw bytes (b"" at EOF) within ``wait`` seconds (default: idle); callers feed ``conn``."""
+    async def read(
+        self, wait: float | None = None, *, patient: Callable[[], bool] | None = None
+    ) -> bytes:
+        """Raw bytes (b"" at EOF) within ``wait`` seconds (default: idle); callers feed ``conn``.
+
+        When the wait runs out and ``patient()`` is true (the exchange is still moving in the
+        other direction, under deadlines of its own), wait another period instead of failing.
+        """
         try:
-            async with asyncio.timeout(self.idle if wait is None else wait):
-                data = await self.reader.read(READ_SIZE)
+            while True:
+                try:
+                    async with asyncio.timeout(self.idle if wait is None else wait):
+                        data = await self.reader.read(READ_SIZE)
+                    break
+                except TimeoutError:
+                    if patient is None or not patient():
+                        raise
         except TimeoutError:
             raise self._error("timeout") from None
         except (ConnectionError, ssl.SSLError, OSError):
@@ -117,8 +130,11 @@ class Peer:
         self.cycle_bytes_in += len(data)
         return data
 
-    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
-        """The next h11 event, reading as needed (each read within the idle timeout)."""
+    async def next_event(
+        self, *, patient: Callable[[], bool] | None = None
+    ) -> h11.Event | type[h11.PAUSED]:
+        """The next h11 event, reading as needed (each read within the idle timeout, extended
+        while ``patient()`` is true: see :meth:`read`)."""
         while True:
             try:
                 event = self.conn.next_event()
@@ -127,7 +143,7 @@ class Peer:
                     raise self._error("closed", closed=True) from None
                 raise self._error("protocol-error", status_hint=exc.error_status_hint) from None
             if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.read())
+                self.conn.receive_data(await self.read(patient=patient))
                 continue
             self.check_head(event)
             return event  # type: ignore[return-value]
