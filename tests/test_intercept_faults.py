@@ -329,3 +329,44 @@ async def test_a_refused_client_handshake_ends_the_tunnel_at_once(
     assert logged in caplog.text
     assert "Exception in callback" not in caplog.text
     assert "_force_close" not in caplog.text
+
+
+async def test_a_body_sent_late_for_a_head_is_not_read_as_the_next_response(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An origin that sends a body for HEAD after its response - in a later packet, past the
+    # check made when the response ended - must not have those bytes taken for the answer
+    # to the next request on a kept-alive connection: that connection is not reused.
+    caplog.set_level(logging.DEBUG)
+    baseline = await warm_up(rig)
+    connections: list[int] = []
+
+    async def late_head_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(b"HTTP/1.1 666 Smuggled\r\nContent-Length: 0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+            await writer.drain()
+
+    rig.handler[:] = [late_head_body]
+    reader, writer = await rig.open()
+    host = b"Host: api.test:%d\r\n" % rig.port
+    writer.write(b"HEAD /h HTTP/1.1\r\n" + host + b"\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    await asyncio.sleep(0.6)  # the stray bytes reach the egress meanwhile
+    writer.write(b"GET /g HTTP/1.1\r\n" + host + b"\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"next"
+    assert len(connections) == 2  # a fresh upstream connection for the GET
+    writer.close()
+    rig.drop_origin_connections()
+    await fds_back_to(baseline)
+    assert SECRET_VALUE not in caplog.text

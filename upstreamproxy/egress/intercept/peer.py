@@ -86,12 +86,15 @@ class Peer:
 
     @property
     def idle_and_open(self) -> bool:
-        """Ready for another request: both sides IDLE and the stream not closed by the peer."""
+        """Ready for another request: both sides IDLE, the stream not closed by the peer, and
+        nothing unasked-for arrived while it idled (a body sent late for a HEAD, a stray
+        response): those bytes would be read as the next request's response."""
         return (
             self.conn.our_state is h11.IDLE
             and self.conn.their_state is h11.IDLE
             and not self.eof
             and not self.reader.at_eof()
+            and not getattr(self.reader, "_buffer", None)
             and not self.writer.transport.is_closing()
         )
 
