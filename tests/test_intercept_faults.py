@@ -21,7 +21,7 @@ from pathlib import Path
 import certifi
 import pytest
 from conftest import SESSION, TOKEN, connect_via
-from testpki import make_ca
+from testpki import interception_pki
 
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.intercept_wiring import Interception, InterceptionConfig
@@ -71,15 +71,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    egress_ca = make_ca("egress interception CA")
-    egress_ca.write(tmp_path / "ca.pem", tmp_path / "ca-key.pem")
-    origin_ca = make_ca("origin CA")
-    (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem())
-    leaf = origin_ca.issue(["api.test"])
-    (tmp_path / "origin.pem").write_bytes(leaf.chain_pem())
-    (tmp_path / "origin.key").write_bytes(leaf.key_pem())
-    origin_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ctx.load_cert_chain(tmp_path / "origin.pem", tmp_path / "origin.key")
+    egress_ca, origin_ctx = interception_pki(tmp_path)
     handler: list[Handler] = []
     origin_conns: list[asyncio.StreamWriter] = []
 
@@ -184,6 +176,15 @@ def upload_head(rig: Rig) -> bytes:
     )
 
 
+async def upload(rig: Rig, writer: asyncio.StreamWriter, pause: float) -> None:
+    """A POST of UPLOAD_PIECES pieces, ``pause`` seconds apart."""
+    writer.write(upload_head(rig))
+    for _ in range(UPLOAD_PIECES):
+        writer.write(b"u" * UPLOAD_PIECE)
+        await writer.drain()
+        await asyncio.sleep(pause)
+
+
 async def test_a_slow_steady_upload_outlasting_the_idle_timeout_is_answered(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -205,12 +206,8 @@ async def test_a_slow_steady_upload_outlasting_the_idle_timeout_is_answered(
 
     rig.handler[:] = [read_then_answer]
     reader, writer = await rig.open()
-    writer.write(upload_head(rig))
     started = time.monotonic()
-    for _ in range(UPLOAD_PIECES):  # 512 KiB over ~2.8 s: progress every 0.35 s
-        writer.write(b"u" * UPLOAD_PIECE)
-        await writer.drain()
-        await asyncio.sleep(0.35)
+    await upload(rig, writer, 0.35)  # 512 KiB over ~2.8 s: progress every 0.35 s
     assert time.monotonic() - started > 2  # twice the idle timeout
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 200"), head
@@ -236,11 +233,7 @@ async def test_an_origin_that_never_answers_an_upload_is_504_soon_after_it(
 
     rig.handler[:] = [read_then_freeze]
     reader, writer = await rig.open()
-    writer.write(upload_head(rig))
-    for _ in range(UPLOAD_PIECES):
-        writer.write(b"u" * UPLOAD_PIECE)
-        await writer.drain()
-        await asyncio.sleep(0.2)
+    await upload(rig, writer, 0.2)
     sent = time.monotonic()
     out = await read_all(reader, 10)
     assert out.startswith(b"HTTP/1.1 504 "), out[:200]
@@ -269,13 +262,13 @@ async def test_an_origin_that_stops_reading_an_upload_is_504(
         b"POST /up HTTP/1.1\r\nHost: api.test:%d\r\nContent-Length: %d\r\n\r\n" % (rig.port, size)
     )
 
-    async def upload() -> None:
+    async def flood() -> None:
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             for _ in range(size // UPLOAD_PIECE):
                 writer.write(b"u" * UPLOAD_PIECE)
                 await writer.drain()
 
-    uploading = asyncio.get_running_loop().create_task(upload())
+    uploading = asyncio.get_running_loop().create_task(flood())
     started = time.monotonic()
     out = await read_all(reader, 15)
     assert out.startswith(b"HTTP/1.1 504 "), out[:200]

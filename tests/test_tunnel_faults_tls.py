@@ -23,7 +23,7 @@ from pathlib import Path
 import certifi
 import pytest
 from conftest import SESSION, TOKEN, TLSFiles, _serve, connect_via, loopback_policy, pattern_bytes
-from testpki import make_ca
+from testpki import interception_pki
 
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.intercept_wiring import Interception, InterceptionConfig
@@ -250,15 +250,7 @@ async def intercepting(tls: TLSFiles, tmp_path: Path) -> AsyncIterator[tuple[Rel
     the sandbox's TLS with its own CA (over the in-memory stream pair) and dials the origin."""
     from conftest import origin_app
 
-    egress_ca = make_ca("egress interception CA")
-    egress_ca.write(tmp_path / "ca.pem", tmp_path / "ca-key.pem")
-    origin_ca = make_ca("origin CA")
-    (tmp_path / "origin-ca.pem").write_bytes(origin_ca.cert_pem())
-    leaf = origin_ca.issue(["api.test"])
-    (tmp_path / "origin.pem").write_bytes(leaf.chain_pem())
-    (tmp_path / "origin.key").write_bytes(leaf.key_pem())
-    origin_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ctx.load_cert_chain(tmp_path / "origin.pem", tmp_path / "origin.key")
+    egress_ca, origin_ctx = interception_pki(tmp_path)
     runner, port = await _serve(origin_app(), origin_ctx)
     secrets = tmp_path / "secrets"
     secrets.mkdir()

@@ -9,6 +9,7 @@ engine signs leaves with it), :meth:`TestCA.product` loads trustme's PEM with
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,3 +70,19 @@ class TestCA:
 
 def make_ca(name: str = "upstreamproxy test CA") -> TestCA:
     return TestCA(name)
+
+
+def interception_pki(folder: Path, host: str = "api.test") -> tuple[TestCA, ssl.SSLContext]:
+    """For an intercepting egress in front of an HTTPS origin: the egress's CA (``ca.pem``,
+    ``ca-key.pem``), the origin's CA (``origin-ca.pem``, the egress's ``--upstream-ca``) and a
+    server context for ``host`` signed by it, all written to ``folder``."""
+    egress_ca = make_ca("egress interception CA")
+    egress_ca.write(folder / "ca.pem", folder / "ca-key.pem")
+    origin_ca = make_ca("origin CA")
+    (folder / "origin-ca.pem").write_bytes(origin_ca.cert_pem())
+    leaf = origin_ca.issue([host])
+    (folder / "origin.pem").write_bytes(leaf.chain_pem())
+    (folder / "origin.key").write_bytes(leaf.key_pem())
+    origin_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    origin_ctx.load_cert_chain(folder / "origin.pem", folder / "origin.key")
+    return egress_ca, origin_ctx
