@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -881,3 +882,64 @@ async def test_slow_origin_reader_pauses_the_uploading_client(relay: Relay) -> N
         writer.close()
     finally:
         server.close()
+
+
+async def test_client_leaving_mid_upload_releases_the_tunnel_at_once(plain: PlainWorld) -> None:
+    """The origin still waits for the rest of the body; the relay must not wait with it
+    (it used to hold the tunnel until the 120 s idle timeout)."""
+    _reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+    writer.write(
+        f"POST {plain.url('/upload')} HTTP/1.1\r\nHost: x\r\n"
+        "Content-Length: 1000000\r\n\r\n".encode()
+        + b"x" * 1000
+    )
+    await writer.drain()
+    await _until(lambda: plain.relay.active_tunnels == 2)  # the client's and its tunnel
+    writer.transport.abort()
+    assert await _until(lambda: plain.relay.active_tunnels == 0, timeout=5)
+
+
+async def test_malformed_chunk_mid_upload_gets_400_at_once(plain: PlainWorld) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+    writer.write(
+        f"POST {plain.url('/upload')} HTTP/1.1\r\nHost: x\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZZ\r\n".encode()
+    )
+    await writer.drain()
+    data = b""
+    async with asyncio.timeout(5):
+        while chunk := await reader.read(65536):
+            data += chunk
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 400"), data
+    assert b"X-Upstreamproxy-Reason: malformed request body: illegal chunk header" in data
+    assert await _until(lambda: plain.relay.active_tunnels == 0, timeout=5)
+
+
+async def test_waiting_for_the_answer_after_an_upload_does_not_spin() -> None:
+    """Body sent, answer late: the forwarder waits on the origin alone (no busy loop)."""
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\nhello")
+        await asyncio.sleep(1.0)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(slow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def open_tunnel(host: str, p: int) -> TcpStream:
+        return TcpStream(*await asyncio.open_connection(host, port))
+
+    cpu = time.process_time()
+    answer, elapsed = await forward_once(
+        b"POST http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+        open_tunnel,
+        ForwardLimits(),
+    )
+    server.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok"), answer
+    assert elapsed >= 1.0
+    assert time.process_time() - cpu < 0.5

@@ -348,8 +348,24 @@ class _Forwarder:
     async def _exchange_with_body(self, upstream: _Upstream, forwarded: h11.Request) -> bool:
         await self._send_head(upstream, [forwarded])
         body = self._tasks.spawn(self._request_body(upstream))
+        response = self._tasks.spawn(self._response(upstream))
         try:
-            await self._response(upstream)
+            # Until the response ends, or the request body fails: a client that left or sent
+            # a malformed body mid-upload is not left waiting for an origin that still waits
+            # for the rest of that body (it would hold the tunnel until the idle timeout).
+            pending: set[asyncio.Task[None]] = {body, response}
+            while not response.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if body in done and body.exception() is not None:
+                    break
+            if not response.done():
+                exc = body.exception()
+                if isinstance(exc, h11.RemoteProtocolError) and (
+                    self.client.our_state is h11.SEND_RESPONSE
+                ):
+                    raise ForwardRefused(400, f"malformed request body: {exc}")
+                body.result()  # re-raise the body-side failure
+            response.result()  # re-raise a response-side failure
             if not body.done():
                 # The origin answered before the request body ended (say, a 413). The rest of
                 # the body cannot be forwarded usefully; the connection ends with the response.
@@ -357,10 +373,11 @@ class _Forwarder:
             body.result()  # re-raise a body-side failure
             return True
         finally:
-            if not body.done():
-                body.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await body
+            for task in (body, response):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
 
     async def serve(self) -> None:
         while True:
