@@ -216,6 +216,9 @@ class _Forwarder:
                 current.target.key == target.key
                 and current.conn.our_state is h11.DONE
                 and current.conn.their_state is h11.DONE
+                # Bytes past the end of the last response (a body on a 204 or a HEAD answer)
+                # would be read as the next response: such a connection is not reused.
+                and not current.conn.trailing_data[0]
             )
             if reusable:
                 current.conn.start_next_cycle()
