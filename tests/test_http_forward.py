@@ -457,6 +457,9 @@ class TcpStream:
         self.closed = True
         self.writer.close()
 
+    def buffered(self) -> int:
+        return len(getattr(self.reader, "_buffer", b""))
+
 
 async def forward_once(
     request: bytes,
@@ -987,3 +990,51 @@ async def test_bytes_after_a_bodiless_response_are_not_the_next_answer(relay: Re
     assert data.startswith(b"HTTP/1.1 204")
     assert data.endswith(b"\r\n\r\norigin"), data
     assert b"stray!" not in data
+
+
+async def test_bytes_sent_late_after_a_bodiless_response_are_not_the_next_answer(
+    relay: Relay,
+) -> None:
+    """The same with the stray bytes arriving later, while the tunnel idles between requests
+    (after the check made when the response ended): the next request gets a fresh tunnel."""
+    connections = [0]
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        first = connections[0] == 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                if first:
+                    first = False
+                    writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    await writer.drain()
+                    await asyncio.sleep(0.2)
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstray!")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\norigin")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        async with asyncio.timeout(10):
+            first = await reader.readuntil(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 204")
+        await asyncio.sleep(0.6)  # the stray bytes reach the relay meanwhile
+        writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        data = b""
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                data += chunk
+        writer.close()
+    finally:
+        server.close()
+    assert data.endswith(b"\r\n\r\norigin"), data
+    assert b"stray!" not in data
+    assert connections[0] == 2

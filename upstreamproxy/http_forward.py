@@ -7,7 +7,7 @@ any other port), and speaks origin-form HTTP/1.1 to the origin inside it.
 
 Public API::
 
-    class TunnelStream(Protocol)      # receive(max) -> bytes (b"" = EOF), send(data), aclose()
+    class TunnelStream(Protocol)      # receive(max) -> bytes (b"" = EOF), send, aclose, buffered
     OpenTunnel = Callable[[str, int], Awaitable[TunnelStream]]; raises TunnelRefused
     class ForwardLimits               # the timeouts
     async serve_forward(reader, writer, initial, open_tunnel, limits) -> ForwardStats
@@ -93,6 +93,10 @@ class TunnelStream(Protocol):
 
     async def aclose(self) -> None:
         """Close the tunnel; never raises, bounded in time."""
+        ...
+
+    def buffered(self) -> int:
+        """Bytes received and not yet taken by :meth:`receive`."""
         ...
 
 
@@ -216,9 +220,11 @@ class _Forwarder:
                 current.target.key == target.key
                 and current.conn.our_state is h11.DONE
                 and current.conn.their_state is h11.DONE
-                # Bytes past the end of the last response (a body on a 204 or a HEAD answer)
-                # would be read as the next response: such a connection is not reused.
+                # Bytes past the end of the last response (a body on a 204 or a HEAD answer),
+                # with it or since, would be read as the next response: such a connection is
+                # not reused.
                 and not current.conn.trailing_data[0]
+                and not current.stream.buffered()
             )
             if reusable:
                 current.conn.start_next_cycle()

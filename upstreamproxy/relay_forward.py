@@ -40,6 +40,9 @@ class StreamTunnel:
     async def aclose(self) -> None:
         await close_stream(self._writer)
 
+    def buffered(self) -> int:
+        return len(getattr(self._reader, "_buffer", b""))
+
 
 def refusal(status: int, answer: bytes) -> TunnelRefused:
     """The forwarder's refusal from the relay's (or egress's) whole answer."""
