@@ -949,54 +949,13 @@ async def test_waiting_for_the_answer_after_an_upload_does_not_spin() -> None:
     assert time.process_time() - cpu < 0.5
 
 
-async def test_bytes_after_a_bodiless_response_are_not_the_next_answer(relay: Relay) -> None:
-    """An origin that sends a body on a 204 (or a HEAD answer): those bytes must not be read
-    as the answer to the next request on the same tunnel; the next request gets a fresh one."""
-    connections = [0]
-
-    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections[0] += 1
-        first = connections[0] == 1
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                if first:
-                    first = False
-                    writer.write(
-                        b"HTTP/1.1 204 No Content\r\n\r\n"
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstray!"
-                    )
-                else:
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\norigin")
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(origin, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
-    try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-        writer.write(
-            f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n"
-            f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
-        )
-        await writer.drain()
-        data = b""
-        async with asyncio.timeout(10):
-            while chunk := await reader.read(65536):
-                data += chunk
-        writer.close()
-    finally:
-        server.close()
-    assert data.startswith(b"HTTP/1.1 204")
-    assert data.endswith(b"\r\n\r\norigin"), data
-    assert b"stray!" not in data
-
-
-async def test_bytes_sent_late_after_a_bodiless_response_are_not_the_next_answer(
-    relay: Relay,
+@pytest.mark.parametrize("late", [False, True], ids=["with-the-answer", "while-idle"])
+async def test_bytes_after_a_bodiless_response_are_not_the_next_answer(
+    relay: Relay, late: bool
 ) -> None:
-    """The same with the stray bytes arriving later, while the tunnel idles between requests
-    (after the check made when the response ended): the next request gets a fresh tunnel."""
+    """An origin that sends a body on a 204 (or a HEAD answer) - with the answer, or later
+    while the tunnel idles between requests: those bytes must not be read as the answer to the
+    next request on the same tunnel; the next request gets a fresh one."""
     connections = [0]
 
     async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1008,8 +967,9 @@ async def test_bytes_sent_late_after_a_bodiless_response_are_not_the_next_answer
                 if first:
                     first = False
                     writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-                    await writer.drain()
-                    await asyncio.sleep(0.2)
+                    if late:
+                        await writer.drain()
+                        await asyncio.sleep(0.2)
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nstray!")
                 else:
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\norigin")
@@ -1018,23 +978,24 @@ async def test_bytes_sent_late_after_a_bodiless_response_are_not_the_next_answer
 
     server = await asyncio.start_server(origin, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    second = f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
-        writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await writer.drain()
-        async with asyncio.timeout(10):
-            first = await reader.readuntil(b"\r\n\r\n")
-        assert first.startswith(b"HTTP/1.1 204")
-        await asyncio.sleep(0.6)  # the stray bytes reach the relay meanwhile
-        writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        writer.write(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + (b"" if late else second))
         await writer.drain()
         data = b""
         async with asyncio.timeout(10):
+            if late:
+                data = await reader.readuntil(b"\r\n\r\n")
+                await asyncio.sleep(0.6)  # the stray bytes reach the relay meanwhile
+                writer.write(second)
+                await writer.drain()
             while chunk := await reader.read(65536):
                 data += chunk
         writer.close()
     finally:
         server.close()
+    assert data.startswith(b"HTTP/1.1 204")
     assert data.endswith(b"\r\n\r\norigin"), data
     assert b"stray!" not in data
     assert connections[0] == 2
