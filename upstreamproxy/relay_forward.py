@@ -16,6 +16,7 @@ from .connect_head import REASON_HEADER, Target, header_values, parse_status_hea
 from .errors import HeadError
 from .http_forward import ForwardStats, OpenTunnel, TunnelRefused, serve_forward
 from .tunnel.driver import close_stream
+from .tunnel.links import read_ahead
 
 if TYPE_CHECKING:
     from .relay import Relay
@@ -41,7 +42,7 @@ class StreamTunnel:
         await close_stream(self._writer)
 
     def buffered(self) -> int:
-        return len(getattr(self._reader, "_buffer", b""))
+        return len(read_ahead(self._reader))
 
 
 def refusal(status: int, answer: bytes) -> TunnelRefused:

@@ -708,7 +708,7 @@ class LocalLink(_Link):
         # Kept alive with the link: a StreamWriter closes its transport when collected.
         self._writer: asyncio.StreamWriter | None = writer
         self._saved = transport.get_protocol()
-        buffer: bytearray = getattr(reader, "_buffer", bytearray())
+        buffer = read_ahead(reader)
         buffered = bytes(buffer)
         buffer.clear()
         self.eof = reader.at_eof() or bool(getattr(reader, "_eof", False))
@@ -879,6 +879,14 @@ class LocalLink(_Link):
         if data is not None and data is self._last_read:
             return self._full
         return None
+
+
+def read_ahead(reader: asyncio.StreamReader) -> bytearray:
+    """What ``reader`` has received and not yet handed out (its own buffer, not public API:
+    empty for a reader without one). Bytes that arrived on a connection between exchanges
+    show here."""
+    buffer = getattr(reader, "_buffer", None)
+    return buffer if isinstance(buffer, bytearray) else bytearray()
 
 
 class Parked(asyncio.Protocol):

@@ -19,6 +19,8 @@ from typing import Final
 
 import h11
 
+from ...tunnel.links import read_ahead
+
 READ_SIZE: Final = 64 * 1024
 #: Largest request or response head accepted, exactly: h11's ``max_incomplete_event_size``
 #: only bounds an *incomplete* head in its buffer, so a head that completes within one more
@@ -94,7 +96,7 @@ class Peer:
             and self.conn.their_state is h11.IDLE
             and not self.eof
             and not self.reader.at_eof()
-            and not getattr(self.reader, "_buffer", None)
+            and not read_ahead(self.reader)
             and not self.writer.transport.is_closing()
         )
 
