@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -859,6 +860,34 @@ async def test_idle_client_connection_times_out(h: Harness) -> None:
     assert (await client.get())[0].status_code == 200
     result = await h.result()
     assert result.close_cause == "keepalive-timeout" and result.requests == 1
+
+
+async def test_a_trickled_request_head_is_408_after_the_head_timeout(h: Harness) -> None:
+    # Each byte arrives well within the per-read timeout; the head as a whole does not.
+    h.env.timeouts = InterceptTimeouts(idle=5, keepalive=5, head=0.6)
+    client = await Client.connect(h)
+    started = time.monotonic()
+    head = f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: {'a' * 200}\r\n\r\n".encode()
+    answer = bytearray()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        for i in range(len(head)):
+            client.writer.write(head[i : i + 1])
+            await client.writer.drain()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    answer += await client.reader.read(65536)
+            if answer or time.monotonic() - started > 5:
+                break
+        async with asyncio.timeout(5):
+            while chunk := await client.reader.read(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"x-upstreamproxy-reason: request-head-timeout" in answer.lower()
+    assert time.monotonic() - started < 3
+    result = await h.result()
+    assert result.close_cause == "client-head-timeout" and result.upstream_connections == 0
+    assert h.audit[-1]["status"] == 408 and h.audit[-1]["error"] == "request-head-timeout"
+    assert h.dials == []
 
 
 async def test_silent_upstream_is_504(h: Harness) -> None:

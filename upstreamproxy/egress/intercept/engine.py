@@ -82,6 +82,9 @@ class InterceptTimeouts:
     connect: float = 10.0  # dialing the upstream, then its TLS handshake (each)
     idle: float = 120.0  # any single read or write making no progress during an exchange
     keepalive: float = 60.0  # waiting for the next request on an idle client connection
+    #: From a request head's first byte to its end: a client trickling a head (a byte per
+    #: read, each within ``idle``) would otherwise hold the tunnel for ever.
+    head: float = 30.0
 
 
 @dataclass
@@ -288,6 +291,8 @@ class _Session:
             client.start_next_cycle()
 
     async def _read_request(self, client: Peer) -> h11.Request | None:
+        loop = asyncio.get_running_loop()
+        head_deadline: float | None = None
         while True:
             try:
                 event = client.conn.next_event()
@@ -299,14 +304,26 @@ class _Session:
                 return None
             if event is h11.NEED_DATA:
                 # Nothing buffered: we are between requests and the keep-alive clock runs.
+                # Once a head has begun, the whole of it must arrive within the head timeout.
                 between = not client.conn.trailing_data[0]
+                if between:
+                    wait = self.timeouts.keepalive
+                else:
+                    if head_deadline is None:
+                        head_deadline = loop.time() + self.timeouts.head
+                    wait = max(head_deadline - loop.time(), 0.0)
                 try:
-                    data = await client.read(self.timeouts.keepalive if between else None)
+                    data = await client.read(wait)
                 except PeerError as exc:
-                    timed_out = exc.reason.endswith("timeout")
-                    self.result.close_cause = (
-                        "keepalive-timeout" if between and timed_out else exc.reason
-                    )
+                    if not exc.reason.endswith("timeout"):
+                        self.result.close_cause = exc.reason
+                    elif between:
+                        self.result.close_cause = "keepalive-timeout"
+                    else:
+                        self.result.close_cause = "client-head-timeout"
+                        refusal = Refusal(408, "request-head-timeout", "request head incomplete")
+                        await self._answer(client, refusal)
+                        self._audit(None, 408, error="request-head-timeout")
                     return None
                 client.conn.receive_data(data)
                 continue
