@@ -28,6 +28,7 @@ from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.policy import PolicyStore, parse_policy_document
 from upstreamproxy.egress.server import EgressConfig, EgressServer
 from upstreamproxy.forward_request import (
+    MAX_REQUEST_HEAD,
     ForwardRefused,
     TunnelRefused,
     direct_route_hint,
@@ -999,3 +1000,91 @@ async def test_bytes_after_a_bodiless_response_are_not_the_next_answer(
     assert data.endswith(b"\r\n\r\norigin"), data
     assert b"stray!" not in data
     assert connections[0] == 2
+
+
+# -- one head limit for every request on a connection ------------------------------------------
+
+
+def _padded_get(url: str, head_bytes: int) -> bytes:
+    """A GET for ``url`` whose head is exactly ``head_bytes`` long (in fields of 4 KiB: the
+    origin, aiohttp, takes lines of up to 8190 bytes)."""
+    head = f"GET {url} HTTP/1.1\r\nHost: x\r\n".encode()
+    while len(head) + 4096 + 2 < head_bytes:
+        head += b"X-Pad: " + b"p" * (4096 - 9) + b"\r\n"
+    head += b"X-End: "
+    return head + b"p" * (head_bytes - len(head) - 4) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-request", "later-request"])
+@pytest.mark.parametrize(("size", "status"), [(MAX_REQUEST_HEAD, 200), (MAX_REQUEST_HEAD + 1, 431)])
+async def test_request_head_limit_is_the_same_for_every_request(
+    plain: PlainWorld, first: bool, size: int, status: int
+) -> None:
+    """A forwarded request's head may be 16 KiB whether it opens the connection (read by the
+    tunnel core, which once capped it at the CONNECT limit of 8 KiB) or follows another (read
+    by h11, which bounds only an incomplete head: one arriving whole in a read passed)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+    small = f"GET {plain.url()} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    big = _padded_get(plain.url(), size)
+    writer.write(big if first else small + big)  # one write: the big head arrives whole
+    await writer.drain()
+    data = b""
+    async with asyncio.timeout(10):
+        while chunk := await reader.read(65536):
+            data += chunk
+            if status == 200 and data.count(b"hello from origin\n") == (1 if first else 2):
+                break
+    writer.close()
+    answers = data.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == (1 if first else 2), data
+    assert answers[-1].startswith(str(status).encode()), data
+    if status == 431:
+        assert f"request head exceeds {MAX_REQUEST_HEAD} bytes".encode() in data
+
+
+async def test_connect_after_a_plain_request_is_refused_clearly(plain: PlainWorld) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+    writer.write(
+        f"GET {plain.url()} HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"CONNECT 127.0.0.1:{plain.origin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    await writer.drain()
+    data = b""
+    async with asyncio.timeout(10):
+        while chunk := await reader.read(65536):
+            data += chunk
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 400" in data
+    assert b"X-Upstreamproxy-Reason: CONNECT must be the first request on a connection" in data
+
+
+async def test_a_timed_out_request_on_a_reused_tunnel_is_not_sent_again() -> None:
+    """The origin answers the first GET and then says nothing: one 504 after one idle
+    timeout, not a second request (and a second wait as long) on a new tunnel."""
+    heads: list[bytes] = []
+
+    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+        await writer.drain()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            await reader.read()  # silent from here on
+
+    server = await asyncio.start_server(answers_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    opened: list[TcpStream] = []
+
+    async def open_tunnel(host: str, p: int) -> TcpStream:
+        stream = TcpStream(*await asyncio.open_connection(host, port))
+        opened.append(stream)
+        return stream
+
+    request = b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer, elapsed = await forward_once(request * 2, open_tunnel, ForwardLimits(idle_timeout=0.5))
+    server.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    assert b"HTTP/1.1 504" in answer
+    assert len(opened) == 1 and len(heads) == 2
+    assert elapsed < 0.95

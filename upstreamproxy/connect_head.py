@@ -108,19 +108,20 @@ def find_head_end(buffer: bytes | bytearray) -> int | None:
 
 
 def split_head(
-    buffer: bytes | bytearray, limit: int = MAX_HEAD_BYTES
+    buffer: bytes | bytearray, limit: int = MAX_HEAD_BYTES, too_large: int = 400
 ) -> tuple[bytes, bytes] | None:
     """Split ``buffer`` into (head, rest) once the head is complete.
 
-    Returns None while more bytes are needed; raises 400 once ``limit`` bytes hold no head.
+    Returns None while more bytes are needed; raises ``too_large`` (a status) once ``limit``
+    bytes hold no head.
     """
     end = find_head_end(buffer)
     if end is None:
         if len(buffer) >= limit:
-            raise HeadError(400, f"request head exceeds {limit} bytes")
+            raise HeadError(too_large, f"request head exceeds {limit} bytes")
         return None
     if end > limit:
-        raise HeadError(400, f"request head exceeds {limit} bytes")
+        raise HeadError(too_large, f"request head exceeds {limit} bytes")
     return bytes(buffer[:end]), bytes(buffer[end:])
 
 

@@ -3,6 +3,7 @@
 Public API::
 
     is_forward_request(head: bytes) -> bool          # route a client's first head here?
+    may_be_forward_request(start: bytes) -> bool     # ... could it be, from its first bytes?
     parse_forward_target(target: bytes) -> ForwardTarget
     rewrite_request(request: h11.Request) -> tuple[ForwardTarget, h11.Request]
     rewrite_response(response) -> the same type, hop-by-hop headers dropped
@@ -42,6 +43,9 @@ from .connect_head import REASON_HEADER, RULE_HEADER, Target, build_status_head,
 from .errors import HeadError
 
 DEFAULT_PORT: Final = 80
+#: Largest request head a forwarded request may have - the first on a connection (which the
+#: relay's tunnel core reads) as much as later ones; over it the answer is 431.
+MAX_REQUEST_HEAD: Final = 16 * 1024
 #: Headers the egress puts on a refusal that the client is also shown.
 PASSED_REFUSAL_HEADERS: Final = frozenset({REASON_HEADER.lower(), RULE_HEADER.lower()})
 
@@ -109,6 +113,12 @@ def is_forward_request(head: bytes) -> bool:
     line = head.split(b"\n", 1)[0]
     parts = line.split(b" ")
     return len(parts) == 3 and parts[0] != b"CONNECT" and parts[1][:7].lower() == b"http://"
+
+
+def may_be_forward_request(start: bytes) -> bool:
+    """False while ``start`` (a head's first bytes) may still begin a CONNECT: until then the
+    CONNECT head limit applies, and :data:`MAX_REQUEST_HEAD` only after."""
+    return bool(start) and b"CONNECT "[: len(start)] != start[:8]
 
 
 def parse_forward_target(raw: bytes) -> ForwardTarget:

@@ -46,6 +46,7 @@ import h11
 
 from .connect_head import REASON_HEADER
 from .forward_request import (
+    MAX_REQUEST_HEAD,
     ForwardRefused,
     ForwardTarget,
     TunnelRefused,
@@ -73,8 +74,6 @@ __all__ = [
 
 log = logging.getLogger("upstreamproxy.http_forward")
 
-#: Largest request head accepted from the client (the relay's first head is capped lower).
-MAX_REQUEST_HEAD: Final = 16 * 1024
 #: Largest response head accepted from an origin (Set-Cookie-heavy answers are big).
 MAX_RESPONSE_HEAD: Final = 64 * 1024
 READ_SIZE: Final = 64 * 1024
@@ -157,11 +156,31 @@ class _Forwarder:
         self.limits = limits
         self.stats = stats
         self.client = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        #: Bytes fed to ``client``, and how many of them it had parsed when the current head
+        #: began: h11 bounds only an *incomplete* head, so a head that completed within one
+        #: more read could pass at four times the limit; :meth:`_head_too_large` measures it.
+        self._fed = 0
+        self._head_start = 0
         self.upstream: _Upstream | None = None
         self.last_status = 0
         self._tasks = TaskSet()
 
     # client side
+
+    def feed(self, data: bytes) -> None:
+        self._fed += len(data)
+        self.client.receive_data(data)
+
+    def _parsed(self) -> int:
+        return self._fed - len(self.client.trailing_data[0])
+
+    def _head_too_large(self) -> bool:
+        """Just after a request head: was it over :data:`MAX_REQUEST_HEAD`?"""
+        return self._parsed() - self._head_start > MAX_REQUEST_HEAD
+
+    def _next_cycle(self) -> None:
+        self.client.start_next_cycle()
+        self._head_start = self._parsed()
 
     async def _client_event(self, wait: float) -> h11.Event | type[h11.PAUSED]:
         while True:
@@ -173,7 +192,7 @@ class _Forwarder:
                     data = await self.reader.read(READ_SIZE)
             except (ConnectionError, OSError) as exc:
                 raise _ClientGone(type(exc).__name__) from None
-            self.client.receive_data(data)
+            self.feed(data)
 
     async def _to_client(self, event: h11.Event) -> None:
         data = self.client.send(event)
@@ -347,8 +366,10 @@ class _Forwarder:
                 await self._send_head(upstream, [forwarded, h11.EndOfMessage()])
                 await self._response(upstream)
                 return True
-            except ForwardRefused:
-                if attempt == 0 and reused and upstream.received == 0:
+            except ForwardRefused as exc:
+                # Not after a timeout: the origin may be busy with the request, and a second
+                # wait as long would only double the client's.
+                if attempt == 0 and reused and upstream.received == 0 and exc.status != 504:
                     await self.close_upstream()
                     continue
                 raise
@@ -405,6 +426,16 @@ class _Forwarder:
             if not isinstance(event, h11.Request):  # pragma: no cover - h11 guarantees it
                 self.stats.outcome = "protocol-error"
                 return
+            if self._head_too_large():
+                self.stats.outcome = "refused-431"
+                await self._refuse(431, f"request head exceeds {MAX_REQUEST_HEAD} bytes")
+                return
+            if event.method == b"CONNECT":
+                # The relay tunnels a CONNECT only as a connection's first request (the tunnel
+                # then owns the connection); after plain-HTTP requests it is refused clearly.
+                self.stats.outcome = "refused-400"
+                await self._refuse(400, "CONNECT must be the first request on a connection")
+                return
             try:
                 keep_going = await self.exchange(event)
             except TunnelRefused as exc:
@@ -430,7 +461,7 @@ class _Forwarder:
             if not keep_going:
                 self.stats.outcome = "closed after response"
                 return
-            self.client.start_next_cycle()
+            self._next_cycle()
 
 
 def _host(request: h11.Request) -> str:
@@ -462,7 +493,7 @@ async def serve_forward(
     """
     stats = ForwardStats()
     forwarder = _Forwarder(reader, writer, open_tunnel, limits or ForwardLimits(), stats)
-    forwarder.client.receive_data(initial)
+    forwarder.feed(initial)
     try:
         await forwarder.serve()
     finally:

@@ -57,7 +57,7 @@ from ..connect_head import (
     split_head,
 )
 from ..errors import ChunkError, HeadError, ProtocolError, UpstreamProxyError
-from ..forward_request import is_forward_request
+from ..forward_request import MAX_REQUEST_HEAD, is_forward_request, may_be_forward_request
 from .actions import (
     LOCAL,
     WS,
@@ -265,7 +265,7 @@ class TunnelCore:
         still wait to be written: what a tunnel holds stays within ``READ_SIZE``.
         """
         if self.state is State.HEAD:
-            return max(1, MAX_HEAD_BYTES - len(self._buffer))
+            return max(1, self._head_limit() - len(self._buffer))
         return _budget(self._pending_bytes[WS])
 
     @property
@@ -452,11 +452,20 @@ class TunnelCore:
 
     # relay ---------------------------------------------------------------------------------
 
+    def _head_limit(self) -> int:
+        """The relay's first head is a CONNECT's (:data:`MAX_HEAD_BYTES`) unless plain HTTP is
+        on and its first bytes rule a CONNECT out: a forwarded request's head may be as large
+        as the forwarder allows its later ones (cookies), and is answered 431 over it."""
+        if self.plain_http and may_be_forward_request(bytes(self._buffer[:8])):
+            return MAX_REQUEST_HEAD
+        return MAX_HEAD_BYTES
+
     def _relay_head_data(self, data: object, now: float) -> list[Action]:
         assert isinstance(data, bytes | bytearray | memoryview)
         self._buffer += data
         try:
-            parts = split_head(self._buffer)
+            limit = self._head_limit()
+            parts = split_head(self._buffer, limit, 431 if limit == MAX_REQUEST_HEAD else 400)
             if parts is None:
                 return []
             head, self._early = parts
@@ -754,7 +763,13 @@ class TunnelCore:
         ]
 
     def _finish(
-        self, now: float, outcome: str, *, ws_code: int | None, abort: bool = False
+        self,
+        now: float,
+        outcome: str,
+        *,
+        ws_code: int | None,
+        abort: bool = False,
+        answered: bool = False,
     ) -> list[Action]:
         """End the tunnel: close the WebSocket (if open) and the local stream (if any).
 
@@ -765,7 +780,9 @@ class TunnelCore:
         upstream when the relay closed with 1000 (its client finished an upload). A relay
         that vanished, or is shutting down (1001), gets no patience: a deaf origin is let go
         promptly. A client's reset is passed on as one (no closing handshake). After a clean
-        close from the other end the local stream lingers (:class:`~.actions.CloseLocal`).
+        close from the other end the local stream lingers (:class:`~.actions.CloseLocal`),
+        and after the relay ``answered`` its client itself: a client still sending (the rest
+        of an oversized head, a body) would otherwise get a reset that can destroy the answer.
         """
         self.outcome = outcome
         self.state = State.CLOSED
@@ -783,7 +800,7 @@ class TunnelCore:
         self._ws_open = False
         if self._local_open:
             patient = not abort and stall and (relay or self.ws_close_code == CLOSE_NORMAL)
-            linger = not abort and self.ws_close_code is not None
+            linger = not abort and (answered or self.ws_close_code is not None)
             actions.append(CloseLocal(abort=abort, patient=patient, linger=linger))
         actions.append(Finished(outcome))
         return actions
@@ -807,7 +824,8 @@ class TunnelCore:
         self.status = status
         self.reason = reason
         write = self._write_local(relay_answer(status, reason), now)
-        return [write, *self._finish(now, outcome or f"failed-{status}", ws_code=ws_code)]
+        finish = self._finish(now, outcome or f"failed-{status}", ws_code=ws_code, answered=True)
+        return [write, *finish]
 
     def _refuse(self, now: float, status: int, reason: str, rule: str = "-") -> list[Action]:
         """Egress: answer inside the tunnel with an error status, then close."""
