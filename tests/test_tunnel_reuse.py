@@ -324,6 +324,36 @@ async def test_an_end_without_a_tunnel_is_a_protocol_error(
     assert "protocol error" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [(b"C", 1002), (b"NOT A CONNECT\r\n\r\n", 1000)],
+    ids=["partial-head", "refused-head"],
+)
+async def test_a_tunnel_ended_before_its_connect_does_not_free_the_socket(
+    egress_audit: EgressServer, echo_port: int, message: bytes, code: int
+) -> None:
+    """A byte of a head (or a head refused before admission) and then an end, again and
+    again: each round would be a new tunnel the rate limit never sees (its token is taken at
+    a CONNECT's admission). The socket is not reused after such a round."""
+    baseline = open_fds()
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        await echo_tunnel(ws, echo_port, b"a real tunnel first")
+        await ws.send(END_OF_TUNNEL)
+        assert await recv_chunk(ws) == END_OF_TUNNEL
+        for _ in range(50):
+            await ws.send(encode_chunk(message))
+            await ws.send(END_OF_TUNNEL)
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5):
+                ends = 0
+                while True:
+                    if await ws.recv() == END_OF_TUNNEL:
+                        ends += 1
+    # (the round's own end is answered - and, once, one already read with it)
+    assert ends <= 2 and ws.close_code == code
+    await until(lambda: open_fds() <= baseline)
+
+
 async def test_a_connect_pipelined_between_two_ends_is_not_lost(
     egress_audit: EgressServer, bye_port: int, echo_port: int, caplog: pytest.LogCaptureFixture
 ) -> None:

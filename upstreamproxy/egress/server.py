@@ -26,7 +26,12 @@ from ..errors import AuthError, ConfigError
 from ..logredact import redacting_logger
 from ..memtrim import Trimmer
 from ..tunnel import pipe
-from ..tunnel.core import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION
+from ..tunnel.core import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_PROTOCOL_ERROR,
+)
 from ..tunnel.links import WsLink
 from . import audit
 from .admission import Admission, AdmissionRecord, DialFn, Route
@@ -423,6 +428,19 @@ class EgressServer:
                 return
             if self._refusing:  # draining: the relay opens its next socket elsewhere
                 link.close(CLOSE_GOING_AWAY)
+                return
+            if tunnel.core.request is None:
+                # The relay ended a tunnel that never got as far as a CONNECT (a partial or
+                # refused head): no relay of ours does that, and such rounds would cost the
+                # egress a tunnel each without a rate-limit token. Not reused.
+                partial = not tunnel.core.status
+                if partial:
+                    self.metrics.protocol_errors.inc()
+                    log.warning(
+                        "session %s: tunnel ended before its CONNECT head was complete",
+                        session.session_id,
+                    )
+                link.close(CLOSE_PROTOCOL_ERROR if partial else CLOSE_NORMAL)
                 return
             if tunnel.core.status == 429:
                 # Over a limit: no cheap retries on this socket - the next try is an upgrade,
