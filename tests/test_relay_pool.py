@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -266,3 +267,58 @@ async def test_a_failed_pre_open_skips_a_connect_that_gave_up_waiting_for_it() -
         assert [t.exception() for t in opening if not t.cancelled()] == [None]
     finally:
         await pool.close()
+
+
+async def test_a_socket_opened_for_a_connect_whose_client_left_is_kept(echo_port: int) -> None:
+    """The pool is empty (its socket carries a tunnel) and the way to the egress is slow: two
+    CONNECTs wait, one for the pool's refill, one for a socket opened for it; both clients
+    leave. Neither socket carried anything: both are kept in the pool (the second was closed
+    mid-upgrade), and the next CONNECT takes one without opening another."""
+    gate = asyncio.Event()
+    connections = 0
+
+    async with egress_server() as egress:
+        egress_port = int(egress.url.rsplit(":", 1)[1].split("/")[0])
+
+        async def slow_path(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            await gate.wait()
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", egress_port)
+
+            async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(ConnectionError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+        path = await asyncio.start_server(slow_path, "127.0.0.1", 0)
+        path_port = path.sockets[0].getsockname()[1]
+        url = egress.url.replace(f":{egress_port}/", f":{path_port}/")
+        gate.set()
+        async with make_relay(url, pool_size=1) as relay:
+            await until(lambda: len(relay.pool) == 1)
+            _, held_writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
+            assert head.startswith(b"HTTP/1.1 200")  # the pooled socket is now this tunnel's
+            gate.clear()  # from here new connections to the egress wait
+            await until(lambda: connections == 2)  # the pool's refill, held at the gate
+            waiting = []
+            for _ in range(2):
+                _, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+                writer.write(f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\n\r\n".encode())
+                await writer.drain()
+                waiting.append(writer)
+            await until(lambda: connections == 3)  # the second is opened for its CONNECT
+            for writer in waiting:
+                writer.transport.abort()  # the clients leave while they wait
+            await until(lambda: relay.active_tunnels == 1)  # noticed (the hang-up check)
+            gate.set()
+            await until(lambda: len(relay.pool) == 2)  # the refill and the one nobody took
+            taken = relay.pool.stats["taken"]
+            assert await echo_roundtrip(relay, echo_port) == b"ping"
+            assert relay.pool.stats["taken"] == taken + 1 and connections == 3
+            held_writer.close()
+        path.close()

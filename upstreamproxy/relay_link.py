@@ -217,6 +217,11 @@ class WsPool:
         """A socket whose tunnel ended with the end-of-tunnel exchange: kept while there is
         room, closed otherwise."""
         self._out.pop(link, None)
+        self._keep(link, reused=True)
+
+    def _keep(self, link: WsLink, *, reused: bool) -> None:
+        """A socket free for a CONNECT: to one waiting, else into the pool while there is room
+        (beyond ``size`` for :data:`SURPLUS_IDLE`), else closed."""
         while self._waiters and link.usable and not self._closed:
             waiter = self._waiters.popleft()  # a CONNECT waiting for a socket being opened
             if not waiter.done():
@@ -226,7 +231,8 @@ class WsPool:
         if self._closed or len(self._idle) >= room or not link.usable:
             link.retire()
             return
-        self.stats["reused"] += 1
+        if reused:
+            self.stats["reused"] += 1
         idle = _Idle(self, link)
         if not link.usable:
             idle.drop()
@@ -249,21 +255,30 @@ class WsPool:
             )
 
     async def take(self) -> tuple[WsLink, bool]:
-        """A ready socket (``pooled`` True) or, if none is ready, a freshly opened one."""
+        """A ready socket (``pooled`` True) or, if none is ready, a freshly opened one.
+
+        With a pool, the socket this CONNECT waits for is opened by the pool: if its client
+        leaves meanwhile, the socket (which carried nothing) is kept for the next CONNECT
+        instead of being closed mid-upgrade."""
         ready = self.take_ready()
         if ready is not None:
             return ready, True
-        if self._connecting > len(self._waiters):
-            # One is on its way and started before this CONNECT: it arrives sooner than a
-            # fresh one would, and does not compete with it for the session's limit.
+        pooled_open = self.size > 0 and not self._closed and not self._backoff
+        if pooled_open and self._opening <= len(self._waiters):
+            self.stats["missed"] += 1
+            self._opening += 1
+            self._tasks.spawn(self._open_one(), name="ws-pool-open")
+        if self._connecting > len(self._waiters) or pooled_open:
+            # One is on its way: it arrives sooner than a fresh one would, and does not
+            # compete with it for the session's limit.
             waiter: asyncio.Future[WsLink | None] = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
                 link_or_none = await waiter
             except asyncio.CancelledError:
                 handed = waiter.result() if waiter.done() and not waiter.cancelled() else None
-                if handed is not None:
-                    handed.abort()  # handed over just as this CONNECT gave up
+                if handed is not None:  # handed over just as this CONNECT gave up
+                    self._keep(handed, reused=False)
                 raise
             finally:
                 if waiter in self._waiters:
@@ -271,8 +286,10 @@ class WsPool:
             if link_or_none is not None:
                 self._handed_out(link_or_none)
                 return link_or_none, True
-        if self.size > 0:
+        elif self.size > 0:
             self.stats["missed"] += 1
+        # No pool, or its open failed (the waiter got None): this CONNECT opens its own,
+        # and gets the real answer if that fails too.
         link = await self._open()
         self.adopt(link)
         return link, False
@@ -343,19 +360,10 @@ class WsPool:
             if self._backoff:
                 log.info("pre-opening WebSockets works again")
             self._backoff = 0.0
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(link)
-                    return
             if self._closed:
                 link.abort()
                 return
-            idle = _Idle(self, link)
-            if link.usable:
-                self._idle.append(idle)
-            else:
-                idle.drop()
+            self._keep(link, reused=False)
         finally:
             self._opening -= 1
             self._refill()
