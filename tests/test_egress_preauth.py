@@ -348,3 +348,32 @@ def test_guard_books_always_balance(ops: list[tuple[str, int, int]]) -> None:
         assert len(guard) == 0 and all(guard.per_peer(f"127.0.9.{p}") == 0 for p in range(4))
 
     asyncio.run(scenario())
+
+
+async def test_metrics_listener_has_the_same_deadline_and_caps() -> None:
+    # The metrics port (0.0.0.0 in the Kubernetes manifests) is unauthenticated too: a
+    # half-sent or silent connection there once stayed open for good, so a peer could hold
+    # any number of the egress's descriptors.
+    limits = PreauthLimits(upgrade_timeout=1.0, max_pending=40, max_pending_per_peer=4)
+    config = EgressConfig(preauth=limits, metrics_port=0)
+    server = EgressServer(config, StaticTokens({TOKEN: Session(SESSION)}), loopback_policy())
+    async with server:
+        reader, writer = await raw_conn(server.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: e\r\n")  # never finished
+        started = time.monotonic()
+        assert await closed_within(reader, 10)
+        assert 0.8 < time.monotonic() - started < 8
+        writer.close()
+        held = [await raw_conn(server.metrics_port, "127.0.0.4") for _ in range(4)]
+        await asyncio.sleep(0.1)
+        extra_reader, extra_writer = await raw_conn(server.metrics_port, "127.0.0.4")
+        assert await closed_within(extra_reader, 0.5)  # over the per-peer cap: at once
+        # A scrape still works, and the pre-auth refusals stay the tunnel listener's.
+        reader, writer = await raw_conn(server.metrics_port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: e\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        writer.close()
+        for _, held_writer in [*held, (None, extra_writer)]:
+            held_writer.close()
+        assert refusals(server, "upgrade-timeout") == refusals(server, "preauth-per-peer") == 0

@@ -106,6 +106,10 @@ class EgressServer:
         self.metrics = EgressMetrics()
         self.limiter = Limiter(config.limits)
         self.preauth = PreauthGuard(config.preauth, self._preauth_refused)
+        # The metrics port is unauthenticated as well (0.0.0.0 behind Kubernetes): the same
+        # deadline and caps, else an idle or half-sent request holds a descriptor for good.
+        # Its refusals are not counted: that metric is about the tunnel listener.
+        self.metrics_preauth = PreauthGuard(config.preauth)
         self.readiness_checks: list[ReadinessCheck] = []
         self.admission = Admission(
             lambda: self.policies.current,
@@ -221,10 +225,14 @@ class EgressServer:
         if self.config.metrics_port is not None:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics)
+            metrics_app.on_response_prepare.append(self.metrics_preauth.on_response_prepare)
             self._metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
             await self._metrics_runner.setup()
             self._metrics_site = GuardedSite(
-                self._metrics_runner, self.config.metrics_host, self.config.metrics_port
+                self._metrics_runner,
+                self.config.metrics_host,
+                self.config.metrics_port,
+                guard=self.metrics_preauth,
             )
             await self._metrics_site.start()
             self._metrics_bound_port = self._metrics_site.port
