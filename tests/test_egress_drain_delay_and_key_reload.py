@@ -20,6 +20,7 @@ from conftest import SESSION, TOKEN, connect_via, loopback_policy, raw_request
 from fleet import AUDIENCE, ProjectedDir, SigningKey, clean_env, free_port, http_status
 
 from upstreamproxy.egress.auth import Session, SignedTokens, StaticTokens
+from upstreamproxy.egress.policy import PolicyStore
 from upstreamproxy.egress.server import EgressConfig, EgressServer
 from upstreamproxy.errors import AuthError
 from upstreamproxy.relay import Relay, RelayConfig
@@ -216,3 +217,44 @@ def test_relay_signalled_right_after_its_ready_line_exits_cleanly(tmp_path: Path
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err.decode()[-1000:]
+
+
+async def test_the_watcher_reloads_only_the_file_that_changed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broken policy file is reported once: a later token file change does not re-read it
+    (which logged the same error and counted a failed policy reload again)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("policies:\n  default:\n    rules: []\n")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{SESSION} {TOKEN}\n")
+    authenticator = StaticTokens.from_file(tokens)
+    server = EgressServer(
+        EgressConfig(reload_interval=0.1), authenticator, PolicyStore.from_file(policy)
+    )
+
+    def reloads(result: str) -> float:
+        sample = server.metrics.registry.get_sample_value(
+            "upstreamproxy_policy_reloads_total", {"result": result}
+        )
+        return sample or 0.0
+
+    async with server:
+        with caplog.at_level(logging.INFO, "upstreamproxy.egress"):
+            policy.write_text("policies:\n  default:\n    rules: [\n")
+            for _ in range(50):
+                if "policy reload failed" in caplog.text:
+                    break
+                await asyncio.sleep(0.1)
+            tokens.write_text(f"{SESSION} {TOKEN}\nother other-token\n")
+            for _ in range(50):
+                try:
+                    authenticator.authenticate("other-token")
+                    break
+                except AuthError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the new token was not picked up")
+            await asyncio.sleep(0.3)  # a few more rounds of the watcher
+    assert caplog.text.count("policy reload failed") == 1, caplog.text
+    assert (reloads("failed"), reloads("ok")) == (1, 0)

@@ -249,8 +249,11 @@ class EgressServer:
         them underneath us), as SIGHUP would; reopen an audit file a rotation moved."""
         while True:
             await asyncio.sleep(self.config.reload_interval)
-            if self.policies.changed() or self.authenticator.changed():
-                self.reload()  # (which reopens a moved audit file too)
+            policy, keys = self.policies.changed(), self.authenticator.changed()
+            if policy or keys:
+                # Only what changed: a still-broken file would log its error (and count a
+                # failed reload) again each time the other one changes.
+                self.reload(policy=policy, keys=keys)  # (reopens a moved audit file too)
             else:
                 audit.reopen_if_moved()
 
@@ -288,22 +291,22 @@ class EgressServer:
         self.trimmer.close()
         self._started = False
 
-    def reload(self) -> bool:
-        """Reload the policy file and the token keys (SIGHUP). A bad file keeps the last good.
-        A rotated audit file (``--audit-log``) is reopened."""
+    def reload(self, *, policy: bool = True, keys: bool = True) -> bool:
+        """Reload the policy file and the token keys (SIGHUP: both). A bad file keeps the last
+        good. A rotated audit file (``--audit-log``) is reopened."""
         ok = True
         audit.reopen_if_moved()
-        error = self.policies.reload()
+        error = self.policies.reload() if policy else None
         if error is not None:
             ok = False
             self.metrics.policy_reloads.labels("failed").inc()
             log.error("policy reload failed, keeping the last good policy: %s", error)
-        elif self.policies.path is not None:
+        elif policy and self.policies.path is not None:
             self.metrics.policy_reloads.labels("ok").inc()
             log.info("policy reloaded from %s", self.policies.path)
         if self.interception is not None:
             self.interception.reload_secrets()
-        key_error = self.authenticator.reload()
+        key_error = self.authenticator.reload() if keys else None
         if key_error is not None:
             ok = False
             log.error("key reload failed, keeping the previous keys: %s", key_error)
