@@ -253,6 +253,31 @@ async def test_no_token_in_audit_or_logs(
     assert secret not in everything
 
 
+async def test_malformed_requests_log_one_line_without_their_bytes(
+    tmp_path: Path, egress_processes: list[EgressProcess]
+) -> None:
+    """Any peer, before authentication, could have aiohttp log a traceback per malformed
+    request, quoting its bytes (a credential in a header or query it did not expect)."""
+    egress = await start_egress(
+        "--static-tokens", str(write_tokens(tmp_path)), "--allow", "allowed.test:443"
+    )
+    egress_processes.append(egress)
+    secret = "sk-live-0123456789abcdef"
+    for request in (
+        f"GET /healthz HTTP/1.1\r\nHost: e\r\nX-Api-Key: {secret}{'a' * 9000}\r\n\r\n",
+        f"GET /healthz?key={secret}\x01 HTTP/1.1\r\nHost: e\r\n\r\n",
+        f"GET /readyz HTTP/1.1\r\nHost: e\r\nX-Key: {secret}\r\nBad Header: \x01\r\n\r\n",
+    ):
+        answer = await raw_request(egress.port, request.encode(), read_timeout=5)
+        assert answer.startswith(b"HTTP/1.0 400"), answer
+    await egress.wait_log(b"malformed request from 127.0.0.1", count=3)
+    assert await egress.stop() == 0
+    log = egress.stderr.decode()
+    assert "Traceback" not in log
+    assert secret not in log
+    assert log.count("malformed request from 127.0.0.1: ") == 3, log
+
+
 # -- metrics, health, readiness -----------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from ipaddress import ip_address
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..connect_head import REASON_HEADER
 from ..errors import AuthError, ConfigError
@@ -49,9 +50,32 @@ from .resolver import Resolver, SystemResolver
 from .tunnel import InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
 
 log = logging.getLogger("upstreamproxy.egress")
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs each malformed request - any peer's, before authentication - at ERROR with
+    a traceback whose message quotes the peer's bytes (a credential in a header or query the
+    redaction does not know, say): one line instead, naming only the error's type."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            args = record.args if isinstance(record.args, tuple) else ()
+            record.msg = "malformed request from %s: %s"
+            record.args = (args[0] if args else "-", type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:  # (a non-HTTP first line stays DEBUG)
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 # aiohttp quotes offending header lines in its errors; they may hold a token.
 for _name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.websocket"):
     redacting_logger(_name)
+_server_log = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _MalformedRequestFilter) for f in _server_log.filters):
+    # First: the redacting filter turns the traceback into text this one no longer sees.
+    _server_log.filters.insert(0, _MalformedRequestFilter())
 
 DEFAULT_WS_PATH: Final = "/v1/code/upstreamproxy/ws"
 CA_CERT_PATH: Final = "/v1/code/upstreamproxy/ca-cert"
