@@ -710,6 +710,38 @@ async def test_sighup_reloads_policy_and_keeps_last_good(
     assert await egress.stop() == 0
 
 
+async def test_sighup_keeps_the_policy_when_the_new_one_needs_interception_it_lacks(
+    tmp_path: Path, echo_origin: EchoOrigin, egress_processes: list[EgressProcess]
+) -> None:
+    """A policy the egress refuses to start with (it intercepts, no --ca-key) is refused on
+    reload too: it once replaced the good one, and its hosts got 502."""
+    port = echo_origin.port
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_yaml(["old.test"], port))
+    egress = await start_egress(
+        "--static-tokens",
+        str(write_tokens(tmp_path)),
+        "--policy",
+        str(policy),
+        "--resolve",
+        "old.test=127.0.0.1",
+        "--reload-interval",
+        "0",
+    )
+    egress_processes.append(egress)
+    assert (await ask(egress.url, f"old.test:{port}")).status == 200
+    intercepting = policy_yaml(["old.test"], port).replace(
+        "        ports:",
+        "        intercept: {inject: [{header: x-key, value: '{secret:key}'}]}\n        ports:",
+    )
+    replace_file(policy, intercepting)
+    egress.proc.send_signal(signal.SIGHUP)
+    await egress.wait_log(b"policy reload failed, keeping the last good policy")
+    assert b"no CA key is configured" in egress.stderr
+    assert (await ask(egress.url, f"old.test:{port}")).status == 200
+    assert await egress.stop() == 0
+
+
 @pytest.fixture
 async def trickle_origin() -> AsyncIterator[int]:
     """Sends 10 pieces of 1000 bytes, 0.1 s apart, then closes: a transfer in flight."""

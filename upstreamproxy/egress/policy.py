@@ -25,7 +25,7 @@ block lists) stay enforced, because a policy being trialled must not open the me
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -328,15 +328,19 @@ class PolicyStore:
     def current(self) -> PolicySet:
         return self._current
 
-    def reload(self) -> ConfigError | None:
-        """Re-read the file; on error keep the last good policy and return the error."""
+    def reload(self, check: Callable[[PolicySet], None] | None = None) -> ConfigError | None:
+        """Re-read the file; on error (the file's, or a ConfigError of ``check``: what the
+        server could not start with) keep the last good policy and return the error."""
         if self.path is None:
             return None
         self._seen = file_fingerprint(self.path)
         try:
-            self._current = load_policy_file(self.path)
+            policies = load_policy_file(self.path)
+            if check is not None:
+                check(policies)
         except ConfigError as exc:
             return exc
+        self._current = policies
         return None
 
     def changed(self) -> bool:

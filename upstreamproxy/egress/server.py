@@ -44,7 +44,7 @@ from .limits import LimitConfig, Limiter
 from .listener import GuardedSite
 from .metrics import CONTENT_TYPE_LATEST, EgressMetrics
 from .native_upgrade import NativeUpgrade, OnUpgraded
-from .policy import PolicyStore
+from .policy import PolicySet, PolicyStore
 from .preauth import PreauthGuard, PreauthLimits
 from .resolver import Resolver, SystemResolver
 from .tunnel import InterceptFn, Tunnel, TunnelContext, TunnelTimeouts
@@ -156,8 +156,7 @@ class EgressServer:
                 return await engine.serve(sock, route, admitted, session, self.admission)
 
             self.readiness_checks.append(self._secrets_ready)
-        elif self.policies.current.intercept_rules():
-            raise ConfigError("ca_key", "the policy intercepts hosts but no CA key is configured")
+        self._check_policies(self.policies.current)
         self.context = TunnelContext(
             self.admission,
             self.limiter,
@@ -320,7 +319,7 @@ class EgressServer:
         good. A rotated audit file (``--audit-log``) is reopened."""
         ok = True
         audit.reopen_if_moved()
-        error = self.policies.reload() if policy else None
+        error = self.policies.reload(self._check_policies) if policy else None
         if error is not None:
             ok = False
             self.metrics.policy_reloads.labels("failed").inc()
@@ -335,6 +334,11 @@ class EgressServer:
             ok = False
             log.error("key reload failed, keeping the previous keys: %s", key_error)
         return ok
+
+    def _check_policies(self, policies: PolicySet) -> None:
+        """What the server needs of a policy beyond its file's rules (at start and reload)."""
+        if self.interception is None and policies.intercept_rules():
+            raise ConfigError("ca_key", "the policy intercepts hosts but no CA key is configured")
 
     async def __aenter__(self) -> EgressServer:
         await self.start()
