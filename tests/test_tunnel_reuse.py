@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from conftest import SESSION, TOKEN, connect_via, loopback_policy, tcp_origin
@@ -128,6 +129,28 @@ async def test_tunnels_one_after_another_share_the_pooled_websockets(echo_port: 
         assert relay.pool.stats["reused"] == 20
         assert relay.pool.stats["missed"] == 0
         assert reused(egress) == 20
+
+
+async def test_a_reused_websocket_takes_up_the_policy_its_token_has_now(
+    echo_port: int, tmp_path: Path
+) -> None:
+    """The token is checked again at each CONNECT on a reused socket, and what it says now
+    counts: a token file reload that moves it to another policy applied only to fresh
+    upgrades, while the relay's reused sockets went on under the old one."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{SESSION} {TOKEN} default\n")
+    authenticator = StaticTokens.from_file(tokens)
+    egress = EgressServer(EgressConfig(reload_interval=0), authenticator, loopback_policy())
+    async with egress, make_relay(egress.url, pool_size=1) as relay:
+        assert await echo_once(relay, echo_port) == b"ping"
+        await until(lambda: len(relay.pool) == 1)
+        tokens.write_text(f"{SESSION} {TOKEN} restricted\n")
+        assert egress.reload()
+        _, writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 403"), head
+        assert b"unknown-policy" in head
+        assert relay.pool.stats["reused"] >= 1
 
 
 async def test_the_tail_of_an_abandoned_download_never_reaches_the_next_tunnel(

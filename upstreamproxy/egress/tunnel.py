@@ -213,12 +213,16 @@ class Tunnel:
             self.ctx.metrics.auth_failures.labels("tunnel-credentials").inc()
             raise OpenFailed(exc.status, exc.reason) from None
         if self.core.preopened and self.ctx.authenticate is not None:
-            # Authenticated at its upgrade, maybe long ago: the token must still be good.
+            # Authenticated at its upgrade, maybe long ago: the token must still be good,
+            # and what it says now counts (a reload may have given it another policy).
             try:
-                self.ctx.authenticate(self._token)
+                current = self.ctx.authenticate(self._token)
             except AuthError as exc:
                 self.ctx.metrics.auth_failures.labels(exc.reason).inc()
                 raise OpenStale() from None
+            if current.session_id != self.session.session_id:
+                raise OpenStale()  # the token is another session's now: a fresh upgrade
+            self.session = current
         try:
             route = await self.ctx.admission.admit(self.session, request.target, self.admitted)
         except Refusal as exc:
