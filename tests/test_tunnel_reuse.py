@@ -20,7 +20,7 @@ from websockets.frames import Frame, Opcode
 
 from upstreamproxy import relay_link
 from upstreamproxy.codec import END_OF_TUNNEL, decode_chunk, encode_chunk
-from upstreamproxy.connect_head import REUSE_HEADER, basic_credentials
+from upstreamproxy.connect_head import PREOPENED_HEADER, REUSE_HEADER, basic_credentials
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.limits import LimitConfig
 from upstreamproxy.egress.server import EgressConfig, EgressServer
@@ -460,3 +460,21 @@ async def test_after_a_burst_the_pool_keeps_what_came_back_for_a_while(
         await until(lambda: len(relay.pool) == 2, timeout=5)  # the surplus closed
         await until(lambda: egress.limiter.total == 2)  # closed at the egress too
         assert await echo_once(relay, echo_port) == b"ping"
+
+
+async def test_a_websocket_closed_before_any_connect_is_no_tunnel_in_the_audit(
+    egress_audit: EgressServer, echo_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pre-opened socket retired unused (the relay stopped, the pool shrank) or any socket
+    that closes before its CONNECT carried no tunnel: no audit line, no ``decision="-"``."""
+    for headers in (AUTH, {**REUSE, PREOPENED_HEADER: "1"}):
+        async with connect(egress_audit.url, additional_headers=headers, proxy=None):
+            pass
+    async with connect(egress_audit.url, additional_headers=REUSE, proxy=None) as ws:
+        await echo_tunnel(ws, echo_port, b"one real tunnel")
+    await until(lambda: len(audit_lines(caplog)) == 1)
+    await asyncio.sleep(0.2)
+    assert len(audit_lines(caplog)) == 1 and '"status":200' in audit_lines(caplog)[0]
+    assert egress_audit.metrics.registry.get_sample_value(
+        "upstreamproxy_tunnels_total", {"decision": "-"}
+    ) in (None, 0.0)

@@ -259,7 +259,9 @@ class EgressServer:
             )
             await self._metrics_site.start()
             self._metrics_bound_port = self._metrics_site.port
-            log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
+            host = self.config.metrics_host
+            host = f"[{host}]" if ":" in host else host
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         self._started = True
         if self.interception is not None:
             self.interception.start()
@@ -460,8 +462,8 @@ class EgressServer:
             finally:
                 self._tunnels.pop(task, None)
                 core = tunnel.core
-                if not (reused and core.request is None and not core.status and not core.error):
-                    self._audit(tunnel)  # (a reused socket closed before any CONNECT: no tunnel)
+                if core.request is not None or core.status or core.error:
+                    self._audit(tunnel)  # (a socket closed before any CONNECT: no tunnel)
             # The link is freed by the end-of-tunnel exchange, or closes (bounded either way).
             if not reuse or not await freed:
                 return
