@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +73,34 @@ def test_write_tool_files_reports_what_it_cannot_make(tmp_path: Path) -> None:
     assert files.java_truststore is None
     assert any(p.startswith("java:") for p in problems)
     assert files.wgetrc is not None  # the others are still made
+
+
+def test_a_users_rc_file_that_never_ends_neither_hangs_nor_fills_memory(tmp_path: Path) -> None:
+    """``WGETRC`` naming a FIFO blocked start for good (after the relay listened, where SIGTERM
+    could not stop it), and ``/dev/zero`` was read whole before the 64 KiB cap was applied."""
+    os.mkfifo(tmp_path / "fifo")
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(make_ca("bundle CA").cert_pem())
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from upstreamproxy.bootstrap.tool_files import write_tool_files\n"
+        "base = Path(sys.argv[1])\n"
+        "env = {'HOME': str(base), 'WGETRC': str(base / 'fifo'), 'WGET2RC': '/dev/zero'}\n"
+        "files, problems = write_tool_files(base, base / 'ca.pem', env)\n"
+        "assert problems == [], problems\n"
+        "for rc in (files.wgetrc, files.wget2rc):\n"
+        "    assert rc is not None and rc.stat().st_size < 4096, rc\n"
+    )
+
+    def cap_memory() -> None:  # so a regression fails with MemoryError, not the OOM killer
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=cap_memory,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert done.returncode == 0, done.stderr

@@ -28,6 +28,8 @@ with a warning (the other tools still work), never a start failure.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,10 +96,20 @@ def java_truststore(pem: bytes) -> bytes:
 
 
 def _read_user_file(path: Path) -> str | None:
+    # A regular file only, read no further than the cap: WGETRC=/dev/zero must not eat all
+    # memory, nor a FIFO block start (after the relay listens, where SIGTERM cannot stop it).
     try:
-        data = path.read_bytes()[: MAX_USER_FILE + 1]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, MAX_USER_FILE + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if len(data) > MAX_USER_FILE:
         return None
     return data.decode("utf-8", "replace")
