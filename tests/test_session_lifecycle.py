@@ -292,6 +292,25 @@ def test_background_says_why_the_proxy_is_disabled(world: World, tmp_path: Path)
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_background_never_logs_into_a_state_dir_it_refuses(world: World, tmp_path: Path) -> None:
+    """The daemon opened start.log before the state directory was checked, and followed a
+    link: whoever can write the directory (its owner, or here its group) aimed a root
+    start's log at any file, appending to it or creating it."""
+    write_token(tmp_path / "token")
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o775)  # writable by the group: the bootstrap refuses it
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (state / "start.log").symlink_to(victim)
+    done = background(world, tmp_path)
+    assert done.returncode == 0 and done.stdout == ""
+    (line,) = lines_with(done.stderr, "proxy disabled")
+    assert "writable by group or others" in line
+    assert victim.read_text() == "untouched\n"
+    assert (tmp_path / "token").exists()
+
+
 NO_REAPER = textwrap.dedent(
     """
     # A parent that never reaps, like `sleep infinity` as a container's PID 1: a subreaper,

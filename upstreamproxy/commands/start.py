@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..bootstrap.start import Readiness, StartOptions, run_session
-from ..bootstrap.state import default_state_dir
+from ..bootstrap.state import default_state_dir, prepare_state_dir
+from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
 from ..options import add_list_option, add_option, add_state_dir_option, env_flag
 from .lock import add_lock_options, add_relay_user_options
@@ -305,11 +306,16 @@ def _redirect_output(state_dir: Path) -> None:
     os.dup2(null, 0)
     target = null
     try:
-        state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # Only into a directory the session may use (the bootstrap refuses the others, but
+        # this runs first), and never through a link: a root daemon would append to, or
+        # create, whatever file the owner of the directory aimed start.log at.
+        paths = prepare_state_dir(state_dir)
         target = os.open(
-            state_dir / "start.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+            paths.log_file,
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o600,
         )
-    except OSError:
+    except (OSError, ConfigError):
         pass
     os.dup2(target, 1)
     os.dup2(target, 2)
