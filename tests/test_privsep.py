@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,11 +22,22 @@ from pathlib import Path
 import pytest
 import tools_fixtures
 import users_fixtures
-from tools_fixtures import HELLO, READY_PREFIX, TOKEN, World, clean_env, cli, start_session
+from tools_fixtures import (
+    HELLO,
+    READY_PREFIX,
+    SESSION_ID,
+    TOKEN,
+    World,
+    clean_env,
+    cli,
+    start_session,
+    write_token,
+)
 from users_fixtures import User, as_user, free_uid, relay_name
 
 from upstreamproxy.bootstrap.hardening import is_dumpable
 from upstreamproxy.bootstrap.privsep import resolve_relay_user
+from upstreamproxy.bootstrap.state import process_identity
 from upstreamproxy.errors import ConfigError
 
 world = tools_fixtures.world
@@ -237,6 +249,59 @@ def test_relay_process_dying_stops_the_session(
     assert session.proc.returncode == 1
     assert "the relay process exited" in log
     assert not (tmp_path / "s" / "state" / "env.sh").exists()
+
+
+def relay_child_of(pid: int) -> int | None:
+    """The relay process ``pid`` started, once it runs the relay's module (after its exec)."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid and b"relay_child" in cmdline:
+            return int(entry)
+    return None
+
+
+def test_a_stop_while_the_relay_starts_keeps_the_token_and_announces_nothing(
+    world: World, names: list[str], tmp_path: Path
+) -> None:
+    """SIGTERM while start waited for its relay process was only acted on after readiness:
+    the token file was deleted and the ready line printed, for a session that then ended."""
+    name = relay_name()
+    names.append(name)
+    base = tmp_path / "s"
+    base.mkdir()
+    token = write_token(base / "token")
+    argv = [sys.executable, "-m", "upstreamproxy", "start", "--token-file", str(token)]
+    argv += ["--session-id", SESSION_ID, "--egress-url", world.egress_url]
+    argv += ["--state-dir", str(base / "state"), "--relay-user", name]
+    proc = subprocess.Popen(
+        argv, env=clean_env(base), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    child = None
+    try:
+        deadline = time.monotonic() + 30
+        while child is None and time.monotonic() < deadline and proc.poll() is None:
+            child = relay_child_of(proc.pid)
+            time.sleep(0.002)
+        assert child is not None, "no relay process appeared"
+        os.kill(child, signal.SIGSTOP)  # it cannot answer "ready" before start got SIGTERM
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(child, signal.SIGCONT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == ""
+    assert "received SIGTERM before the session was ready" in err
+    assert token.exists()
+    assert not (base / "state" / "env.sh").exists()
+    assert process_identity(child) is None  # stopped and reaped by start
 
 
 def test_relay_failure_in_the_child_is_reported_and_keeps_the_token(

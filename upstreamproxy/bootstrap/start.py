@@ -502,6 +502,12 @@ async def _serve(
     pid = os.getpid()
     status = 0
     try:
+        if stop.done():
+            # Stopped while the relay was starting: not a session, so neither readiness nor
+            # a deleted token (the supervisor may retry with it).
+            raise _Failure(
+                f"received {signal.Signals(stop.result()).name} before the session was ready"
+            )
         tool_files, problems = write_tool_files(paths.directory, bundle, os.environ)
         for problem in problems:
             log.warning("tool files: %s", problem)
