@@ -154,6 +154,38 @@ def test_stop_closes_tunnels_and_removes_env_files(world: World, started: Starte
     assert "received SIGTERM" in log
 
 
+def test_a_closed_stdout_does_not_stop_the_session(world: World, tmp_path: Path) -> None:
+    """The ready line is printed after the token file is deleted: a stdout whose reader had
+    gone (EPIPE) ended the start there, so the token was gone and no session ran."""
+    token = write_token(tmp_path / "token")
+    state = tmp_path / "state"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read the ready line
+    argv = [sys.executable, "-m", "upstreamproxy", "start", "--token-file", str(token)]
+    argv += ["--session-id", SESSION_ID, "--egress-url", world.egress_url]
+    argv += ["--state-dir", str(state)]
+    with (tmp_path / "start.log").open("w") as log:
+        proc = subprocess.Popen(argv, env=clean_env(tmp_path), stdout=write_end, stderr=log)
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 30
+        while not (state / "start.pid").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "start never wrote its session files"
+            time.sleep(0.05)
+        time.sleep(0.5)  # past the ready line
+        assert proc.poll() is None, (tmp_path / "start.log").read_text()
+        assert not token.exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log_text = (tmp_path / "start.log").read_text()
+    assert "received SIGTERM" in log_text
+    assert "Traceback" not in log_text and "Exception ignored" not in log_text, log_text
+
+
 # -- failures: the token stays, fail-open vs fail-closed ---------------------------------------
 
 

@@ -51,6 +51,7 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -201,7 +202,7 @@ def _report_shared(loaded: LoadedSession, notify: Notify | None) -> int:
     )
     log.info("%s", message)
     _announce(Readiness("ready", 0, message, info.env_file, info.proxy_url, info.pid), notify)
-    print(f"{READY_PREFIX}{info.env_file}", flush=True)
+    _print_ready(info.env_file)
     return 0
 
 
@@ -255,7 +256,7 @@ def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | Non
                 ),
                 notify,
             )
-            print(f"{READY_PREFIX}{loaded.info.env_file}", flush=True)
+            _print_ready(loaded.info.env_file)
             return 0
         if time.monotonic() >= deadline:
             return _give_up(
@@ -561,7 +562,7 @@ async def _serve(
             Readiness("ready", 0, message, str(paths.env_sh), relay.proxy_url, pid, serving=True),
             notify,
         )
-        print(f"{READY_PREFIX}{paths.env_sh}", flush=True)
+        _print_ready(str(paths.env_sh))
         ended = relay.ended if isinstance(relay, SeparateRelay) else None
         waiting = [f for f in (stop, ended) if f is not None]
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -604,6 +605,19 @@ def _delete_token(options: StartOptions) -> None:
         return
     if deleted:
         log.info("token file %s deleted", options.token_file)
+
+
+def _print_ready(env_file: str) -> None:
+    """The ready line on stdout. A reader that has gone (a closed pipe) must not stop the
+    session: the token file is already deleted by then, so a retry could not start another."""
+    try:
+        print(f"{READY_PREFIX}{env_file}", flush=True)
+    except OSError:
+        # Python's advice for EPIPE: stdout to /dev/null, so the flush at exit fails no more.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def _announce(readiness: Readiness, notify: Notify | None) -> None:
