@@ -311,6 +311,57 @@ def test_background_never_logs_into_a_state_dir_it_refuses(world: World, tmp_pat
     assert (tmp_path / "token").exists()
 
 
+def _daemon_pids(state: Path) -> list[int]:
+    """Processes running ``start`` for ``state`` (the daemon; the parent is gone by then)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = (Path("/proc") / pid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"start" in argv and str(state).encode() in argv:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_background_start_stops_its_daemon(
+    world: World, tmp_path: Path, signum: int
+) -> None:
+    """Ctrl-C (or a supervisor's SIGTERM) while ``start --background`` waits: the daemon, in
+    a session of its own, got no signal and went on to delete the token and serve. Now the
+    parent stops it and says so; the token stays for a retry."""
+    write_token(tmp_path / "token")
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)  # the daemon blocks reading it: a start that is still starting
+    state = tmp_path / "state"
+    argv = [sys.executable, "-m", "upstreamproxy", "start", "--background"]
+    argv += ["--token-file", str(tmp_path / "token"), "--session-id", SESSION_ID]
+    argv += ["--egress-url", world.egress_url, "--state-dir", str(state), "--ca-file", str(fifo)]
+    parent = subprocess.Popen(
+        argv, env=clean_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(_daemon_pids(state)) < 2:  # the parent and its forked daemon
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)
+        parent.send_signal(signum)
+        _, stderr = parent.communicate(timeout=20)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        daemons = _daemon_pids(state)
+        for pid in daemons:  # (only if the test fails: do not leave them blocked on the FIFO)
+            os.kill(pid, signal.SIGKILL)
+    assert parent.returncode == 128 + signum, stderr
+    assert b"start interrupted" in stderr and b"was stopped" in stderr, stderr
+    assert daemons == []
+    assert (tmp_path / "token").exists()
+    assert not (state / "env.sh").exists()
+
+
 NO_REAPER = textwrap.dedent(
     """
     # A parent that never reaps, like `sleep infinity` as a container's PID 1: a subreaper,

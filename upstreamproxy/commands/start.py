@@ -29,6 +29,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NoReturn
@@ -224,7 +225,15 @@ def _background(options: StartOptions, ready_timeout: float) -> int:
             os._exit(code)
     os.close(write_fd)
     try:
-        received = _wait_for_report(read_fd, ready_timeout)
+        with _interruptible():
+            received = _wait_for_report(read_fd, ready_timeout)
+    except _Interrupted as exc:
+        # Whoever waits for the start gave up on it (Ctrl-C, a supervisor's SIGTERM): so
+        # does the daemon, which is in a session of its own and got no signal. Stopped
+        # before readiness, it keeps the token file for a retry.
+        _stop_child(pid)
+        log.error("start interrupted (%s): the daemon (pid %d) was stopped", exc.name, pid)
+        return 128 + exc.signum
     finally:
         os.close(read_fd)
     if received is None:
@@ -322,6 +331,29 @@ def _redirect_output(state_dir: Path) -> None:
     if target != null:
         os.close(target)
     os.close(null)
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise :class:`_Interrupted` while the parent waits."""
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise _Interrupted(signum)
+
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, interrupted) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _wait_for_report(fd: int, timeout: float) -> tuple[Readiness, list[str]] | None:
