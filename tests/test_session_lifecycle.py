@@ -7,6 +7,8 @@ The same behaviour in real containers (``docker restart``, a SIGKILLed relay und
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -360,6 +362,36 @@ def test_interrupting_background_start_stops_its_daemon(
     assert daemons == []
     assert (tmp_path / "token").exists()
     assert not (state / "env.sh").exists()
+
+
+def test_a_start_waiting_on_one_that_fails_takes_over(world: World, tmp_path: Path) -> None:
+    """Another start holds the state directory's lock and then ends without a session (it
+    failed): the waiting start takes the lock and starts the session at once, instead of
+    waiting its full 30 s and reporting a start "that did not become ready"."""
+    write_token(tmp_path / "token")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    fd = os.open(state / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "another start", still starting
+    try:
+        argv = [sys.executable, "-m", "upstreamproxy", "start", "--background"]
+        argv += ["--token-file", str(tmp_path / "token"), "--session-id", SESSION_ID]
+        argv += ["--egress-url", world.egress_url, "--state-dir", str(state)]
+        waiting = subprocess.Popen(
+            argv, env=clean_env(tmp_path), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        time.sleep(1.0)
+        assert waiting.poll() is None  # it waits for the other one
+        started = time.monotonic()
+        os.close(fd)  # the other start ends without a session
+        stdout, stderr = waiting.communicate(timeout=25)
+        assert waiting.returncode == 0, stderr
+        assert stdout == f"{state / 'env.sh'}\n".encode(), stderr
+        assert time.monotonic() - started < 10
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        stop_daemon(state)
 
 
 NO_REAPER = textwrap.dedent(

@@ -179,7 +179,10 @@ def run_session(options: StartOptions, notify: Notify | None = None) -> int:
             return _report_shared(shared, notify)
         return _give_up(options, str(exc), notify)
     if lock is None:
-        return _report_other(options, paths, notify)
+        waited = _report_other(options, paths, notify)
+        if not isinstance(waited, _Lock):
+            return waited
+        lock = waited.fd  # the other start ended without a session: this one goes on
     try:
         stale = remove_stale_session(paths)  # what a killed session left: we hold the lock
         if stale:
@@ -228,15 +231,27 @@ def _lock_state_dir(paths: StatePaths) -> int | None:
     return fd
 
 
-def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | None) -> int:
-    """Another ``start`` holds the state directory: report its session once it is ready."""
+@dataclass(frozen=True)
+class _Lock:
+    fd: int
+
+
+def _report_other(options: StartOptions, paths: StatePaths, notify: Notify | None) -> int | _Lock:
+    """Another ``start`` holds the state directory: report its session once it is ready,
+    or take the lock (returned) if that start ends without one (it failed, or was stopped)."""
     deadline = time.monotonic() + options.wait_for_other
     reason = "another upstreamproxy start holds it"
+    lock: int | None = None
     while True:
         try:
             loaded = load_session(paths.directory)
         except NoSession as exc:
             reason = exc.reason
+            with contextlib.suppress(ConfigError):  # (then wait on, as for a held lock)
+                lock = _lock_state_dir(paths)
+            if lock is not None:
+                log.info("the other start in %s ended without a session", paths.directory)
+                return _Lock(lock)
         else:
             message = (
                 f"a session is already running in {paths.directory} "
