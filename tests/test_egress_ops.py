@@ -672,10 +672,11 @@ def replace_file(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-async def test_sighup_reloads_policy_and_keeps_last_good(
-    tmp_path: Path, echo_origin: EchoOrigin, egress_processes: list[EgressProcess]
-) -> None:
-    port = echo_origin.port
+async def policy_egress(
+    tmp_path: Path, port: int, processes: list[EgressProcess]
+) -> tuple[EgressProcess, Path]:
+    """An egress whose policy file allows ``old.test`` (``new.test`` resolves too), reloaded
+    on SIGHUP only: the file watcher must not be what reloads it in these tests."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(policy_yaml(["old.test"], port))
     egress = await start_egress(
@@ -688,9 +689,17 @@ async def test_sighup_reloads_policy_and_keeps_last_good(
         "--resolve",
         "new.test=127.0.0.1",
         "--reload-interval",
-        "0",  # SIGHUP only: the file watcher must not be what reloads it here
+        "0",
     )
-    egress_processes.append(egress)
+    processes.append(egress)
+    return egress, policy
+
+
+async def test_sighup_reloads_policy_and_keeps_last_good(
+    tmp_path: Path, echo_origin: EchoOrigin, egress_processes: list[EgressProcess]
+) -> None:
+    port = echo_origin.port
+    egress, policy = await policy_egress(tmp_path, port, egress_processes)
     assert (await ask(egress.url, f"old.test:{port}")).status == 200
     assert_deny(await ask(egress.url, f"new.test:{port}"), 403, "no-matching-rule", "-")
 
@@ -716,19 +725,7 @@ async def test_sighup_keeps_the_policy_when_the_new_one_needs_interception_it_la
     """A policy the egress refuses to start with (it intercepts, no --ca-key) is refused on
     reload too: it once replaced the good one, and its hosts got 502."""
     port = echo_origin.port
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(policy_yaml(["old.test"], port))
-    egress = await start_egress(
-        "--static-tokens",
-        str(write_tokens(tmp_path)),
-        "--policy",
-        str(policy),
-        "--resolve",
-        "old.test=127.0.0.1",
-        "--reload-interval",
-        "0",
-    )
-    egress_processes.append(egress)
+    egress, policy = await policy_egress(tmp_path, port, egress_processes)
     assert (await ask(egress.url, f"old.test:{port}")).status == 200
     intercepting = policy_yaml(["old.test"], port).replace(
         "        ports:",

@@ -462,6 +462,20 @@ class TcpStream:
         return len(getattr(self.reader, "_buffer", b""))
 
 
+class DirectTunnels:
+    """``open_tunnel`` as direct TCP connections to ``port`` (whatever host:port is asked
+    for), remembering every stream it opened."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.opened: list[TcpStream] = []
+
+    async def __call__(self, host: str, port: int) -> TcpStream:
+        stream = TcpStream(*await asyncio.open_connection("127.0.0.1", self.port))
+        self.opened.append(stream)
+        return stream
+
+
 async def forward_once(
     request: bytes,
     open_tunnel: object,
@@ -624,23 +638,16 @@ async def test_stale_keep_alive_tunnel_is_replaced_for_a_bodiless_request() -> N
         writer.close()  # without "Connection: close": the proxy believes it may reuse it
 
     server = await asyncio.start_server(once, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    opened: list[TcpStream] = []
-
-    async def open_tunnel(host: str, p: int) -> TcpStream:
-        stream = TcpStream(*await asyncio.open_connection(host, port))
-        opened.append(stream)
-        return stream
-
+    tunnels = DirectTunnels(server.sockets[0].getsockname()[1])
     request = b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n"
     answer, _ = await forward_once(
         request + request.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1),
-        open_tunnel,
+        tunnels,
         ForwardLimits(),
     )
     server.close()
     assert answer.count(b"HTTP/1.1 200 OK") == 2, answer
-    assert len(opened) == 2
+    assert len(tunnels.opened) == 2
 
 
 @pytest.mark.parametrize(
@@ -1005,6 +1012,15 @@ async def test_bytes_after_a_bodiless_response_are_not_the_next_answer(
 # -- one head limit for every request on a connection ------------------------------------------
 
 
+async def read_to_close(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    """Everything the relay sends until it closes (within ``timeout``)."""
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
 def _padded_get(url: str, head_bytes: int) -> bytes:
     """A GET for ``url`` whose head is exactly ``head_bytes`` long (in fields of 4 KiB: the
     origin, aiohttp, takes lines of up to 8190 bytes)."""
@@ -1049,10 +1065,7 @@ async def test_connect_after_a_plain_request_is_refused_clearly(plain: PlainWorl
         f"CONNECT 127.0.0.1:{plain.origin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
     )
     await writer.drain()
-    data = b""
-    async with asyncio.timeout(10):
-        while chunk := await reader.read(65536):
-            data += chunk
+    data = await read_to_close(reader)
     writer.close()
     assert data.startswith(b"HTTP/1.1 200")
     assert b"HTTP/1.1 400" in data
@@ -1073,18 +1086,11 @@ async def test_a_timed_out_request_on_a_reused_tunnel_is_not_sent_again() -> Non
             await reader.read()  # silent from here on
 
     server = await asyncio.start_server(answers_once, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    opened: list[TcpStream] = []
-
-    async def open_tunnel(host: str, p: int) -> TcpStream:
-        stream = TcpStream(*await asyncio.open_connection(host, port))
-        opened.append(stream)
-        return stream
-
+    tunnels = DirectTunnels(server.sockets[0].getsockname()[1])
     request = b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n"
-    answer, elapsed = await forward_once(request * 2, open_tunnel, ForwardLimits(idle_timeout=0.5))
+    answer, elapsed = await forward_once(request * 2, tunnels, ForwardLimits(idle_timeout=0.5))
     server.close()
     assert answer.startswith(b"HTTP/1.1 200 OK"), answer
     assert b"HTTP/1.1 504" in answer
-    assert len(opened) == 1 and len(heads) == 2
+    assert len(tunnels.opened) == 1 and len(heads) == 2
     assert elapsed < 0.95
