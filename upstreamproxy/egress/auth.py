@@ -36,6 +36,9 @@ class Authenticator(Protocol):
     def changed(self) -> bool:
         """Whether the source files differ from what was last loaded (or tried)."""
 
+    def source(self) -> str | None:
+        """What :meth:`reload` re-reads, for the log (None: nothing, a fixed table)."""
+
 
 class StaticTokens:
     """A fixed token -> session table (development and tests; production uses signed tokens)."""
@@ -47,6 +50,9 @@ class StaticTokens:
 
     def changed(self) -> bool:
         return self._path is not None and file_fingerprint(self._path) != self._seen
+
+    def source(self) -> str | None:
+        return None if self._path is None else f"tokens from {self._path}"
 
     def reload(self) -> ConfigError | None:
         if self._path is None:
@@ -133,6 +139,11 @@ class SignedTokens:
 
     def changed(self) -> bool:
         return bool(self._sources) and public_keys_fingerprint(self._sources) != self._seen
+
+    def source(self) -> str | None:
+        if self._factory is None or not self._sources:
+            return None
+        return "public keys from " + ", ".join(str(s) for s in self._sources)
 
     def reload(self) -> ConfigError | None:
         if self._factory is None:

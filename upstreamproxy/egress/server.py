@@ -335,6 +335,8 @@ class EgressServer:
         if key_error is not None:
             ok = False
             log.error("key reload failed, keeping the previous keys: %s", key_error)
+        elif keys and (source := self.authenticator.source()) is not None:
+            log.info("reloaded %s", source)
         return ok
 
     def _check_policies(self, policies: PolicySet) -> None:
