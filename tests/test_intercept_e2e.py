@@ -14,6 +14,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 
 import certifi
@@ -42,6 +43,7 @@ class Chain:
     sandbox_bundle: Path
     secrets_dir: Path
     base: Path
+    resolver: StaticResolver
 
 
 def echo_origin(seen: list[dict[str, object]]) -> web.Application:
@@ -54,7 +56,10 @@ def echo_origin(seen: list[dict[str, object]]) -> web.Application:
             "size": len(body),
         }
         seen.append(record)
-        return web.json_response(record)
+        response = web.json_response(record)
+        if request.path.startswith("/close"):
+            response.force_close()  # the next request needs a new upstream connection
+        return response
 
     app = web.Application(client_max_size=1024**3)
     app.router.add_route("*", "/{tail:.*}", echo)
@@ -112,6 +117,9 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
             }
         }
     )
+    resolver = StaticResolver(
+        {"api.test": ["127.0.0.1"], "plain.test": ["127.0.0.1"], "missing.test": ["127.0.0.1"]}
+    )
     config = InterceptionConfig(
         tmp_path / "ca.pem",
         tmp_path / "ca-key.pem",
@@ -122,9 +130,7 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
         EgressConfig(ca_cert_pem=egress_ca.cert_pem()),
         StaticTokens({TOKEN: Session(SESSION)}),
         PolicyStore(policy),
-        resolver=StaticResolver(
-            {"api.test": ["127.0.0.1"], "plain.test": ["127.0.0.1"], "missing.test": ["127.0.0.1"]}
-        ),
+        resolver=resolver,
         interception=lambda metrics: Interception(config, metrics.registry),
     )
     await egress.start()
@@ -132,7 +138,7 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
     await relay.start()
     bundle = tmp_path / "sandbox-bundle.pem"  # what `upstreamproxy start` builds: roots + CA
     bundle.write_bytes(Path(certifi.where()).read_bytes() + egress_ca.cert_pem())
-    yield Chain(relay, egress, port, seen, bundle, secrets, tmp_path)
+    yield Chain(relay, egress, port, seen, bundle, secrets, tmp_path, resolver)
     await relay.stop()
     await egress.stop()
     await runner.cleanup()
@@ -243,6 +249,30 @@ async def test_sni_must_match_connect_host(chain: Chain) -> None:
         await writer.start_tls(ctx, server_hostname="plain.test")
     writer.close()
     assert chain.seen == []
+
+
+async def test_interception_redials_only_the_checked_addresses(chain: Chain) -> None:
+    # DNS rebinding against re-origination: the engine dials the upstream afresh whenever the
+    # origin closed the last connection. The name now answers an address where nothing
+    # listens; every dial must still go to the address admission checked, with no new lookup.
+    port = chain.origin_port
+    reader, writer, head = await connect_via(chain.relay.port, f"api.test:{port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    lookups = chain.resolver.lookups
+    chain.resolver.table["api.test"] = [ip_address("127.0.0.2")]
+    ctx = ssl.create_default_context(cafile=str(chain.sandbox_bundle))
+    await asyncio.wait_for(writer.start_tls(ctx, server_hostname="api.test"), 10)
+    try:
+        for n in range(3):
+            writer.write(f"GET /close/{n} HTTP/1.1\r\nHost: api.test:{port}\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            length = int(answer.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await asyncio.wait_for(reader.readexactly(length), 10)
+    finally:
+        writer.close()
+    assert [r["path"] for r in chain.seen] == ["/close/0", "/close/1", "/close/2"]
+    assert chain.resolver.lookups == lookups
 
 
 async def test_missing_secret_fails_closed(chain: Chain) -> None:
