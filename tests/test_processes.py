@@ -168,3 +168,40 @@ async def test_invalid_config_names_the_field(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert b"egress_url" in result.stderr
+
+
+async def test_ca_cert_endpoint_never_serves_a_key_pasted_into_the_file(
+    tmp_path: Path, tls: TLSFiles
+) -> None:
+    # A combined "key + certificate" PEM given as --ca-cert (an easy mistake when the CA was
+    # made elsewhere): the unauthenticated endpoint re-encodes the certificate, nothing else.
+    combined = tmp_path / "ca-with-key.pem"
+    combined.write_bytes(tls.ca.key_pem() + tls.ca.cert_pem())
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{SESSION} {TOKEN}\n")
+    egress, url = await start_process(
+        "egress",
+        "--port",
+        "0",
+        "--static-tokens",
+        str(tokens),
+        "--ca-cert",
+        str(combined),
+        "--allow",
+        "localhost:*",
+        ready=b"egress listening on",
+    )
+    try:
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /v1/code/upstreamproxy/ca-cert HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    finally:
+        await stop_process(egress)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    body = answer.split(b"\r\n\r\n", 1)[1]
+    assert b"PRIVATE KEY" not in body
+    assert body.strip() == tls.ca.cert_pem().strip()
