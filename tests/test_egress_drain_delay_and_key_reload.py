@@ -260,3 +260,40 @@ async def test_the_watcher_reloads_only_the_file_that_changed(
             await asyncio.sleep(0.3)  # a few more rounds of the watcher
     assert caplog.text.count("policy reload failed") == 1, caplog.text
     assert (reloads("failed"), reloads("ok")) == (1, 0)
+
+
+async def test_a_removed_key_stops_its_cached_tokens_at_once(tmp_path: Path) -> None:
+    # The egress remembers tokens whose signature it verified; removing their key (a leaked
+    # signing key is revoked) must refuse them on the next upgrade, cached or not.
+    keys = ProjectedDir(tmp_path / "keys")
+    leaked, new = SigningKey.new(), SigningKey.new()
+    keys.publish({f"{leaked.kid}.public.pem": leaked.public_pem})
+    sources = [str(keys.path)]
+    authenticator = SignedTokens(
+        lambda: TokenVerifier(load_public_keys(sources), AUDIENCE), sources=sources
+    )
+    origin, port = await _hold_origin()
+    server = EgressServer(EgressConfig(reload_interval=0.1), authenticator, loopback_policy())
+    async with server:
+        relay = Relay(
+            RelayConfig(egress_url=server.url, session_id="s", token=Secret(leaked.token("s")))
+        )
+        await relay.start()
+        try:
+            for _ in range(2):  # the second upgrade is served from the cache
+                _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+                writer.close()
+                assert head.startswith(b"HTTP/1.1 200"), head
+            keys.publish({f"{new.kid}.public.pem": new.public_pem})
+            for _ in range(50):
+                if not authenticator.changed():
+                    break
+                await asyncio.sleep(0.1)
+            _, writer, head = await connect_via(relay.port, f"127.0.0.1:{port}")
+            writer.close()
+            assert not head.startswith(b"HTTP/1.1 200"), head
+        finally:
+            await relay.stop()
+    origin.close()
+    with pytest.raises(AuthError, match="unknown-key"):
+        authenticator.authenticate(leaked.token("s"))
