@@ -253,6 +253,31 @@ async def test_no_token_in_audit_or_logs(
     assert secret not in everything
 
 
+@pytest.mark.parametrize(
+    "logger", ["aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.websocket"]
+)
+def test_library_log_lines_and_tracebacks_are_redacted(
+    logger: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # aiohttp may quote a header in a message or an exception; the filter the egress puts on
+    # its loggers redacts both, whatever the handler does with the record.
+    import upstreamproxy.egress.server  # noqa: F401 (installs the filters)
+
+    secret = token_for("default")
+    basic = base64.b64encode(f"s:{secret}".encode()).decode()
+    caplog.set_level(logging.DEBUG, logger)
+    log = logging.getLogger(logger)
+    log.debug("headers: Authorization: Bearer %s, Proxy-Authorization: Basic %s", secret, basic)
+    try:
+        raise ValueError(f"bad header line b'authorization: bearer {secret}'")
+    except ValueError:
+        log.exception("Error handling request")
+    text = "\n".join(caplog.handler.format(r) for r in caplog.records)
+    assert "Bearer ***" in text and "Basic ***" in text and "bearer ***" in text
+    assert "Error handling request" in text and "ValueError" in text
+    assert secret not in text and basic not in text
+
+
 async def test_malformed_requests_log_one_line_without_their_bytes(
     tmp_path: Path, egress_processes: list[EgressProcess]
 ) -> None:
