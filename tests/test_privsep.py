@@ -8,10 +8,12 @@ environ and the token file, against every upstreamproxy process from the moment 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -419,6 +421,63 @@ def test_a_token_file_a_sandbox_user_owns_is_flagged(
     finally:
         log = session.stop()
     assert f"belongs to uid {sandbox_user.uid}" in log and "make it root's" in log
+
+
+def test_a_state_directory_another_user_controls_is_never_used_or_reported(
+    world: World, sandbox_user: User, names: list[str], shared_base: Path
+) -> None:
+    """Another user plants a state directory (theirs, or one they can write) holding a live
+    session: a `start` refuses to run in it, and the only foreign session it reports (for the
+    hook to source) is one in a root-owned directory nobody else can write."""
+    relay = relay_name()
+    names.append(relay)
+    victim_name = f"upvic{secrets.token_hex(3)}"
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/bin/sh", "--user-group", victim_name],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    names.append(victim_name)
+    entry = pwd.getpwnam(victim_name)
+    victim = User(victim_name, entry.pw_uid, entry.pw_gid)
+    session = start_session(world, shared_base / "planted", "--relay-user", relay)
+    state = session.state_dir
+    home = shared_base / "victim-home"
+    home.mkdir(mode=0o755)
+    argv = [sys.executable, "-m", "upstreamproxy", "start", "--state-dir", str(state)]
+    argv += ["--token-file", str(home / "no-token"), "--session-id", SESSION_ID]
+    argv += ["--egress-url", world.egress_url]
+
+    def start_as(user: User | None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            as_user(user, *argv) if user is not None else argv,
+            env=clean_env(home),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+        reported = start_as(victim)  # control: root's own directory is reported
+        assert reported.returncode == 0, reported
+        assert reported.stdout == f"{READY_PREFIX}{state / 'env.sh'}\n", reported
+        state.chmod(0o775)  # root's, but group-writable
+        refused = start_as(victim)
+        assert refused.stdout == "" and "already running" not in refused.stderr, refused
+        state.chmod(0o755)
+        os.chown(state, sandbox_user.uid, sandbox_user.gid)  # another user's
+        refused = start_as(victim)
+        assert refused.stdout == "" and "already running" not in refused.stderr, refused
+        assert f"belongs to uid {sandbox_user.uid}" in refused.stderr
+        refused = start_as(None)  # root does not use it either
+        assert refused.stdout == "" and f"belongs to uid {sandbox_user.uid}" in refused.stderr
+    finally:
+        with contextlib.suppress(OSError):
+            os.chown(state, 0, 0)
+        session.stop()
 
 
 def test_same_uid_start_refuses_the_token_to_an_attacker_that_wins_the_race(
