@@ -110,6 +110,21 @@ def test_ready_hardened_and_token_deleted(started: Started) -> None:
     assert core_limits(started.pid) == ("0", "0")
 
 
+def test_the_start_lock_is_made_private(world: World, tmp_path: Path) -> None:
+    # Anyone who can open start.lock can flock it and keep every later start waiting: a lock
+    # file left readable (an older version, a restored backup) is made 0600 again.
+    state = tmp_path / "session" / "state"
+    state.mkdir(parents=True, mode=0o755)
+    (state / "start.lock").touch()
+    (state / "start.lock").chmod(0o644)
+    session = start_session(world, tmp_path / "session")
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+        assert stat.S_IMODE((state / "start.lock").stat().st_mode) == 0o600
+    finally:
+        session.stop()
+
+
 def test_token_never_in_argv_title_environment_or_files(started: Started) -> None:
     proc = Path(f"/proc/{started.pid}")
     for name in ("cmdline", "comm", "environ"):
