@@ -322,3 +322,36 @@ async def test_a_socket_opened_for_a_connect_whose_client_left_is_kept(echo_port
             assert relay.pool.stats["taken"] == taken + 1 and connections == 3
             held_writer.close()
         path.close()
+
+
+async def test_a_token_that_expired_while_its_socket_waited_gets_no_tunnel(
+    echo_port: int,
+) -> None:
+    # The pre-opened socket passed its upgrade with a valid token; by its CONNECT the token
+    # has expired. The egress verifies it again there and closes the socket; the relay's
+    # fresh upgrade then meets the real 401, so the client gets 502, never a tunnel.
+    from upstreamproxy.egress.auth import SignedTokens
+    from upstreamproxy.tokens import TokenVerifier, generate_key, issue_token
+
+    key = generate_key()
+    now = [time.time()]
+    verifier = TokenVerifier({"k": key.public_key()}, "upstreamproxy")
+    egress = EgressServer(
+        EgressConfig(), SignedTokens(verifier, clock=lambda: now[0]), loopback_policy()
+    )
+    token = issue_token(key, "k", SESSION, "default", "upstreamproxy", 60, now[0])
+    async with egress:
+        relay = Relay(
+            RelayConfig(egress_url=egress.url, session_id=SESSION, token=Secret(token), pool_size=1)
+        )
+        async with relay:
+            assert await echo_roundtrip(relay, echo_port) == b"ping"
+            await until(lambda: len(relay.pool) == 1)
+            now[0] += 60 + 31  # past expiry and the leeway
+            _, writer, head = await connect_via(relay.port, f"127.0.0.1:{echo_port}")
+            writer.close()
+    assert head.startswith(b"HTTP/1.1 502"), head
+    assert b"401" in head
+    assert egress.metrics.registry.get_sample_value(
+        "upstreamproxy_auth_failures_total", {"reason": "expired"}
+    )
