@@ -268,12 +268,14 @@ def test_library_log_lines_and_tracebacks_are_redacted(
     caplog.set_level(logging.DEBUG, logger)
     log = logging.getLogger(logger)
     log.debug("headers: Authorization: Bearer %s, Proxy-Authorization: Basic %s", secret, basic)
+    log.debug("headers: {'Authorization': 'Token %s'}", secret)  # another scheme: all of it
     try:
         raise ValueError(f"bad header line b'authorization: bearer {secret}'")
     except ValueError:
         log.exception("Error handling request")
     text = "\n".join(caplog.handler.format(r) for r in caplog.records)
     assert "Bearer ***" in text and "Basic ***" in text and "bearer ***" in text
+    assert "{'Authorization': '***'}" in text
     assert "Error handling request" in text and "ValueError" in text
     assert secret not in text and basic not in text
 

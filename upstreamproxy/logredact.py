@@ -10,7 +10,11 @@ import logging
 import re
 from typing import Final
 
-_HEADER_RE: Final = re.compile(r"(?i)((?:proxy-)?authorization\s*[:=]\s*)(?!bearer|basic)\S+")
+# Another scheme's whole value, to the end of the line or quote: a credential may follow the
+# scheme word ("Token abc", "Digest username=..., response=...").
+_HEADER_RE: Final = re.compile(
+    r"(?i)((?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?)(?![\s'\"]*(?:bearer|basic)\b)[^\r\n'\"]+"
+)
 _SCHEME_RE: Final = re.compile(r"(?i)\b(bearer|basic)(\s+)[^\s'\"]+")
 
 
