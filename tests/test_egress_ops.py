@@ -952,6 +952,8 @@ async def test_signed_tokens_end_to_end(
         "allowed.test=127.0.0.1",
     )
     egress_processes.append(egress)
+    # (keygen's directory, as used here, holds the private key too: said, once)
+    await egress.wait_log(b"key-a.private.pem is a private signing key: skipped")
     good = keys.issue()
 
     # A valid token: curl through a real relay reaches the origin.

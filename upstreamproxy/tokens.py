@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import re
@@ -428,6 +429,19 @@ def _key_files(source: Path) -> list[Path]:
         and not entry.name.endswith(".private.pem")
         and entry.is_file()
     )
+
+
+def private_key_files(sources: Iterable[Path | str]) -> list[Path]:
+    """The ``*.private.pem`` files in the key directories among ``sources``: skipped when
+    loading (``token keygen`` writes both halves into one directory), but a signing key has
+    no business where only verifying happens."""
+    found: list[Path] = []
+    for source in sources:
+        source_path = Path(source)
+        with contextlib.suppress(OSError):
+            if source_path.is_dir():
+                found += sorted(e for e in source_path.iterdir() if e.name.endswith(".private.pem"))
+    return found
 
 
 def public_keys_fingerprint(sources: Iterable[Path | str]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..egress.tunnel import TunnelTimeouts
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
 from ..options import add_list_option, add_option, add_reuse_option, add_splice_option
-from ..tokens import TokenVerifier, load_public_keys
+from ..tokens import TokenVerifier, load_public_keys, private_key_files
 from ..tunnel import pipe
 from ._serving import serve
 
@@ -289,6 +290,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def build_authenticator(args: argparse.Namespace) -> Authenticator:
     if args.public_keys:
         sources, audience = list(args.public_keys), args.audience
+        for path in private_key_files(sources):
+            logging.getLogger("upstreamproxy.egress").warning(
+                "%s is a private signing key: skipped, but whoever can read it can issue "
+                "tokens for every egress - keep only *.public.pem in --public-keys",
+                path,
+            )
         return SignedTokens(
             lambda: TokenVerifier(load_public_keys(sources), audience), sources=sources
         )
