@@ -31,8 +31,9 @@ from upstreamproxy.codec import decode_chunk, encode_chunk
 from upstreamproxy.connect_head import basic_credentials, parse_status_head, split_head
 from upstreamproxy.egress.auth import Authenticator, Session, StaticTokens
 from upstreamproxy.egress.policy import PolicySet, PolicyStore, parse_policy_document
-from upstreamproxy.egress.resolver import StaticResolver
+from upstreamproxy.egress.resolver import Resolver, StaticResolver
 from upstreamproxy.egress.server import EgressConfig, EgressServer
+from upstreamproxy.egress.tunnel import TunnelTimeouts
 
 # -- shared helpers ---------------------------------------------------------------------
 
@@ -63,7 +64,7 @@ def make_server(
     table: Mapping[str, Sequence[str]] | None = None,
     *,
     authenticator: Authenticator | None = None,
-    resolver: StaticResolver | None = None,
+    resolver: Resolver | None = None,
     config: EgressConfig | None = None,
 ) -> EgressServer:
     """A real egress (not started) with the policies of ``document`` and a static resolver."""
@@ -653,3 +654,46 @@ async def test_dns_failure_is_502(admission: EgressServer, name: str, reason: st
     assert answer.rule == "names"
     assert answer.json()["rule"] == "names"
     assert calls(admission) == [name]
+
+
+class HangingResolver:
+    """A lookup that never answers; counts the lookups cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+
+    async def resolve(self, host: str, port: int) -> list[Any]:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return []
+
+
+async def test_a_relay_that_leaves_mid_lookup_ends_the_lookup(
+    echo_origin: EchoOrigin, audit_lines: AuditLines
+) -> None:
+    # Regression: the egress does not read the WebSocket while it admits, so a relay that
+    # closed (close frame, then FIN) showed as unread bytes, not as gone: the lookup (and then
+    # a dial for nobody) ran on to the open deadline, 3 x --dial-timeout + 5 s, holding the
+    # session's slot, and the audit line said 504 instead of why the tunnel ended.
+    resolver = HangingResolver()
+    config = EgressConfig(timeouts=TunnelTimeouts(dial=5))
+    server = make_server(admission_document(echo_origin.port), resolver=resolver, config=config)
+    async with server:
+        ws = await open_ws(server, token_for("default"))
+        await ws.send(
+            encode_chunk(
+                connect_head("allowed.test:443", session_for("default"), token_for("default"))
+            )
+        )
+        await asyncio.sleep(0.2)
+        ws.close_timeout = 0.1  # a close frame, then the FIN, as a relay that leaves sends
+        await ws.close()
+        async with asyncio.timeout(5):
+            while resolver.cancelled == 0:
+                await asyncio.sleep(0.05)
+        line = await audit_lines.next()
+        assert line["close_cause"] == "relay-closed-while-opening"
+        assert server.limiter.session_tunnels(session_for("default")) == 0

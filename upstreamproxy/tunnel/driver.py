@@ -413,7 +413,12 @@ class TunnelDriver:
                     now = self._loop.time()
                     self._execute(core.local_eof(now, reset=self.local.was_reset))
                     return
-                if self.ws is not None and self.ws.hung_up():
+                # The egress does not read the WebSocket while it admits and dials, so a
+                # relay that left then (close frame, then FIN) showed only as unread bytes:
+                # the lookup and dial ran on to the open deadline. No WebSocket peer
+                # half-closes and still waits for an answer.
+                opening = core.role is Role.EGRESS and core.state is State.OPENING
+                if self.ws is not None and self.ws.hung_up(fin_is_gone=opening):
                     self._execute(core.ws_closed(None, self._loop.time()))
                     return
             elif isinstance(action, CloseWs | CloseLocal):

@@ -198,9 +198,10 @@ class _Link(asyncio.BufferedProtocol):
             except (RuntimeError, AttributeError):
                 pass
 
-    def hung_up(self) -> bool:
-        """Whether the peer hung up (FIN or RST), checked without reading."""
-        return self.lost or transport_hung_up(self.transport)
+    def hung_up(self, *, fin_is_gone: bool = False) -> bool:
+        """Whether the peer hung up (FIN or RST), checked without reading; ``fin_is_gone``:
+        a FIN counts even with bytes still unread (see :func:`transport_hung_up`)."""
+        return self.lost or transport_hung_up(self.transport, fin_is_gone=fin_is_gone)
 
     def close_gracefully(self, patience: float = CLOSE_GRACE) -> None:
         """Flush what is buffered, then close; reset if that takes over :data:`CLOSE_GRACE`.
@@ -817,8 +818,8 @@ class LocalLink(_Link):
             with contextlib.suppress(Exception):
                 saved.connection_lost(exc)
 
-    def hung_up(self) -> bool:
-        gone = super().hung_up()
+    def hung_up(self, *, fin_is_gone: bool = False) -> bool:
+        gone = super().hung_up(fin_is_gone=fin_is_gone)
         if gone and not self.lost and not self.eof and self.transport is not None:
             # Seen while not reading: a reset (POLLHUP/POLLERR) rather than a FIN.
             self.was_reset = peer_gone(self.transport)
@@ -927,9 +928,16 @@ def _unsent(transport: asyncio.BaseTransport | None) -> int:
     return left
 
 
-def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
+def transport_hung_up(
+    transport: asyncio.BaseTransport | None, *, fin_is_gone: bool = False
+) -> bool:
     """Whether a transport is closed or its socket's peer hung up (FIN or RST), checked
-    without reading - a transport whose reading is paused sees neither by itself."""
+    without reading - a transport whose reading is paused sees neither by itself.
+
+    ``fin_is_gone``: a FIN alone counts, whatever is still unread - for a peer that cannot
+    be waiting for an answer any more (a relay that closed its WebSocket while the egress
+    was admitting: its close frame sits unread in front of the FIN).
+    """
     if transport is None or transport.is_closing():
         return True
     sock = transport.get_extra_info("socket")
@@ -945,7 +953,7 @@ def transport_hung_up(transport: asyncio.BaseTransport | None) -> bool:
         events |= got
     if not events & _HANGUP:
         return False
-    if events & (select.POLLHUP | select.POLLERR):
+    if fin_is_gone or events & (select.POLLHUP | select.POLLERR):
         return True
     # A FIN: the peer is done sending - but what it sent before is still to be read (the
     # kernel's queue, a TLS transport's buffers); the end is seen once that is read.
