@@ -697,3 +697,33 @@ async def test_a_relay_that_leaves_mid_lookup_ends_the_lookup(
         line = await audit_lines.next()
         assert line["close_cause"] == "relay-closed-while-opening"
         assert server.limiter.session_tunnels(session_for("default")) == 0
+
+
+class FailingResolver:
+    """A resolver that fails with something other than a ResolveError."""
+
+    async def resolve(self, host: str, port: int) -> list[Any]:
+        raise OSError(5, "resolver library failed")
+
+
+@pytest.mark.parametrize(
+    ("resolver", "status", "reason"),
+    [(HangingResolver(), 504, "dns-timeout"), (FailingResolver(), 502, "dns-failed")],
+    ids=["hangs", "raises"],
+)
+async def test_any_resolver_is_bounded_and_its_failure_named(
+    echo_origin: EchoOrigin, audit_lines: AuditLines, resolver: Resolver, status: int, reason: str
+) -> None:
+    # Regression: only SystemResolver bounded its lookups, and only ResolveError was
+    # understood. Another resolver (EgressServer(resolver=...)) that hung or raised left the
+    # tunnel waiting, unlogged, for the open deadline (3 x --dial-timeout + 5 s), answered 504
+    # "timed out admitting and dialling the target".
+    config = EgressConfig(timeouts=TunnelTimeouts(dial=0.5))
+    server = make_server(admission_document(echo_origin.port), resolver=resolver, config=config)
+    async with server:
+        started = asyncio.get_running_loop().time()
+        answer = await ask(server, "allowed.test:443")
+        assert asyncio.get_running_loop().time() - started < 3
+    assert (answer.status, answer.reason, answer.rule) == (status, reason, "names")
+    line = await audit_lines.next()
+    assert (line["status"], line["reason"]) == (status, reason)

@@ -9,6 +9,7 @@ re-origination of intercepted hosts dials the same checked addresses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
@@ -148,10 +149,19 @@ class Admission:
         literal = parse_ip_literal(host)
         if literal is not None:
             return [literal]
+        # Bounded here too, whatever the resolver (``--dial-timeout`` covers DNS): a lookup
+        # that hung or raised something else left the tunnel waiting, unlogged, for the
+        # open deadline (3 x --dial-timeout + 5 s) and a 504 that named no cause.
         try:
-            return await self._resolver.resolve(host, port)
+            async with asyncio.timeout(self._dial_timeout):
+                return await self._resolver.resolve(host, port)
         except ResolveError as exc:
             raise Refusal(504 if exc.reason == "dns-timeout" else 502, exc.reason, rule) from None
+        except TimeoutError:
+            raise Refusal(504, "dns-timeout", rule) from None
+        except Exception as exc:
+            log.warning("resolving %s failed: %r", host, exc)
+            raise Refusal(502, "dns-failed", rule) from None
 
     def _check_addresses(
         self,
