@@ -9,8 +9,10 @@ import pytest
 from conftest import SESSION, TOKEN, connect_via, loopback_policy
 
 from upstreamproxy.egress.addresses import CidrSet, check_address
+from upstreamproxy.egress.admission import Admission, AdmissionRecord, Refusal
 from upstreamproxy.egress.auth import Session, StaticTokens
-from upstreamproxy.egress.policy import parse_policy_document
+from upstreamproxy.egress.policy import Policy, parse_policy_document
+from upstreamproxy.egress.resolver import StaticResolver
 from upstreamproxy.egress.server import EgressConfig, EgressServer, _listen_addresses
 from upstreamproxy.egress.tunnel import TunnelTimeouts
 from upstreamproxy.errors import ConfigError
@@ -69,3 +71,24 @@ def test_policy_version_must_be_the_integer_1(version: object) -> None:
     with pytest.raises(ConfigError) as info:
         parse_policy_document({"version": version, "policies": {"p": {"rules": []}}})
     assert info.value.field == "version"
+
+
+@pytest.mark.parametrize("target", ["10.1.2.3", "::ffff:10.1.2.3"])
+@pytest.mark.parametrize("listen", ["10.1.2.3", "::ffff:10.1.2.3"])
+def test_own_listen_address_is_self_in_either_spelling(listen: str, target: str) -> None:
+    # Regression: the egress on 10.1.2.3 with allow_cidrs covering it refused a CONNECT to
+    # 10.1.2.3:<its port> as egress-self, but not to [::ffff:10.1.2.3]:<its port>, which a
+    # dual-stack socket dials to the very same listener.
+    admission = Admission(
+        lambda: parse_policy_document({"version": 1, "policies": {}}),
+        StaticResolver({}),
+        1.0,
+        own_ports=lambda: {8443},
+        own_addresses=_listen_addresses(listen),
+    )
+    policy = Policy("p", allow_cidrs=CidrSet.parse(["10.0.0.0/8"], "allow_cidrs"))
+    with pytest.raises(Refusal) as info:
+        admission._check_addresses(policy, [ip_address(target)], 8443, "r", AdmissionRecord())
+    assert (info.value.status, info.value.reason) == (403, "egress-self")
+    # Another port of that address is not the egress.
+    admission._check_addresses(policy, [ip_address(target)], 443, "r", AdmissionRecord())

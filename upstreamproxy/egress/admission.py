@@ -87,7 +87,7 @@ class Admission:
         self._dial_timeout = dial_timeout
         self._dial = dial
         self._own_ports = own_ports
-        self._own_addresses = frozenset(own_addresses)
+        self._own_addresses = frozenset(_unmapped(a) for a in own_addresses)
         self._listens_everywhere = listens_everywhere
         #: Observes every dial's duration: the tunnel's own and each upstream connection an
         #: intercepted tunnel opens (the metric missed those).
@@ -180,11 +180,19 @@ class Admission:
                 raise Refusal(403, record.reason, rule)
             if port in own_ports and (
                 _reaches_this_host(address)
-                or address in self._own_addresses
+                or _unmapped(address) in self._own_addresses
                 or (self._listens_everywhere and is_local_address(address))
             ):
                 record.decision, record.reason = "deny", "egress-self"
                 raise Refusal(403, "egress-self", rule)
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv4-mapped one dials (``::ffff:10.1.2.3`` reaches 10.1.2.3 over a
+    dual-stack socket), else ``address``: so a listen address matches either spelling."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _reaches_this_host(address: IPAddress) -> bool:
