@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 import threading
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from upstreamproxy.commands.egress import build_resolver
 from upstreamproxy.egress import resolver as resolver_module
 from upstreamproxy.egress.resolver import (
     RECENT_CALLS,
@@ -74,3 +76,20 @@ async def test_hung_lookups_keep_their_slots_and_never_touch_the_default_executo
         await asyncio.sleep(0.05)
     assert threads.running == 0
     assert [str(a) for a in await resolver.resolve("fine.test", 443)] == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("pin", "name"),
+    [
+        ("Bücher.Example.=203.0.113.7", "xn--bcher-kva.example"),
+        ("API.Example.COM.=203.0.113.7", "api.example.com"),
+    ],
+)
+async def test_a_pinned_name_is_keyed_as_admission_looks_it_up(pin: str, name: str) -> None:
+    # Regression: --resolve keys were only lower-cased and stripped of dots, while admission
+    # looks up the normalised name (IDNA A-labels): the pin for bücher.example was never
+    # found, and the name went to DNS instead.
+    resolver = build_resolver(argparse.Namespace(dial_timeout=1.0, resolve=[pin]))
+    assert isinstance(resolver, StaticResolver)
+    assert list(resolver.table) == [name]
+    assert [str(a) for a in await resolver.resolve(name, 443)] == ["203.0.113.7"]

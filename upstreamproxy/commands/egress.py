@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from ..certs import parse_ca_certificate
 from ..egress import audit
 from ..egress.auth import Authenticator, SignedTokens, StaticTokens
+from ..egress.hostnames import normalise_host
 from ..egress.intercept_wiring import Interception, InterceptionConfig
 from ..egress.limits import LimitConfig
 from ..egress.metrics import EgressMetrics
@@ -323,7 +324,12 @@ def build_resolver(args: argparse.Namespace) -> Resolver:
         host, sep, addresses = entry.partition("=")
         if not sep or not host or not addresses:
             raise ConfigError("resolve", f"{entry!r}: expected HOST=IP[+IP...]")
-        table[host.strip().lower().rstrip(".")] = addresses.split("+")
+        # Keyed as admission looks names up (IDNA A-labels and all), else a pin such as
+        # bücher.example was silently passed over for DNS.
+        try:
+            table[normalise_host(host)] = addresses.split("+")
+        except ValueError as exc:
+            raise ConfigError("resolve", f"{entry!r}: {exc}") from None
     try:
         return StaticResolver(table, system)
     except ValueError as exc:
