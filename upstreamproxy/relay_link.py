@@ -222,7 +222,9 @@ class WsPool:
     def _keep(self, link: WsLink, *, reused: bool) -> None:
         """A socket free for a CONNECT: to one waiting, else into the pool while there is room
         (beyond ``size`` for :data:`SURPLUS_IDLE`), else closed."""
-        while self._waiters and link.usable and not self._closed:
+        # A socket just opened goes to a waiting CONNECT even if it already died (a server
+        # that closes right after the upgrade): that CONNECT then gets the real answer.
+        while self._waiters and (link.usable or not reused) and not self._closed:
             waiter = self._waiters.popleft()  # a CONNECT waiting for a socket being opened
             if not waiter.done():
                 waiter.set_result(link)
