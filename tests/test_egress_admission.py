@@ -29,7 +29,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from upstreamproxy.codec import decode_chunk, encode_chunk
 from upstreamproxy.connect_head import basic_credentials, parse_status_head, split_head
+from upstreamproxy.egress.admission import DialFn
 from upstreamproxy.egress.auth import Authenticator, Session, StaticTokens
+from upstreamproxy.egress.dialer import dial_addresses
 from upstreamproxy.egress.policy import PolicySet, PolicyStore, parse_policy_document
 from upstreamproxy.egress.resolver import Resolver, StaticResolver
 from upstreamproxy.egress.server import EgressConfig, EgressServer
@@ -66,6 +68,7 @@ def make_server(
     authenticator: Authenticator | None = None,
     resolver: Resolver | None = None,
     config: EgressConfig | None = None,
+    dial: DialFn = dial_addresses,
 ) -> EgressServer:
     """A real egress (not started) with the policies of ``document`` and a static resolver."""
     policies = policy_set(document)
@@ -74,6 +77,7 @@ def make_server(
         authenticator or static_tokens(*policies.policies),
         PolicyStore(policies),
         resolver=resolver if resolver is not None else StaticResolver(table or {}),
+        dial=dial,
     )
 
 
@@ -727,3 +731,30 @@ async def test_any_resolver_is_bounded_and_its_failure_named(
     assert (answer.status, answer.reason, answer.rule) == (status, reason, "names")
     line = await audit_lines.next()
     assert (line["status"], line["reason"]) == (status, reason)
+
+
+async def test_an_unforeseen_error_in_the_opening_step_fails_the_tunnel_at_once(
+    echo_origin: EchoOrigin, audit_lines: AuditLines, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anything the opening step raises that nobody foresaw (here the dial itself) ends the
+    tunnel at once with 502 internal-error, logged once with its traceback; it used to wait
+    for the open deadline (3 x --dial-timeout + 5 s), its task's exception never retrieved."""
+
+    async def broken_dial(*_: object, **__: object) -> Any:
+        raise RuntimeError("a bug in the dialler")
+
+    config = EgressConfig(timeouts=TunnelTimeouts(dial=2.0))
+    server = make_server(
+        admission_document(echo_origin.port),
+        {"allowed.test": ["127.0.0.1"]},
+        config=config,
+        dial=broken_dial,
+    )
+    async with server:
+        started = asyncio.get_running_loop().time()
+        answer = await ask(server, f"allowed.test:{echo_origin.port}")
+        assert asyncio.get_running_loop().time() - started < 1.5
+    assert (answer.status, answer.reason) == (502, "internal-error")
+    assert (await audit_lines.next())["status"] == 502
+    assert caplog.text.count("opening the tunnel failed unexpectedly") == 1
+    assert "a bug in the dialler" in caplog.text and "never retrieved" not in caplog.text

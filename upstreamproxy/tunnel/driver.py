@@ -474,6 +474,13 @@ class TunnelDriver:
         except OpenStale:
             self._execute(core.open_stale(loop.time()))
             return
+        except Exception:
+            # A bug, or an error nobody foresaw, in the opening step: fail this tunnel now,
+            # said once with its traceback, instead of leaving it to its open deadline (and
+            # the task's exception to "never retrieved").
+            log.exception("opening the tunnel failed unexpectedly")
+            self._execute(core.open_failed(502, "internal-error", loop.time()))
+            return
         if core.closed or not self._running:  # the client left, or a deadline passed
             await _discard(opened)
             return
