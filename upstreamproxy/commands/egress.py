@@ -191,7 +191,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         lim,
         "--dial-timeout",
         "DIAL_TIMEOUT",
-        "seconds allowed to resolve and dial",
+        "seconds allowed for the DNS lookup, and again for the connect",
         default=10.0,
         type=float,
     )
