@@ -456,3 +456,41 @@ def test_jvm_version_ignores_the_picked_up_line(
     assert document, err
     version = document["results"][0]["version"]
     assert version and not version.startswith("127."), version
+
+
+def test_a_probe_that_ends_as_its_timeout_fires_is_a_timeout_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tool's own time limit equals doctor's (curl --max-time): when the timer fires just
+    as the tool exits, proc.kill() raised ProcessLookupError out of doctor (a frozen egress)."""
+    import asyncio
+
+    from upstreamproxy.bootstrap import doctor as doctor_module
+
+    real_wait_for = asyncio.wait_for
+
+    async def exits_then_times_out(awaitable: Any, timeout: float | None) -> Any:
+        await real_wait_for(awaitable, 10)
+        raise TimeoutError
+
+    probe = doctor_module.Probe(
+        "python", sys.executable, ["-c", "pass"], {}, lambda rc, out, err: None
+    )
+
+    async def go() -> doctor_module.ProbeResult:
+        monkeypatch.setattr(asyncio, "wait_for", exits_then_times_out)
+        return await doctor_module._run_probe(
+            probe, {}, "http://127.0.0.1:9", "127.0.0.1", 9, tmp_path, 1.0, "bundle.pem"
+        )
+
+    result = asyncio.run(go())  # raised ProcessLookupError
+    assert result.tool == "python" and result.verdict is not Verdict.REACHED
+
+
+def test_a_connect_left_unanswered_says_so_and_points_at_the_egress() -> None:
+    verdict, detail, fix = classify(
+        "curl", None, "", "", [TunnelSeen("h:443", 0)], bundle="b", timeout=3.0
+    )
+    assert verdict is Verdict.FAILED
+    assert detail == "no answer to the CONNECT for h:443 within 3s"  # was "answered no answer"
+    assert "egress" in fix and "alive" in fix

@@ -116,3 +116,17 @@ def test_egress_refuses_bad_values() -> None:
     with pytest.raises(ConfigError) as info:
         TunnelTimeouts(pooled_wait=0).validate()
     assert info.value.field == "preopened_wait"
+
+
+def test_start_reads_handshake_timeout_and_keepalive_too() -> None:
+    """README: `start` reads the relay table's variables; these two were ignored."""
+    env = {"UPSTREAMPROXY_HANDSHAKE_TIMEOUT": "3", "UPSTREAMPROXY_KEEPALIVE": "7.5"}
+    assert tuning_from_env(env) == {"handshake_timeout": 3.0, "keepalive_interval": 7.5}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_relay_timeout_from_starts_environment_must_be_finite(value: str) -> None:
+    fields = tuning_from_env({"UPSTREAMPROXY_PING_TIMEOUT": value})
+    with pytest.raises(ConfigError) as info:
+        RelayConfig(egress_url="ws://x/ws", session_id="s", token=Secret("t"), **fields).validate()
+    assert info.value.field == "ping_timeout"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from upstreamproxy.options import add_option
+from upstreamproxy.options import add_option, port
 
 
 def help_text(**kwargs: object) -> str:
@@ -74,3 +74,39 @@ def test_egress_help_shows_its_defaults() -> None:
         assert shown is not None, f"--{flag} shows no default: {match.group(0)}"
         if default is not None:
             assert shown.group(1) == default
+
+
+def parse_x(text: str, **kwargs: object) -> object:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_option(parser, "--x", "X_TEST", "what x is", **kwargs)
+    return parser.parse_args(["--x", text]).x
+
+
+@pytest.mark.parametrize("text", ["-1", "65536", "70000"])
+def test_a_port_out_of_range_is_refused(text: str) -> None:
+    """70000 used to be bound as 70000 % 65536 = 4464, -1 failed as "Servname not supported"."""
+    with pytest.raises(argparse.ArgumentError, match=r"a port must be 0\.\.65535"):
+        parse_x(text, type=port)
+    assert parse_x("65535", type=port) == 65535
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "Infinity"])
+def test_a_float_option_must_be_finite(text: str) -> None:
+    """nan passed every `<= 0` check (relay --handshake-timeout nan ran)."""
+    with pytest.raises(argparse.ArgumentError, match="not a finite number"):
+        parse_x(text, type=float)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["relay", "--port", "70000"], ["egress", "--metrics-port", "-1"], ["egress", "--port", "1e9"]],
+)
+def test_commands_refuse_bad_ports_as_usage_errors(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "upstreamproxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "invalid value" in done.stderr and "Traceback" not in done.stderr

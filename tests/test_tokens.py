@@ -6,6 +6,8 @@ import base64
 import json
 import os
 import stat
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -837,3 +839,60 @@ def test_a_refused_token_is_not_cached(verifier: TokenVerifier) -> None:
     for _ in range(3):
         assert refusal(verifier, bad) == "bad-signature"
     assert not verifier._verified
+
+
+def _cli(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "upstreamproxy", *args],
+        capture_output=kwargs.pop("capture", True),  # type: ignore[arg-type]
+        text=True,
+        timeout=60,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_keygen_into_a_file_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    """--out-dir naming a file raised FileExistsError as a traceback."""
+    target = tmp_path / "file"
+    target.write_text("x")
+    done = _cli(["token", "keygen", "--out-dir", str(target)])
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("upstreamproxy: invalid configuration: --out-dir: cannot write")
+
+
+def _keys(tmp_path: Path) -> Path:
+    assert _cli(["token", "keygen", "--out-dir", str(tmp_path), "--kid", "k"]).returncode == 0
+    return tmp_path / "k.private.pem"
+
+
+ISSUE = ["token", "issue", "--session", "S1", "--policy", "p", "--audience", "a", "--key"]
+
+
+def test_a_reader_that_left_stdout_ends_issue_quietly(tmp_path: Path) -> None:
+    """`token issue | head -c0` and the like: no BrokenPipeError traceback, 128 + SIGPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = _cli([*ISSUE, str(_keys(tmp_path))], capture=False, stdout=write, stderr=-1)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_full_stdout_is_one_line_without_the_token(tmp_path: Path) -> None:
+    with open("/dev/full", "w") as full:
+        done = _cli([*ISSUE, str(_keys(tmp_path))], capture=False, stdout=full, stderr=-1)
+    assert done.returncode == 1
+    assert done.stderr == "upstreamproxy: No space left on device\n"
+
+
+def test_closed_stdin_and_stdout_are_usage_errors_not_tracebacks(tmp_path: Path) -> None:
+    key = _keys(tmp_path)
+    closed_out = _cli(
+        [*ISSUE, str(key)], capture=False, stdout=-1, stderr=-1, preexec_fn=lambda: os.close(1)
+    )
+    assert closed_out.returncode == 2 and "stdout: is closed" in closed_out.stderr
+    verify = ["token", "verify", "--public-keys", str(tmp_path), "--audience", "a"]
+    closed_in = _cli(verify, preexec_fn=lambda: os.close(0))
+    assert closed_in.returncode == 2 and "stdin is closed" in closed_in.stderr

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -79,8 +81,6 @@ def chosen_command(argv: Sequence[str]) -> str | None:
 
 
 def configure_logging(level: str | None) -> None:
-    import os
-
     chosen = (level or os.environ.get("UPSTREAMPROXY_LOG_LEVEL") or "INFO").upper()
     logging.basicConfig(
         level=getattr(logging, chosen, logging.INFO),
@@ -111,12 +111,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         result: int = args._run(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a write error shows here, not as a traceback at exit
     except ConfigError as exc:
         print(f"upstreamproxy: invalid configuration: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout's reader left (`upstreamproxy env | head -1`): end quietly, as SIGPIPE would.
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
+    except OSError as exc:
+        # A full disk or device under stdout, say: one line, never a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"upstreamproxy: {where}{exc.strerror or exc}", file=sys.stderr)
+        _discard_stdout()
+        return 1
     return result
+
+
+def _discard_stdout() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's flush at exit cannot fail again."""
+    if sys.stdout is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -47,13 +48,30 @@ def _shown_default(default: Any, help: str) -> str:
     return f"default: {text}; ".replace("%", "%%")  # (argparse %-formats help)
 
 
+class _Invalid(ValueError):
+    """A value that parsed but is out of bounds; its message is shown to the user."""
+
+
+def port(text: str) -> int:
+    """A TCP port, 0..65535: binding 70000 would silently listen on 70000 % 65536."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise _Invalid("a port must be 0..65535")
+    return value
+
+
 def _named_type(convert: Callable[[str], Any], flag: str, variable: str) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
-            return convert(text)
-        except (TypeError, ValueError):
+            value = convert(text)
+            # "nan" passes every `<= 0` check and breaks deadline arithmetic; "inf" never fires.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise _Invalid("not a finite number")
+            return value
+        except (TypeError, ValueError) as exc:
+            why = f": {exc}" if isinstance(exc, _Invalid) else ""
             raise argparse.ArgumentTypeError(
-                f"invalid value {text!r} (from {flag} or {variable})"
+                f"invalid value {text!r} (from {flag} or {variable}){why}"
             ) from None
 
     parse.__name__ = getattr(convert, "__name__", "value")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 from collections.abc import Mapping
@@ -103,8 +104,9 @@ class RelayConfig:
             "ping_timeout",
             "write_stall_timeout",
         ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, "must be positive")
+            # "nan" (from the environment, say) passes a `<= 0` check and breaks deadlines.
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(name, "must be a positive number of seconds")
         if self.pool_size < 0:
             raise ConfigError("pool_size", "must be 0 or more")
         if self.egress_proxy is not None and not self.egress_proxy.startswith(
@@ -127,6 +129,8 @@ class RelayConfig:
 #: ``UPSTREAMPROXY_*`` variables that tune a relay started by ``start`` (the ``relay``
 #: command has the same as flags), and the RelayConfig field each sets.
 TUNING_ENV: Final = {
+    "HANDSHAKE_TIMEOUT": ("handshake_timeout", float),
+    "KEEPALIVE": ("keepalive_interval", float),
     "POOL_SIZE": ("pool_size", int),
     "PING_INTERVAL": ("ping_interval", float),
     "PING_TIMEOUT": ("ping_timeout", float),

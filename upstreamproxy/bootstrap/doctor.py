@@ -629,7 +629,16 @@ def classify(
                 "the session token was refused (expired?): restart the session with a "
                 "fresh token file",
             )
-        status = f"HTTP {refused.status}" if refused.status else "no answer"
+        if not refused.status:  # a frozen egress: the relay waits for its 200 (or pong)
+            return (
+                Verdict.FAILED,
+                f"no answer to the CONNECT for {refused.target}"
+                + (f" within {timeout:g}s" if rc is None else ""),
+                "the egress (or the relay) does not answer: frozen, overloaded, or a path "
+                "that drops packets; check that both are alive (the relay answers 504 once "
+                "the egress missed --ping-interval + --ping-timeout, 40 s)",
+            )
+        status = f"HTTP {refused.status}"
         return (
             Verdict.FAILED,
             f"the relay answered {status} for {refused.target}"
@@ -745,7 +754,9 @@ async def _run_probe(
             out_b, err_b = await asyncio.wait_for(proc.communicate(), seconds)
             rc = proc.returncode
         except TimeoutError:
-            proc.kill()
+            # The tool may end just as the timer fires (curl's own --max-time is the same).
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
             out_b, err_b = await proc.communicate()
             rc = None
         tunnels = tuple(observer.tunnels)

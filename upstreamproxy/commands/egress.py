@@ -26,7 +26,7 @@ from ..egress.server import DEFAULT_WS_PATH, EgressConfig, EgressServer
 from ..egress.tunnel import TunnelTimeouts
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
-from ..options import add_list_option, add_option, add_reuse_option, add_splice_option
+from ..options import add_list_option, add_option, add_reuse_option, add_splice_option, port
 from ..tokens import TokenVerifier, load_public_keys, private_key_files
 from ..tunnel import pipe
 from ._serving import serve
@@ -40,7 +40,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("listening")
     add_option(net, "--host", "EGRESS_HOST", "address to listen on", default="127.0.0.1")
     add_option(
-        net, "--port", "EGRESS_PORT", "port to listen on (0: any free port)", default=8080, type=int
+        net,
+        "--port",
+        "EGRESS_PORT",
+        "port to listen on (0: any free port)",
+        default=8080,
+        type=port,
     )
     add_option(net, "--ws-path", "WS_PATH", "tunnel WebSocket path", default=DEFAULT_WS_PATH)
     add_option(net, "--tls-cert", "TLS_CERT", "certificate chain for serving wss://")
@@ -57,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         "METRICS_PORT",
         "port of the Prometheus /metrics listener (omit to disable)",
-        type=int,
+        type=port,
     )
     auth = parser.add_argument_group("authentication")
     add_list_option(

@@ -32,14 +32,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.format == "json":
         document = json.loads(loaded.paths.env_json.read_text())
-        sys.stdout.write(json.dumps(document, indent=2) + "\n")
+        print(json.dumps(document, indent=2))
     elif args.format == "dotenv":
         try:
-            sys.stdout.write(render_dotenv(loaded.plan))
+            print(render_dotenv(loaded.plan), end="")
         except ValueError as exc:
             print(f"upstreamproxy env: {exc}", file=sys.stderr)
             return 1
     else:
-        sys.stdout.write(render_sh(loaded.plan))
-    sys.stdout.flush()
+        print(render_sh(loaded.plan), end="")  # (print: a closed stdout is no traceback)
     return 0

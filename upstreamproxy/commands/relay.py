@@ -18,7 +18,7 @@ from ..bootstrap.hardening import HardeningError, make_non_dumpable, refuse_if_t
 from ..bootstrap.token_file import delete_token_file, read_token
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
-from ..options import add_option, add_reuse_option, add_splice_option, env_flag
+from ..options import add_option, add_reuse_option, add_splice_option, env_flag, port
 from ..relay import Relay, RelayConfig
 from ..secret import Secret
 from ..tunnel import pipe
@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_option(parser, "--listen-host", "LISTEN_HOST", "address to listen on", default="127.0.0.1")
     add_option(
-        parser, "--port", "PORT", "port to listen on (0: any free port)", default=0, type=int
+        parser, "--port", "PORT", "port to listen on (0: any free port)", default=0, type=port
     )
     parser.add_argument(
         "--allow-non-loopback",

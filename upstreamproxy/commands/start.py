@@ -38,7 +38,7 @@ from ..bootstrap.start import Readiness, StartOptions, run_session
 from ..bootstrap.state import default_state_dir, prepare_state_dir
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
-from ..options import add_list_option, add_option, add_state_dir_option, env_flag
+from ..options import add_list_option, add_option, add_state_dir_option, env_flag, port
 from .lock import add_lock_options, add_relay_user_options
 
 HELP = "bootstrap the sandbox: token, hardening, CA bundle, relay, environment for tools"
@@ -97,7 +97,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "HOST",
     )
     add_option(
-        parser, "--port", "PORT", "relay port on 127.0.0.1 (0: any free port)", default=0, type=int
+        parser, "--port", "PORT", "relay port on 127.0.0.1 (0: any free port)", default=0, type=port
     )
     add_option(
         parser,

@@ -104,8 +104,11 @@ def _keygen(args: argparse.Namespace) -> int:
     for path in (private_path, public_path):
         if path.exists():
             raise ConfigError("--kid", f"{path} already exists; choose another key id")
-    write_private_file(private_path, tokens.private_key_pem(key), 0o600)
-    write_private_file(public_path, tokens.public_key_pem(key.public_key()), 0o644)
+    try:
+        write_private_file(private_path, tokens.private_key_pem(key), 0o600)
+        write_private_file(public_path, tokens.public_key_pem(key.public_key()), 0o644)
+    except OSError as exc:  # not a directory, read-only, full: as `ca create` says it
+        raise ConfigError("--out-dir", f"cannot write {exc.filename}: {exc.strerror}") from None
     print(kid)
     print(f"private key: {private_path}\npublic key:  {public_path}", file=sys.stderr)
     return 0
@@ -128,12 +131,16 @@ def _issue(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ConfigError("token", str(exc)) from None
+    if sys.stdout is None:  # started with fd 1 closed: the token would go nowhere
+        raise ConfigError("stdout", "is closed; nowhere to print the token")
     sys.stdout.write(token + "\n")
     return 0
 
 
 def _read_token(path: Path | None) -> str:
     if path is None:
+        if sys.stdin is None:  # started with fd 0 closed
+            raise ConfigError("--token-file", "not given, and stdin is closed")
         data = sys.stdin.buffer.read(_READ_LIMIT)
     else:
         try:
