@@ -76,7 +76,13 @@ def test_no_reuse_is_read_from_the_given_environment_by_start_and_the_relay_comm
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("pool_size", -1), ("ping_interval", 0), ("ping_timeout", -1), ("write_stall_timeout", 0)],
+    [
+        ("pool_size", -1),
+        ("pool_size", 65),  # each a live WebSocket the egress counts: at most 64
+        ("ping_interval", 0),
+        ("ping_timeout", -1),
+        ("write_stall_timeout", 0),
+    ],
 )
 def test_relay_refuses_bad_values(field: str, value: float) -> None:
     config = RelayConfig(

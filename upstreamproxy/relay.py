@@ -52,6 +52,9 @@ log = logging.getLogger("upstreamproxy.relay")
 #: Pending connections the kernel queues for us; bursts of tools opening many tunnels at once
 #: overflowed the default 100 and stalled clients for a 1 s SYN retry.
 LISTEN_BACKLOG: Final = 1024
+#: Pre-opened WebSockets at most (--pool-size): each counts against the session's tunnel limit
+#: at the egress (512 by default), and more than this would only hold it idle.
+MAX_POOL_SIZE: Final = 64
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,9 @@ class RelayConfig:
             # "nan" (from the environment, say) passes a `<= 0` check and breaks deadlines.
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(name, "must be a positive number of seconds")
-        if self.pool_size < 0:
-            raise ConfigError("pool_size", "must be 0 or more")
+        if not 0 <= self.pool_size <= MAX_POOL_SIZE:
+            # Each is a live WebSocket the egress counts against the session's tunnels.
+            raise ConfigError("pool_size", f"must be 0..{MAX_POOL_SIZE}")
         if self.egress_proxy is not None and not self.egress_proxy.startswith(
             ("http://", "https://", "socks5://", "socks5h://", "socks4://", "socks4a://")
         ):

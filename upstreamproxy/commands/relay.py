@@ -105,7 +105,7 @@ def add_liveness_options(parser: argparse._ActionsContainer) -> None:
         parser,
         "--pool-size",
         "POOL_SIZE",
-        "pre-opened WebSockets kept ready (0: one per CONNECT)",
+        "pre-opened WebSockets kept ready, 0..64 (0: one per CONNECT)",
         default=2,
         type=int,
     )
