@@ -7,6 +7,7 @@ import argparse
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,31 @@ def test_commands_refuse_bad_ports_as_usage_errors(args: list[str]) -> None:
     )
     assert done.returncode == 2
     assert "invalid value" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["relay", "--pool-size", "100"], "--pool-size: must be 0..64"),
+        (["relay", "--ping-timeout", "-1"], "--ping-timeout: must be a positive"),
+        (["egress", "--dial-timeout", "0"], "--dial-timeout: must be positive"),
+    ],
+)
+def test_a_bad_setting_is_named_by_its_flag(tmp_path: Path, args: list[str], said: str) -> None:
+    """Not by the setting's name in the code (``pool_size``): the user typed ``--pool-size``."""
+    (tmp_path / "token").write_text("a-token\n")
+    (tmp_path / "tokens").write_text("s a-token\n")
+    relay = ["--egress-url", "ws://127.0.0.1:9/ws", "--session-id", "s", "--keep-token-file"]
+    common = {
+        "relay": [*relay, "--token-file", str(tmp_path / "token")],
+        "egress": ["--allow", "x.test:443", "--static-tokens", str(tmp_path / "tokens")],
+    }[args[0]]
+    done = subprocess.run(
+        [sys.executable, "-m", "upstreamproxy", args[0], *common, *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"upstreamproxy: invalid configuration: {said}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is not None:
             sys.stdout.flush()  # a write error shows here, not as a traceback at exit
     except ConfigError as exc:
-        print(f"upstreamproxy: invalid configuration: {exc}", file=sys.stderr)
+        print(f"upstreamproxy: invalid configuration: {_as_flag(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -129,6 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         return 1
     return result
+
+
+def _as_flag(exc: ConfigError, args: argparse.Namespace) -> str:
+    """The error, naming the command's flag (``--pool-size``) where its setting has one,
+    rather than the setting's name in the code (``pool_size``)."""
+    if exc.field.isidentifier() and hasattr(args, exc.field):
+        return f"--{exc.field.replace('_', '-')}: {exc.problem}"
+    return str(exc)
 
 
 def _discard_stdout() -> None:
