@@ -11,13 +11,14 @@ import pytest
 from aiohttp import WSMsgType, web
 from conftest import SESSION, TOKEN, _serve, connect_via, loopback_policy
 
+from upstreamproxy import relay_link
 from upstreamproxy.codec import decode_chunk, encode_chunk
 from upstreamproxy.connect_head import PREOPENED_HEADER, build_status_head
 from upstreamproxy.egress.auth import Session, StaticTokens
 from upstreamproxy.egress.limits import LimitConfig
 from upstreamproxy.egress.server import EgressConfig, EgressServer
 from upstreamproxy.relay import Relay, RelayConfig
-from upstreamproxy.relay_link import WsPool
+from upstreamproxy.relay_link import LinkConfig, WsPool, open_ws
 from upstreamproxy.secret import Secret
 from upstreamproxy.tunnel.driver import OpenFailed
 from upstreamproxy.tunnel.links import WsLink
@@ -355,3 +356,49 @@ async def test_a_token_that_expired_while_its_socket_waited_gets_no_tunnel(
     assert egress.metrics.registry.get_sample_value(
         "upstreamproxy_auth_failures_total", {"reason": "expired"}
     )
+
+
+async def test_connects_never_wait_for_pre_opens_sleeping_out_a_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three CONNECTs wait for pre-opens; the third started one that has not run yet when
+    the first pre-open fails, so it sleeps out the back-off (at its maximum after a burst of
+    failures). Then the second pre-open works: the egress is back. Neither the third CONNECT
+    nor a later one waits for the sleeping pre-open: they used to, until their deadline (504).
+    """
+    monkeypatch.setattr(relay_link, "POOL_BACKOFF", 30.0)
+    loop = asyncio.get_running_loop()
+    gates = [loop.create_future(), loop.create_future()]
+    calls = 0
+    links: list[WsLink] = []
+    async with egress_server() as egress:
+        config = LinkConfig(egress.url, Secret(TOKEN), 10.0, None, None, reuse=True)
+
+        async def opener() -> WsLink:
+            nonlocal calls
+            calls += 1
+            if calls <= len(gates):  # the first two wait for the test; the others open
+                await gates[calls - 1]
+            link = await open_ws(config, preopened=True)
+            links.append(link)
+            return link
+
+        pool = WsPool(1, opener, keepalive=30.0, ping_interval=None, ping_timeout=20.0)
+        pool.start()
+        try:
+            takes = [asyncio.ensure_future(pool.take())]  # waits for the pool's pre-open
+            await until(lambda: len(pool._waiters) == 1)
+            takes.append(asyncio.ensure_future(pool.take()))  # opens one for itself
+            await until(lambda: pool._connecting == 2)
+            takes.append(asyncio.ensure_future(pool.take()))  # runs next: starts a third...
+            gates[0].set_exception(OpenFailed(502, "refused"))  # ... which the failure beats
+            await until(lambda: pool._backoff == 30.0 and pool._opening == 2)
+            gates[1].set_result(None)
+            async with asyncio.timeout(5):
+                taken = [link for link, _ in await asyncio.gather(*takes)]
+                taken.append((await pool.take())[0])
+            assert len(set(taken)) == 4
+        finally:
+            await pool.close()
+            for link in links:
+                link.abort()

@@ -24,6 +24,7 @@ are taken newest first, so the surplus that is not needed is the oldest, and is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -170,6 +171,8 @@ class WsPool:
         self._connecting = 0  # open attempts actually under way
         self._tasks = TaskSet()
         self._backoff = 0.0
+        #: Set when a pre-open works again: wakes those sleeping out the back-off.
+        self._recovered: asyncio.Event | None = None
         self._started = False
         self._closed = False
         #: Reusable sockets handed out, and when: young ones count toward ``size``.
@@ -336,6 +339,13 @@ class WsPool:
             self._opening += 1
             self._tasks.spawn(self._open_one(), name="ws-pool-open")
 
+    async def _sleep_backoff(self) -> None:
+        """Wait out the back-off, or until a pre-open works again (which ends it for all)."""
+        if self._recovered is None:
+            self._recovered = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._recovered.wait(), self._backoff)
+
     def _hold_over(self) -> None:
         self._hold_timer = None
         self._refill()
@@ -343,7 +353,13 @@ class WsPool:
     async def _open_one(self) -> None:
         try:
             if self._backoff:
-                await asyncio.sleep(self._backoff)
+                await self._sleep_backoff()
+                # Woken early (the egress is back): open only if still wanted - a burst of
+                # CONNECTs may have left many here, more than the pool and its waiters need.
+                if self._closed or len(self._idle) + self._connecting >= self.size + sum(
+                    not waiter.done() for waiter in self._waiters
+                ):
+                    return
             self._connecting += 1
             try:
                 link = await self._open()
@@ -351,16 +367,21 @@ class WsPool:
                 if not self._backoff:  # one line per failure streak, not one per attempt
                     log.warning("pre-opening a WebSocket failed: %s", exc.reason)
                 self._backoff = min(max(self._backoff * 2, POOL_BACKOFF), POOL_BACKOFF_MAX)
-                while self._waiters:  # that CONNECT opens its own and gets the real answer
-                    waiter = self._waiters.popleft()
-                    if not waiter.done():  # (one that gave up is still listed until it runs)
-                        waiter.set_result(None)
-                        break
+                # That CONNECT opens its own and gets the real answer; so does every one that
+                # no open under way is left for (the pre-opens started for them sleep now).
+                waiting = [waiter for waiter in self._waiters if not waiter.done()]
+                under_way = self._connecting - 1  # (this one still counts until finally)
+                for waiter in waiting[: max(1, len(waiting) - under_way)]:
+                    self._waiters.remove(waiter)
+                    waiter.set_result(None)
                 return
             finally:
                 self._connecting -= 1
             if self._backoff:
                 log.info("pre-opening WebSockets works again")
+                if self._recovered is not None:
+                    self._recovered.set()
+                    self._recovered = None
             self._backoff = 0.0
             if self._closed:
                 link.abort()
