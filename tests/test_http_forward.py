@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -426,6 +429,29 @@ async def test_client_gone_mid_response_releases_the_tunnel(plain: PlainWorld) -
     assert await _until(lambda: plain.relay.active_tunnels == 0)
     # What stays open at the egress is the relay's pre-opened sockets, no tunnel.
     assert await _until(lambda: len(plain.egress.active) <= plain.relay.config.pool_size)
+
+
+async def test_client_resetting_between_requests_is_a_lost_connection(
+    plain: PlainWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A keep-alive client that resets its connection after a whole response (while the
+    forwarder waits for its next request) is a lost connection, logged as such: it was an
+    unexpected failure with a traceback, which any process could repeat to flood the log."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", plain.relay.port)
+    writer.write(f"GET {plain.url()} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    answer = b""
+    while not answer.endswith(b"hello from origin\n"):
+        answer += await asyncio.wait_for(reader.read(65536), 10)
+    assert answer.startswith(b"HTTP/1.1 200")
+    with caplog.at_level(logging.INFO, logger="upstreamproxy.relay"):
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with SO_LINGER 0: a reset
+        assert await _until(lambda: plain.relay.active_tunnels == 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "upstreamproxy.relay"]
+    assert not any("unexpectedly" in line or "internal-error" in line for line in lines), lines
+    assert any("plain-http: connection-lost (ConnectionResetError)" in line for line in lines)
 
 
 async def _until(check: object, timeout: float = 10.0) -> bool:

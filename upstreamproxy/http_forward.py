@@ -416,6 +416,9 @@ class _Forwarder:
             except TimeoutError:
                 self.stats.outcome = "idle"
                 return
+            except _ClientGone as exc:  # (a reset between requests, say)
+                self.stats.outcome = f"connection-lost ({exc})"
+                return
             except h11.RemoteProtocolError as exc:
                 self.stats.outcome = f"refused-{exc.error_status_hint}"
                 await self._refuse(exc.error_status_hint, f"malformed request: {exc}")
