@@ -210,6 +210,9 @@ class Relay:
         #: Tunnels this process has descriptors for (client socket + WebSocket each); set
         #: at start(), after the command raised the soft limit.
         self._budget = 0
+        #: Client sockets of ended tunnels still closing (the tail of a download on its way
+        #: to a slow reader): their descriptors count against the budget until closed.
+        self._closing = 0
         self._fast_accept = True
         self._over_budget_log = RateLimitedLog(log)
         self.trimmer = Trimmer()  # freed chunk buffers back to the kernel after a burst
@@ -322,7 +325,7 @@ class Relay:
         if not self._fast_accept:  # not a selector event loop: asyncio's way
             self._inner.spawn(self._connect_accepted(conn), name="accept")
             return
-        if len(self._tunnels) >= self._budget:
+        if self._over_budget():
             self._log_over_budget()
             protocol: asyncio.BaseProtocol = Refusal()
         else:
@@ -345,7 +348,7 @@ class Relay:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A client as a stream pair (open_tunnel's in-memory one): the same tunnel."""
-        if len(self._tunnels) >= self._budget:
+        if self._over_budget():
             await self._refuse_over_budget(writer)
             return
         tunnel = RelayTunnel(self, reader, writer)
@@ -357,10 +360,17 @@ class Relay:
             if not self._stopping:
                 raise
 
+    def _over_budget(self) -> bool:
+        return len(self._tunnels) + self._closing >= self._budget
+
+    def _closed_one(self) -> None:
+        self._closing -= 1
+
     def _log_over_budget(self) -> None:
         self._over_budget_log.warning(
-            "refusing tunnels: %d open, the file descriptor limit allows %d",
-            len(self._tunnels),
+            "refusing tunnels: %d open (%d closing), the file descriptor limit allows %d",
+            len(self._tunnels) + self._closing,
+            self._closing,
             self._budget,
         )
 

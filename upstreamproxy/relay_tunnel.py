@@ -162,6 +162,11 @@ class RelayTunnel:
             return
         relay._tunnels.discard(self)
         relay.trimmer.tunnel_ended()
+        link = self.link
+        if link is not None and link.transport is not None and not link.lost:
+            # Still closing (lingering): its descriptor is in use until the socket is gone.
+            relay._closing += 1
+            link.when_lost(relay._closed_one)
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "tunnel %s closed: %s, %d bytes up, %d bytes down, %.3fs",
