@@ -90,7 +90,7 @@ def test_drain_delay_flag_is_checked() -> None:
         env=clean_env(),
         check=False,
     )
-    assert result.returncode != 0 and "drain_delay" in result.stderr, result.stderr
+    assert result.returncode != 0 and "--drain-delay" in result.stderr, result.stderr
 
 
 def test_key_fingerprint_follows_content_and_never_raises(tmp_path: Path) -> None:

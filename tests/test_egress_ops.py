@@ -1056,7 +1056,7 @@ async def test_cli_needs_keys_or_tokens(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 2
-    assert b"public_keys" in result.stderr
+    assert b"--public-keys" in result.stderr
     empty = tmp_path / "empty-keys"
     empty.mkdir()
     result = await run(

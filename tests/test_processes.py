@@ -137,7 +137,7 @@ async def test_processes_stop_on_sigterm_without_leaking_token(
     assert b'"decision":"allow"' in logs  # the audit line
 
 
-async def test_invalid_config_names_the_field(tmp_path: Path) -> None:
+async def test_invalid_config_names_the_flag(tmp_path: Path) -> None:
     result = await run(
         sys.executable,
         "-m",
@@ -151,7 +151,7 @@ async def test_invalid_config_names_the_field(tmp_path: Path) -> None:
         str(tmp_path / "no"),
     )
     assert result.returncode == 2
-    assert b"token_file" in result.stderr
+    assert b"--token-file" in result.stderr
     token = tmp_path / "t"
     token.write_text("x")
     result = await run(
