@@ -167,7 +167,7 @@ async def test_invalid_config_names_the_flag(tmp_path: Path) -> None:
         str(token),
     )
     assert result.returncode == 2
-    assert b"egress_url" in result.stderr
+    assert b"--egress-url" in result.stderr
 
 
 async def test_ca_cert_endpoint_never_serves_a_key_pasted_into_the_file(
