@@ -16,7 +16,7 @@ import test_tunnel_faults
 from conftest import connect_via
 from test_tunnel_faults import Rig, rig  # noqa: F401  (the fixture)
 
-TUNNELS = 20
+TUNNELS = 40
 #: Documented ceilings per busy tunnel (KiB of RSS), per process and direction. The aim is
 #: 128 KiB and the measured figures sit at 10-105 KiB; the margin is for allocator noise.
 CEILING_KIB = {"download": 160, "upload": 160}
