@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -35,7 +34,7 @@ from tools_fixtures import (
     start_session,
     write_token,
 )
-from users_fixtures import User, as_user, free_uid, relay_name
+from users_fixtures import User, as_user, free_uid, make_user, relay_name
 
 from upstreamproxy.bootstrap.hardening import is_dumpable
 from upstreamproxy.bootstrap.privsep import resolve_relay_user
@@ -431,16 +430,7 @@ def test_a_state_directory_another_user_controls_is_never_used_or_reported(
     hook to source) is one in a root-owned directory nobody else can write."""
     relay = relay_name()
     names.append(relay)
-    victim_name = f"upvic{secrets.token_hex(3)}"
-    subprocess.run(
-        ["useradd", "--no-create-home", "--shell", "/bin/sh", "--user-group", victim_name],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    names.append(victim_name)
-    entry = pwd.getpwnam(victim_name)
-    victim = User(victim_name, entry.pw_uid, entry.pw_gid)
+    victim = make_user(names, "upvic")
     session = start_session(world, shared_base / "planted", "--relay-user", relay)
     state = session.state_dir
     home = shared_base / "victim-home"

@@ -41,27 +41,33 @@ async def stop_process(proc: asyncio.subprocess.Process) -> bytes:
     return err
 
 
-@pytest.fixture
-async def processes(tmp_path: Path, tls: TLSFiles) -> AsyncIterator[dict[str, object]]:
+async def start_egress(
+    tmp_path: Path, ca_cert: Path, *extra: str
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A real egress with the session's static token, ``--ca-cert``, and localhost allowed."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# static tokens\n{SESSION} {TOKEN}\n")
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    egress, egress_url = await start_process(
+    return await start_process(
         "egress",
         "--port",
         "0",
         "--static-tokens",
         str(tokens),
         "--ca-cert",
-        str(tls.ca_file),
+        str(ca_cert),
         "--allow",
         "localhost:*",
-        "--allow",
-        "127.0.0.1:*",
-        "--allow-cidr",
-        "127.0.0.0/8",
+        *extra,
         ready=b"egress listening on",
+    )
+
+
+@pytest.fixture
+async def processes(tmp_path: Path, tls: TLSFiles) -> AsyncIterator[dict[str, object]]:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    egress, egress_url = await start_egress(
+        tmp_path, tls.ca_file, "--allow", "127.0.0.1:*", "--allow-cidr", "127.0.0.0/8"
     )
     relay, proxy_url = await start_process(
         "--log-level",
@@ -177,20 +183,7 @@ async def test_ca_cert_endpoint_never_serves_a_key_pasted_into_the_file(
     # made elsewhere): the unauthenticated endpoint re-encodes the certificate, nothing else.
     combined = tmp_path / "ca-with-key.pem"
     combined.write_bytes(tls.ca.key_pem() + tls.ca.cert_pem())
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"{SESSION} {TOKEN}\n")
-    egress, url = await start_process(
-        "egress",
-        "--port",
-        "0",
-        "--static-tokens",
-        str(tokens),
-        "--ca-cert",
-        str(combined),
-        "--allow",
-        "localhost:*",
-        ready=b"egress listening on",
-    )
+    egress, url = await start_egress(tmp_path, combined)
     try:
         port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

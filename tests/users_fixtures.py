@@ -59,9 +59,9 @@ def names() -> Iterator[list[str]]:
         userdel(name)
 
 
-@pytest.fixture
-def sandbox_user(names: list[str]) -> User:
-    name = f"upsbx{secrets.token_hex(3)}"
+def make_user(names: list[str], prefix: str) -> User:
+    """A new unprivileged user (and its group), listed in ``names`` for removal."""
+    name = f"{prefix}{secrets.token_hex(3)}"
     subprocess.run(
         ["useradd", "--no-create-home", "--shell", "/bin/sh", "--user-group", name],
         check=True,
@@ -71,6 +71,11 @@ def sandbox_user(names: list[str]) -> User:
     names.append(name)
     entry = pwd.getpwnam(name)
     return User(name, entry.pw_uid, entry.pw_gid)
+
+
+@pytest.fixture
+def sandbox_user(names: list[str]) -> User:
+    return make_user(names, "upsbx")
 
 
 @pytest.fixture
