@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
 from upstreamproxy import fdlimit
-from upstreamproxy.relay import Relay
+from upstreamproxy.relay import EVICT_AFTER, Relay
 
 
 def test_budget_is_half_the_descriptors_after_the_reserve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,23 +24,79 @@ def test_budget_is_half_the_descriptors_after_the_reserve(monkeypatch: pytest.Mo
     assert fdlimit.tunnel_budget() > 100_000
 
 
-async def test_over_budget_clients_get_503_and_the_rest_still_work(relay: Relay) -> None:
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def open_tunnel(relay: Relay, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return reader, writer
+
+
+async def until_no_tunnels(relay: Relay) -> None:
+    async with asyncio.timeout(10):
+        while relay.active_tunnels:
+            await asyncio.sleep(0.05)
+
+
+async def test_over_budget_clients_get_503_when_every_tunnel_is_in_use(
+    relay: Relay, echo_port: int
+) -> None:
     relay._budget = 3  # as if the soft limit left room for three tunnels
-    held = []
-    for _ in range(3):  # three clients that have not sent their head yet hold the budget
-        held.append(await asyncio.open_connection("127.0.0.1", relay.port))
-    await asyncio.sleep(0.2)
+    held = [await open_tunnel(relay, echo_port) for _ in range(3)]
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     answer = await asyncio.wait_for(reader.read(), 5)
     assert answer.startswith(b"HTTP/1.1 503 ")
     assert b"too-many-tunnels (file descriptor limit)" in answer
     writer.close()
-    for _, held_writer in held:
+    for held_reader, held_writer in held:  # the tunnels in use were not touched
+        held_writer.write(b"still here")
+        assert await asyncio.wait_for(held_reader.readexactly(10), 5) == b"still here"
         held_writer.close()
-    deadline = asyncio.get_running_loop().time() + 10
-    while relay.active_tunnels and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
-    assert relay.active_tunnels == 0
+    await until_no_tunnels(relay)
+
+
+async def test_over_budget_the_longest_silent_client_makes_room(
+    relay: Relay, echo_port: int
+) -> None:
+    """Connections that never send a head (a process holding them open, or a tool that
+    stalled) would otherwise lock every other tool out of the relay for the head timeout:
+    over budget, the one that has waited longest without a head is dropped instead."""
+    relay._budget = 3
+    silent = []
+    for _ in range(3):
+        silent.append(await asyncio.open_connection("127.0.0.1", relay.port))
+        await asyncio.sleep(0.05)  # (an order: the first is the oldest)
+    # Younger than EVICT_AFTER they may be a burst whose heads are on their way: 503.
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 503 ")
+    writer.close()
+    await asyncio.sleep(EVICT_AFTER)
+    reader, writer = await open_tunnel(relay, echo_port)  # not 503: the oldest made room
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    with contextlib.suppress(ConnectionError):
+        assert await asyncio.wait_for(silent[0][0].read(), 5) == b""  # dropped (reset)
+    for other_reader, _ in silent[1:]:
+        with pytest.raises(TimeoutError):  # still waiting for their heads
+            await asyncio.wait_for(other_reader.read(1), 0.2)
+    writer.close()
+    for _, silent_writer in silent:
+        silent_writer.close()
+    await until_no_tunnels(relay)
 
 
 async def test_a_client_socket_still_closing_holds_its_place_in_the_budget(relay: Relay) -> None:

@@ -20,6 +20,7 @@ import logging
 import math
 import socket
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -44,7 +45,7 @@ from .relay_tunnel import OVER_BUDGET, ClientLink, Refusal, RelayTunnel
 from .secret import Secret
 from .tasks import TaskSet
 from .tunnel import Open, SendConnect, Timeouts, pipe
-from .tunnel.core import READ_SIZE
+from .tunnel.core import READ_SIZE, State
 from .tunnel.driver import Opened, close_stream
 
 log = logging.getLogger("upstreamproxy.relay")
@@ -52,6 +53,9 @@ log = logging.getLogger("upstreamproxy.relay")
 #: Pending connections the kernel queues for us; bursts of tools opening many tunnels at once
 #: overflowed the default 100 and stalled clients for a 1 s SYN retry.
 LISTEN_BACKLOG: Final = 1024
+#: Over the descriptor budget, a client that sent no complete head for this long is dropped
+#: to make room (younger ones may be a burst whose heads are on their way: those get 503).
+EVICT_AFTER: Final = 2.0
 #: Pre-opened WebSockets at most (--pool-size): each counts against the session's tunnel limit
 #: at the egress (512 by default), and more than this would only hold it idle.
 MAX_POOL_SIZE: Final = 64
@@ -325,7 +329,7 @@ class Relay:
         if not self._fast_accept:  # not a selector event loop: asyncio's way
             self._inner.spawn(self._connect_accepted(conn), name="accept")
             return
-        if self._over_budget():
+        if self._over_budget() and not self._make_room():
             self._log_over_budget()
             protocol: asyncio.BaseProtocol = Refusal()
         else:
@@ -348,7 +352,7 @@ class Relay:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A client as a stream pair (open_tunnel's in-memory one): the same tunnel."""
-        if self._over_budget():
+        if self._over_budget() and not self._make_room():
             await self._refuse_over_budget(writer)
             return
         tunnel = RelayTunnel(self, reader, writer)
@@ -362,6 +366,28 @@ class Relay:
 
     def _over_budget(self) -> bool:
         return len(self._tunnels) + self._closing >= self._budget
+
+    def _make_room(self) -> bool:
+        """Over budget: drop the client that has waited longest - and :data:`EVICT_AFTER` at
+        least - without sending a complete head (idle or trickling: it loses only its place),
+        as the egress evicts the oldest unauthenticated connection, so a process holding
+        connections open cannot lock every other tool out for the head timeout. False if
+        there is none."""
+        since = time.monotonic() - EVICT_AFTER
+        waiting = [
+            t
+            for t in self._tunnels
+            if t.core.state is State.HEAD and not t.stopped and t.started <= since
+        ]
+        if not waiting:
+            return False
+        self._over_budget_log.warning(
+            "out of file descriptors for tunnels: dropped the client that waited longest "
+            "without sending its head (%d waiting)",
+            len(waiting),
+        )
+        min(waiting, key=lambda tunnel: tunnel.started).evict()
+        return True
 
     def _closed_one(self) -> None:
         self._closing -= 1

@@ -107,6 +107,14 @@ class RelayTunnel:
         else:
             self._end()  # accepted, not connected yet: start() aborts the socket
 
+    def evict(self) -> None:
+        """Make room for another client (see ``Relay._make_room``): reset this one now, its
+        descriptor freed at once rather than after a lingering close."""
+        self.core.outcome = "evicted (no head, out of descriptors)"
+        if self.link is not None:
+            self.link.abort()
+        self.stop()
+
     def wait(self) -> asyncio.Future[None]:
         if self._done is None:
             self._done = asyncio.get_running_loop().create_future()
