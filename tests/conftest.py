@@ -96,6 +96,22 @@ async def tcp_origin(
         server.close()
 
 
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An origin's handler that sends back what it receives, until its client leaves."""
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+@pytest.fixture
+async def echo_port() -> AsyncIterator[int]:
+    """A TCP echo origin on 127.0.0.1 (:func:`echo`); its port."""
+    async with tcp_origin(echo) as port:
+        yield port
+
+
 @dataclass
 class Origin:
     port: int

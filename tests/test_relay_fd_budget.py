@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import resource
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,20 +21,6 @@ def test_budget_is_half_the_descriptors_after_the_reserve(monkeypatch: pytest.Mo
     infinity = resource.RLIM_INFINITY
     monkeypatch.setattr(resource, "getrlimit", lambda _: (infinity, infinity))
     assert fdlimit.tunnel_budget() > 100_000
-
-
-@pytest.fixture
-async def echo_port() -> AsyncIterator[int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
 
 
 async def open_tunnel(relay: Relay, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import SESSION, TOKEN
+from conftest import SESSION, TOKEN, echo
 
 from upstreamproxy.fdlimit import raise_nofile_limit
 
@@ -94,14 +94,6 @@ class Stack:
     relay: Proc
     origin_port: int
     relay_port: int
-
-
-async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 @contextlib.asynccontextmanager

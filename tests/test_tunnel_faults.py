@@ -186,20 +186,6 @@ async def streaming_origin() -> AsyncIterator[int]:
     server.close()
 
 
-@pytest.fixture
-async def echo_origin_port() -> AsyncIterator[int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
-    server.close()
-
-
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
     """Read (and drop) until EOF or reset; returns how long that took."""
     started = time.monotonic()
@@ -236,23 +222,23 @@ async def test_egress_frozen_during_a_transfer(rig: Rig, streaming_origin: int) 
     await back_to(rig.egress, egress_fds)
 
 
-async def test_egress_frozen_with_an_idle_tunnel(rig: Rig, echo_origin_port: int) -> None:
+async def test_egress_frozen_with_an_idle_tunnel(rig: Rig, echo_port: int) -> None:
     relay_fds, egress_fds = await baseline(rig.relay), await baseline(rig.egress)
-    reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{echo_origin_port}")
+    reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{echo_port}")
     assert head.startswith(b"HTTP/1.1 200")
     rig.egress.proc.send_signal(signal.SIGSTOP)
     try:
         assert await closed_within(reader, 15) < 10
         # A CONNECT while it is frozen gets a prompt 502/504, never a hang.
         started = time.monotonic()
-        _, w2, head2 = await connect_via(rig.relay_port, f"127.0.0.1:{echo_origin_port}")
+        _, w2, head2 = await connect_via(rig.relay_port, f"127.0.0.1:{echo_port}")
         assert head2.startswith((b"HTTP/1.1 502", b"HTTP/1.1 504")), head2
         assert time.monotonic() - started < 10
         w2.close()
     finally:
         rig.egress.proc.send_signal(signal.SIGCONT)
     writer.close()
-    await echo_works(rig, echo_origin_port)  # and it works again once the egress thaws
+    await echo_works(rig, echo_port)  # and it works again once the egress thaws
     await back_to(rig.relay, relay_fds)
     await back_to(rig.egress, egress_fds)
 
@@ -287,9 +273,9 @@ async def test_origin_never_reads_and_the_client_leaves(rig: Rig) -> None:
     origin.close()
 
 
-async def test_egress_killed_and_restarted(rig: Rig, echo_origin_port: int) -> None:
+async def test_egress_killed_and_restarted(rig: Rig, echo_port: int) -> None:
     relay_fds = await baseline(rig.relay)
-    reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{echo_origin_port}")
+    reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{echo_port}")
     assert head.startswith(b"HTTP/1.1 200")
     rig.egress.proc.send_signal(signal.SIGKILL)
     await rig.egress.proc.wait()
@@ -297,25 +283,25 @@ async def test_egress_killed_and_restarted(rig: Rig, echo_origin_port: int) -> N
     writer.close()
     # While it is down: a prompt 502, not a hang.
     started = time.monotonic()
-    _, w2, head2 = await connect_via(rig.relay_port, f"127.0.0.1:{echo_origin_port}")
+    _, w2, head2 = await connect_via(rig.relay_port, f"127.0.0.1:{echo_port}")
     assert head2.startswith(b"HTTP/1.1 502"), head2
     assert time.monotonic() - started < 10
     w2.close()
     await rig.start_egress()  # same port
     for _ in range(3):
-        await echo_works(rig, echo_origin_port)
+        await echo_works(rig, echo_port)
     await back_to(rig.relay, relay_fds, timeout=40)  # the pool refills after its back-off
 
 
 # -- tunnel reuse: a peer that fails in the middle of the end-of-tunnel exchange --------------
 
 
-async def test_egress_frozen_while_a_tunnel_ends(rig: Rig, echo_origin_port: int) -> None:
+async def test_egress_frozen_while_a_tunnel_ends(rig: Rig, echo_port: int) -> None:
     """The relay sent its end-of-tunnel message to an egress that froze just then: no answer
     comes, so the socket is closed (not handed to the next tunnel) within the close grace."""
-    await echo_works(rig, echo_origin_port)  # a reused socket or two in the pool
+    await echo_works(rig, echo_port)  # a reused socket or two in the pool
     relay_fds, egress_fds = await baseline(rig.relay), await baseline(rig.egress)
-    reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{echo_origin_port}")
+    reader, writer, head = await connect_via(rig.relay_port, f"127.0.0.1:{echo_port}")
     assert head.startswith(b"HTTP/1.1 200")
     writer.write(b"hello")
     assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
@@ -327,7 +313,7 @@ async def test_egress_frozen_while_a_tunnel_ends(rig: Rig, echo_origin_port: int
     finally:
         rig.egress.proc.send_signal(signal.SIGCONT)
     for _ in range(3):
-        await echo_works(rig, echo_origin_port)
+        await echo_works(rig, echo_port)
     await back_to(rig.relay, relay_fds)
     await back_to(rig.egress, egress_fds)
 

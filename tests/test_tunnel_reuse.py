@@ -61,21 +61,6 @@ def open_fds() -> int:
 
 
 @pytest.fixture
-async def echo_port() -> AsyncIterator[int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        writer.close()
-
-    async with tcp_origin(echo) as port:
-        yield port
-
-
-@pytest.fixture
 async def flood_port() -> AsyncIterator[int]:
     """An origin that sends b"A" until its client leaves (at most 256 MiB)."""
 
