@@ -8,6 +8,7 @@ so a subcommand's heavy imports never slow the others down.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -120,13 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # stdout's reader left (`upstreamproxy env | head -1`): end quietly, as SIGPIPE would.
-        _discard_stdout()
+        discard_stdout()
         return 128 + signal.SIGPIPE
     except OSError as exc:
         # A full disk or device under stdout, say: one line, never a traceback.
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"upstreamproxy: {where}{exc.strerror or exc}", file=sys.stderr)
-        _discard_stdout()
+        discard_stdout()
         return 1
     return result
 
@@ -139,17 +140,17 @@ def _as_flag(exc: ConfigError, args: argparse.Namespace) -> str:
     return str(exc)
 
 
-def _discard_stdout() -> None:
-    """Point fd 1 at /dev/null, so the interpreter's flush at exit cannot fail again."""
+def discard_stdout() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's flush at exit cannot fail again (Python's
+    advice for EPIPE); never raises."""
     if sys.stdout is None:
         return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.close(devnull)
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ import logging
 import os
 import signal
 import ssl
-import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -59,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
+from ..cli import discard_stdout
 from ..errors import ConfigError, UpstreamProxyError
 from ..relay import Relay, RelayConfig, tuning_from_env
 from ..secret import Secret
@@ -628,11 +628,7 @@ def _print_ready(env_file: str) -> None:
     try:
         print(f"{READY_PREFIX}{env_file}", flush=True)
     except OSError:
-        # Python's advice for EPIPE: stdout to /dev/null, so the flush at exit fails no more.
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
+        discard_stdout()
 
 
 def _announce(readiness: Readiness, notify: Notify | None) -> None:
