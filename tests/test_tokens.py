@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -859,6 +860,91 @@ def test_keygen_into_a_file_is_a_one_line_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.startswith("upstreamproxy: invalid configuration: --out-dir: cannot write")
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare to mount a one-page tmpfs in a mount namespace of its own",
+)
+def test_keygen_on_a_full_disk_leaves_no_half_key_pair(tmp_path: Path) -> None:
+    """The private key was written, then writing the public key failed (here: the disk is full)
+    and the private key stayed behind, half a key pair, with `cannot write None`."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    # One page: room for one key file, not two. The tmpfs lives only in the namespace, so the
+    # directory is listed there.
+    script = (
+        'mount -t tmpfs -o "size=$1,mode=0755" none "$2" || exit 99; shift; dir=$1; shift; '
+        '"$@"; echo "exit $?"; ls -A "$dir"'
+    )
+    done = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(os.sysconf("SC_PAGE_SIZE")),
+            str(keys),
+            sys.executable,
+            "-m",
+            "upstreamproxy",
+            "token",
+            "keygen",
+            "--out-dir",
+            str(keys),
+            "--kid",
+            "k",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = done.stdout.splitlines()
+    assert out and out[0] == "exit 2", (done.stdout, done.stderr)
+    assert out[1:] == []  # neither key file, nor a temporary one
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("upstreamproxy: invalid configuration: --out-dir: cannot write")
+    assert "No space left on device" in done.stderr
+    assert "None" not in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["dangling-symlink", "directory"])
+def test_keygen_never_replaces_what_is_at_a_key_path(tmp_path: Path, kind: str) -> None:
+    """A dangling symlink at the public key's path passed the "already exists" check and was
+    replaced, after the private key had been written."""
+    public = tmp_path / "k.public.pem"
+    if kind == "directory":
+        public.mkdir()
+    else:
+        public.symlink_to(tmp_path / "elsewhere")
+    done = _cli(["token", "keygen", "--out-dir", str(tmp_path), "--kid", "k"])
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"upstreamproxy: invalid configuration: --kid: {public} already exists;"
+        " choose another key id\n"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["k.public.pem"]  # no private key, no temporary
+    assert public.is_dir() if kind == "directory" else public.is_symlink()
+
+
+def test_a_key_file_made_meanwhile_is_kept_and_the_half_made_pair_removed(tmp_path: Path) -> None:
+    """What keygen's check cannot see: the public key's path is taken after it looked (another
+    run with the same --kid). The private key already in place is removed again; the other
+    run's file is neither replaced nor removed."""
+    from upstreamproxy.certs import write_new_files
+
+    private, public = tmp_path / "k.private.pem", tmp_path / "k.public.pem"
+    public.write_bytes(b"the other run's key\n")
+    with pytest.raises(FileExistsError) as taken:
+        write_new_files([(private, b"private\n", 0o600), (public, b"public\n", 0o644)])
+    assert taken.value.filename == str(public)
+    assert sorted(os.listdir(tmp_path)) == ["k.public.pem"]
+    assert public.read_bytes() == b"the other run's key\n"
 
 
 def _keys(tmp_path: Path) -> Path:

@@ -6,10 +6,12 @@ Leaf certificates are backdated a little so a sandbox whose clock lags still acc
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -176,6 +178,51 @@ def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Create every ``(path, data, mode)`` in ``files``, or none of them, never replacing anything.
+
+    Each is written in full to a temporary file in its directory first; only then are they
+    linked into place, one by one, each link failing (``FileExistsError``) if anything is at its
+    path - a file, a directory, a dangling symlink, one made by a concurrent run. On any failure
+    or interruption the paths already linked are removed again (only while they are still the
+    files this call wrote) and the temporary files always are. An ``OSError`` names the path it
+    was for (a failed ``write`` alone would name none).
+    """
+    temps: list[tuple[Path, Path]] = []  # (path, its temporary file)
+    linked: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            path.parent.mkdir(parents=True, exist_ok=True)  # (its error names the directory)
+            try:
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+                temps.append((path, Path(name)))
+                try:
+                    os.fchmod(fd, mode)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+        for path, tmp in temps:
+            try:
+                os.link(tmp, path, follow_symlinks=False)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            linked.append((path, tmp))
+    except BaseException:
+        for path, tmp in linked:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(path.lstat(), tmp.lstat()):
+                    path.unlink()
+        raise
+    finally:
+        for _, tmp in temps:
+            tmp.unlink(missing_ok=True)
 
 
 def write_ca(ca: CertificateAuthority, cert_path: Path, key_path: Path) -> None:

@@ -4,7 +4,7 @@
 
     upstreamproxy token keygen --out-dir DIR [--kid K]
         DIR/K.private.pem (0600) and DIR/K.public.pem (0644); K defaults to the key's
-        fingerprint. Prints K.
+        fingerprint. Prints K. Writes both files or neither, and never replaces one.
     upstreamproxy token issue --key DIR/K.private.pem --session S --policy P --audience A
                               [--ttl SECONDS] [--kid K]
         Prints the token, and nothing else, to stdout. The key id defaults to the file name.
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Final
 
 from .. import tokens
-from ..certs import write_private_file
+from ..certs import write_new_files
 from ..errors import AuthError, ConfigError
 from ..options import add_option
 
@@ -101,12 +102,23 @@ def _keygen(args: argparse.Namespace) -> int:
     )
     private_path = out_dir / f"{kid}.private.pem"
     public_path = out_dir / f"{kid}.public.pem"
+    taken = "already exists; choose another key id"
     for path in (private_path, public_path):
-        if path.exists():
-            raise ConfigError("--kid", f"{path} already exists; choose another key id")
+        if os.path.lexists(path):  # (a dangling symlink too)
+            raise ConfigError("--kid", f"{path} {taken}")
     try:
-        write_private_file(private_path, tokens.private_key_pem(key), 0o600)
-        write_private_file(public_path, tokens.public_key_pem(key.public_key()), 0o644)
+        # Both files or neither, and nothing replaced: a failed run (a full disk, a key file
+        # made meanwhile by another run) leaves no half key pair and clobbers no key.
+        write_new_files(
+            [
+                (private_path, tokens.private_key_pem(key), 0o600),
+                (public_path, tokens.public_key_pem(key.public_key()), 0o644),
+            ]
+        )
+    except FileExistsError as exc:
+        if exc.filename not in (str(private_path), str(public_path)):
+            raise ConfigError("--out-dir", f"cannot write {exc.filename}: {exc.strerror}") from None
+        raise ConfigError("--kid", f"{exc.filename} {taken}") from None
     except OSError as exc:  # not a directory, read-only, full: as `ca create` says it
         raise ConfigError("--out-dir", f"cannot write {exc.filename}: {exc.strerror}") from None
     print(kid)
