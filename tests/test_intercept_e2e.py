@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
+import aiohttp
 import certifi
 import pytest
 from aiohttp import web
@@ -127,7 +128,7 @@ async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
         upstream_ca=tmp_path / "origin-ca.pem",
     )
     egress = EgressServer(
-        EgressConfig(ca_cert_pem=egress_ca.cert_pem()),
+        EgressConfig(ca_cert_pem=egress_ca.cert_pem(), metrics_port=0),
         StaticTokens({TOKEN: Session(SESSION)}),
         PolicyStore(policy),
         resolver=resolver,
@@ -275,6 +276,15 @@ async def test_interception_redials_only_the_checked_addresses(chain: Chain) -> 
     assert chain.resolver.lookups == lookups
 
 
+async def readyz(port: int) -> tuple[int, object, str]:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{port}/readyz") as resp,
+    ):
+        text = await resp.text()
+        return resp.status, json.loads(text), text
+
+
 async def test_missing_secret_fails_closed(chain: Chain) -> None:
     result = await run(
         "curl",
@@ -287,21 +297,47 @@ async def test_missing_secret_fails_closed(chain: Chain) -> None:
     # -D shows the proxy's "200 Connection established", then the intercepted answer.
     assert b"\r\nHTTP/1.1 502 " in result.stdout, result.stdout
     assert chain.seen == []  # never sent without its credential
-    import aiohttp
-
-    async with (
-        aiohttp.ClientSession() as client,
-        client.get(f"http://127.0.0.1:{chain.egress.port}/readyz") as resp,
-    ):
-        assert resp.status == 503
-        assert "missing-secrets:absent" in (await resp.json())["reasons"]
+    status, body, _ = await readyz(chain.egress.port)
+    assert (status, body) == (503, {"status": "not-ready", "reasons": ["missing-secrets"]})
     (chain.secrets_dir / "absent").write_text("now-here")
     chain.egress.reload()
-    async with (
-        aiohttp.ClientSession() as client,
-        client.get(f"http://127.0.0.1:{chain.egress.port}/readyz") as resp,
-    ):
-        assert resp.status == 200
+    assert (await readyz(chain.egress.port))[0] == 200
+
+
+async def test_readiness_names_missing_secrets_only_to_the_operator(
+    chain: Chain, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The main listener's /readyz, which sandboxes and any peer reach without a token, answered
+    `missing-secrets:absent`: the names of the credentials the policy injects. It gives the
+    category alone; the metrics listener (the operator's) and the log name them, the log once
+    per change of the reasons, not per request."""
+    caplog.set_level(logging.INFO, "upstreamproxy.egress")
+    for _ in range(3):
+        status, body, text = await readyz(chain.egress.port)
+        assert (status, body) == (503, {"status": "not-ready", "reasons": ["missing-secrets"]})
+        assert "absent" not in text
+    for _ in range(2):
+        status, body, _ = await readyz(chain.egress.metrics_port)
+        assert (status, body) == (
+            503,
+            {"status": "not-ready", "reasons": ["missing-secrets:absent"]},
+        )
+
+    def lines() -> list[str]:
+        records = caplog.get_records("setup") + caplog.get_records("call")
+        return [r.getMessage() for r in records if r.name == "upstreamproxy.egress"]
+
+    not_ready = [line for line in lines() if "not ready" in line]
+    assert not_ready == ["not ready: missing-secrets:absent"]  # at start, then no more
+    (chain.secrets_dir / "absent").write_text("now-here")
+    chain.egress.reload()
+    for port in (chain.egress.port, chain.egress.metrics_port, chain.egress.port):
+        assert await readyz(port) == (200, {"status": "ready"}, '{"status": "ready"}')
+    assert [line for line in lines() if "not ready" in line or "ready:" in line] == [
+        "not ready: missing-secrets:absent",
+        "ready: every readiness check passes",
+    ]
+    assert "now-here" not in caplog.text and SECRET_VALUE not in caplog.text
 
 
 async def test_hosts_without_interception_stay_opaque(chain: Chain) -> None:

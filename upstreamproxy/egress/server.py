@@ -1,11 +1,16 @@
 """The egress HTTP server (aiohttp): the tunnel WebSocket, the CA endpoint, health, metrics.
 
 Listeners: the main one (tunnels, ``ca-cert``, ``/healthz``, ``/readyz``) and, when
-configured, a separate metrics listener (``/metrics``) so scraping never shares a port with
-sandboxes. ``stop(grace, delay)`` drains: readiness turns 503 at once, new tunnels are still
-accepted for ``delay`` seconds (time for a load balancer's health checks to take the replica out,
-so nothing routed to it in the meantime is refused), then refused with ``503 draining``; open
-tunnels get ``grace`` seconds to finish, then the rest are closed with the listeners.
+configured, a separate metrics listener (``/metrics``, ``/readyz``) so scraping never shares a
+port with sandboxes. Readiness answers on the main listener, which sandboxes and any peer reach
+without a token, give each reason's category alone (``missing-secrets``); the metrics listener
+(the operator's) gives the reasons in full (``missing-secrets:NAME,...``), and so does the log,
+once each time the failing checks change.
+
+``stop(grace, delay)`` drains: readiness turns 503 at once, new tunnels are still accepted for
+``delay`` seconds (time for a load balancer's health checks to take the replica out, so nothing
+routed to it in the meantime is refused), then refused with ``503 draining``; open tunnels get
+``grace`` seconds to finish, then the rest are closed with the listeners.
 """
 
 from __future__ import annotations
@@ -82,7 +87,14 @@ CA_CERT_PATH: Final = "/v1/code/upstreamproxy/ca-cert"
 #: Many relays connecting at once overflowed aiohttp's default backlog of 128.
 LISTEN_BACKLOG: Final = 1024
 
-ReadinessCheck = Callable[[], str | None]  # returns a reason when not ready
+#: Returns a reason when not ready: ``category`` or ``category:detail``. The detail (the names
+#: of missing secrets, say) is for the operator alone: see :func:`reason_categories`.
+ReadinessCheck = Callable[[], str | None]
+
+
+def reason_categories(reasons: list[str]) -> list[str]:
+    """What the main listener's ``/readyz`` may say: each reason without its detail, once."""
+    return list(dict.fromkeys(reason.split(":", 1)[0] for reason in reasons))
 
 
 @dataclass
@@ -135,6 +147,7 @@ class EgressServer:
         # Its refusals are not counted: that metric is about the tunnel listener.
         self.metrics_preauth = PreauthGuard(config.preauth)
         self.readiness_checks: list[ReadinessCheck] = []
+        self._failing_checks: list[str] = []  # as last logged
         self.admission = Admission(
             lambda: self.policies.current,
             resolver or SystemResolver(config.timeouts.dial),
@@ -248,6 +261,7 @@ class EgressServer:
         if self.config.metrics_port is not None:
             metrics_app = web.Application()
             metrics_app.router.add_get("/metrics", self._metrics)
+            metrics_app.router.add_get("/readyz", self._readyz_in_full)
             metrics_app.on_response_prepare.append(self.metrics_preauth.on_response_prepare)
             self._metrics_runner = web.AppRunner(metrics_app, access_log=None, handle_signals=False)
             await self._metrics_runner.setup()
@@ -263,6 +277,7 @@ class EgressServer:
             host = f"[{host}]" if ":" in host else host
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         self._started = True
+        self.not_ready_reasons()  # logs a failing check now, not at the first probe
         if self.interception is not None:
             self.interception.start()
         if self.config.reload_interval > 0:
@@ -281,6 +296,9 @@ class EgressServer:
                 self.reload(policy=policy, keys=keys)  # (reopens a moved audit file too)
             else:
                 audit.reopen_if_moved()
+                # The secrets reload on a watch of their own: their change is logged from here
+                # if no probe asks first.
+                self.not_ready_reasons()
 
     async def stop(self, grace: float = 0.0, delay: float = 0.0) -> None:
         """Drain: readiness turns 503; for ``delay`` seconds new tunnels are still accepted
@@ -337,6 +355,7 @@ class EgressServer:
             log.error("key reload failed, keeping the previous keys: %s", key_error)
         elif keys and (source := self.authenticator.source()) is not None:
             log.info("reloaded %s", source)
+        self.not_ready_reasons()  # a new policy or secrets may have changed readiness: log it
         return ok
 
     def _check_policies(self, policies: PolicySet) -> None:
@@ -357,13 +376,22 @@ class EgressServer:
         return web.json_response({"status": "ok", "active_tunnels": len(self.active)})
 
     def not_ready_reasons(self) -> list[str]:
+        """Every reason in full (for the operator), and a log line when the failing checks'
+        reasons differ from the last ones logged: once per change, however often probes ask.
+        (``starting`` and ``draining`` are the server's own states, logged as they happen.)"""
         reasons = []
         if not self._started:
             reasons.append("starting")
         if self._draining:
             reasons.append("draining")
-        reasons.extend(r for r in (check() for check in self.readiness_checks) if r)
-        return reasons
+        failing = [r for r in (check() for check in self.readiness_checks) if r]
+        if failing != self._failing_checks:
+            self._failing_checks = failing
+            if failing:
+                log.warning("not ready: %s", "; ".join(failing))
+            else:
+                log.info("ready: every readiness check passes")
+        return reasons + failing
 
     def _secrets_ready(self) -> str | None:
         assert self.interception is not None
@@ -371,10 +399,12 @@ class EgressServer:
         return f"missing-secrets:{','.join(sorted(missing))}" if missing else None
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        reasons = self.not_ready_reasons()
-        if reasons:
-            return web.json_response({"status": "not-ready", "reasons": reasons}, status=503)
-        return web.json_response({"status": "ready"})
+        """The main listener's: any peer asks it without a token, so categories only."""
+        return _readiness_answer(reason_categories(self.not_ready_reasons()))
+
+    async def _readyz_in_full(self, request: web.Request) -> web.Response:
+        """The metrics listener's (the operator's): the reasons in full."""
+        return _readiness_answer(self.not_ready_reasons())
 
     async def _metrics(self, request: web.Request) -> web.Response:
         response = web.Response(body=self.metrics.render())
@@ -518,6 +548,12 @@ class EgressServer:
                 "close_cause": record.close_cause,
             }
         )
+
+
+def _readiness_answer(reasons: list[str]) -> web.Response:
+    if reasons:
+        return web.json_response({"status": "not-ready", "reasons": reasons}, status=503)
+    return web.json_response({"status": "ready"})
 
 
 def _listen_addresses(host: str) -> list[IPAddress]:
