@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from full_disk import needs_unshare, run_on_full_disk
 
 from upstreamproxy.certs import issue_leaf, load_ca
 from upstreamproxy.cli import main
@@ -75,3 +78,30 @@ def test_show_refuses_non_ca_and_missing_files(
     assert main(["ca", "show", "--cert", str(tmp_path / "leaf.pem")]) == 2
     assert "not a CA" in capsys.readouterr().err
     assert main(["ca", "show", "--cert", str(tmp_path / "nope.pem")]) == 2
+
+
+@needs_unshare
+@pytest.mark.parametrize("force", [False, True])
+def test_create_on_a_full_disk_changes_nothing(tmp_path: Path, force: bool) -> None:
+    """The key was written, then the certificate's write failed (a full disk): a key without
+    its certificate, or with --force a new key beside the old CA's certificate, which no
+    egress can load. Now both files are written in full before either is put in place."""
+    out, old = tmp_path / "ca", tmp_path / "old"
+    out.mkdir()
+    before: dict[str, str] = {}
+    if force:
+        assert main(["ca", "create", "--out-dir", str(old)]) == 0
+        before = {p.name: p.read_bytes().decode() for p in old.iterdir()}
+    argv = [sys.executable, "-m", "upstreamproxy", "ca", "create", "--out-dir", str(out)]
+    if force:  # the old pair fills the disk's two pages
+        code, files, err = run_on_full_disk(out, [*argv, "--force"], pages=2, prepare=old)
+    else:  # room for the key, not for the certificate
+        code, files, err = run_on_full_disk(out, argv, pages=1)
+    assert code == 2, err
+    assert sorted(files) == sorted(before)  # no temporary file left, nothing added
+    if force:  # the old pair is intact: its checksums are those of the files copied in
+        for name, text in before.items():
+            check = subprocess.run(["cksum"], input=text, capture_output=True, text=True)
+            assert files[name] == check.stdout.strip()
+    assert err.startswith("upstreamproxy: invalid configuration: --out-dir: cannot write")
+    assert "No space left on device" in err and "Traceback" not in err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from full_disk import needs_unshare, run_on_full_disk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -862,55 +862,20 @@ def test_keygen_into_a_file_is_a_one_line_usage_error(tmp_path: Path) -> None:
     assert done.stderr.startswith("upstreamproxy: invalid configuration: --out-dir: cannot write")
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="needs root and unshare to mount a one-page tmpfs in a mount namespace of its own",
-)
+@needs_unshare
 def test_keygen_on_a_full_disk_leaves_no_half_key_pair(tmp_path: Path) -> None:
     """The private key was written, then writing the public key failed (here: the disk is full)
     and the private key stayed behind, half a key pair, with `cannot write None`."""
     keys = tmp_path / "keys"
     keys.mkdir()
-    # One page: room for one key file, not two. The tmpfs lives only in the namespace, so the
-    # directory is listed there.
-    script = (
-        'mount -t tmpfs -o "size=$1,mode=0755" none "$2" || exit 99; shift; dir=$1; shift; '
-        '"$@"; echo "exit $?"; ls -A "$dir"'
-    )
-    done = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            str(os.sysconf("SC_PAGE_SIZE")),
-            str(keys),
-            sys.executable,
-            "-m",
-            "upstreamproxy",
-            "token",
-            "keygen",
-            "--out-dir",
-            str(keys),
-            "--kid",
-            "k",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    out = done.stdout.splitlines()
-    assert out and out[0] == "exit 2", (done.stdout, done.stderr)
-    assert out[1:] == []  # neither key file, nor a temporary one
-    assert "Traceback" not in done.stderr
-    assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("upstreamproxy: invalid configuration: --out-dir: cannot write")
-    assert "No space left on device" in done.stderr
-    assert "None" not in done.stderr
+    # One page: room for one key file, not two.
+    argv = [sys.executable, "-m", "upstreamproxy", "token", "keygen", "--out-dir", str(keys)]
+    code, files, err = run_on_full_disk(keys, [*argv, "--kid", "k"])
+    assert code == 2, err
+    assert files == {}  # neither key file, nor a temporary one
+    assert err.count("\n") == 1, err
+    assert err.startswith("upstreamproxy: invalid configuration: --out-dir: cannot write")
+    assert "No space left on device" in err and "None" not in err
 
 
 @pytest.mark.parametrize("kind", ["dangling-symlink", "directory"])

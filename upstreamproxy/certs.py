@@ -180,8 +180,12 @@ def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
-def write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+def write_new_files(files: Sequence[tuple[Path, bytes, int]], *, replace: bool = False) -> None:
     """Create every ``(path, data, mode)`` in ``files``, or none of them, never replacing anything.
+
+    With ``replace`` what is at the paths is replaced instead (renamed over, so no rollback):
+    still every file is written in full before the first is put in place, so a full disk or a
+    failed write changes nothing.
 
     Each is written in full to a temporary file in its directory first; only then are they
     linked into place, one by one, each link failing (``FileExistsError``) if anything is at its
@@ -210,7 +214,10 @@ def write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
         for path, tmp in temps:
             try:
-                os.link(tmp, path, follow_symlinks=False)
+                if replace:
+                    os.replace(tmp, path)
+                else:
+                    os.link(tmp, path, follow_symlinks=False)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
             linked.append((path, tmp))
@@ -225,9 +232,13 @@ def write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_ca(ca: CertificateAuthority, cert_path: Path, key_path: Path) -> None:
-    write_private_file(key_path, ca.key_pem(), 0o600)
-    write_private_file(cert_path, ca.cert_pem(), 0o644)
+def write_ca(
+    ca: CertificateAuthority, cert_path: Path, key_path: Path, *, replace: bool = False
+) -> None:
+    """Both files or neither: a key without its certificate (or the old certificate beside a
+    new key) would be a CA no egress can load."""
+    files = [(key_path, ca.key_pem(), 0o600), (cert_path, ca.cert_pem(), 0o644)]
+    write_new_files(files, replace=replace)
 
 
 def load_ca(cert_path: Path, key_path: Path) -> CertificateAuthority:

@@ -116,7 +116,7 @@ def _create(args: argparse.Namespace) -> int:
         )
     ca = create_ca(common_name, args.days)
     try:
-        write_ca(ca, cert_path, key_path)
+        write_ca(ca, cert_path, key_path, replace=args.force)
     except OSError as exc:
         raise ConfigError("--out-dir", f"cannot write {exc.filename}: {exc.strerror}") from None
     print(describe(ca.cert))
