@@ -207,5 +207,5 @@ def test_bad_egress_proxy_is_a_start_failure(
         env=clean_env(tmp_path),
     )
     assert done.returncode == 1
-    assert "egress_proxy" in done.stderr and message in done.stderr, done.stderr
+    assert "--egress-proxy: " in done.stderr and message in done.stderr, done.stderr
     assert token.exists()  # kept for a retry

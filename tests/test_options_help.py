@@ -118,6 +118,7 @@ def test_commands_refuse_bad_ports_as_usage_errors(args: list[str]) -> None:
     [
         (["relay", "--pool-size", "100"], "--pool-size: must be 0..64"),
         (["relay", "--ping-timeout", "-1"], "--ping-timeout: must be a positive"),
+        (["relay", "--keepalive", "0"], "--keepalive: must be a positive"),  # keepalive_interval
         (["egress", "--dial-timeout", "0"], "--dial-timeout: must be positive"),
     ],
 )

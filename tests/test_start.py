@@ -238,9 +238,9 @@ def test_failed_start_keeps_the_token(
     if not fail_closed:
         assert "the session continues without it" in lines[0]
     expected = {
-        "ca-url-unreachable": "ca_url",
+        "ca-url-unreachable": "--ca-url: ",  # the flag, not the setting (ca_url)
         "port-in-use": "cannot listen",
-        "ca-file-not-a-ca": "ca_file",
+        "ca-file-not-a-ca": "--ca-file: ",
     }[failure]
     assert expected in lines[0]
     for name in ENV_FILES:

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is not None:
             sys.stdout.flush()  # a write error shows here, not as a traceback at exit
     except ConfigError as exc:
-        print(f"upstreamproxy: invalid configuration: {_as_flag(exc, args)}", file=sys.stderr)
+        print(f"upstreamproxy: invalid configuration: {as_flag(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -132,11 +132,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
-def _as_flag(exc: ConfigError, args: argparse.Namespace) -> str:
-    """The error, naming the command's flag (``--pool-size``) where its setting has one,
-    rather than the setting's name in the code (``pool_size``)."""
-    if exc.field.isidentifier() and hasattr(args, exc.field):
-        return f"--{exc.field.replace('_', '-')}: {exc.problem}"
+#: Settings whose flag is named otherwise (``RelayConfig.keepalive_interval``: ``--keepalive``).
+_FLAG_OF_SETTING: Final = {"keepalive_interval": "keepalive", "listen_port": "port"}
+
+
+def as_flag(exc: ConfigError, args: argparse.Namespace) -> str:
+    """The error, naming what the user set rather than the setting's name in the code
+    (``pool_size``): the command's flag (``--pool-size``) where it has one, else the
+    ``UPSTREAMPROXY_*`` variable that alone sets it (``start``'s relay tuning)."""
+    dest = _FLAG_OF_SETTING.get(exc.field, exc.field)
+    if dest.isidentifier() and hasattr(args, dest):
+        return f"--{dest.replace('_', '-')}: {exc.problem}"
+    from .relay import TUNING_ENV  # (here: the relay's modules are not every command's)
+
+    for name, (setting, _) in TUNING_ENV.items():
+        if setting == exc.field:
+            return f"UPSTREAMPROXY_{name}: {exc.problem}"
     return str(exc)
 
 

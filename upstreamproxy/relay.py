@@ -156,7 +156,8 @@ def tuning_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             fields[field_name] = convert(raw)
         except ValueError:
-            raise ConfigError(field_name, f"UPSTREAMPROXY_{name}={raw!r} is not a number") from None
+            # (``start`` names the variable: see cli.as_flag)
+            raise ConfigError(field_name, f"{raw!r} is not a number") from None
     if env_flag("NO_REUSE", environ):
         fields["reuse"] = False
     return fields

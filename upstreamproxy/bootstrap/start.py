@@ -118,6 +118,9 @@ class StartOptions:
     lock: bool = False
     lock_allow_to: tuple[str, ...] = ()
     lock_allow_dns: bool = False
+    #: How a ConfigError reads in the failure line: the CLI names the flag or variable the
+    #: user set (``cli.as_flag``); the default names the setting (``pool_size: ...``).
+    describe_error: Callable[[ConfigError], str] = field(default=str, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def run_session(options: StartOptions, notify: Notify | None = None) -> int:
         shared = shared_session(options.state_dir)
         if shared is not None:  # e.g. a user's own hook in a container root started
             return _report_shared(shared, notify)
-        return _give_up(options, str(exc), notify)
+        return _give_up(options, _reason(options, exc), notify)
     if lock is None:
         waited = _report_other(options, paths, notify)
         if not isinstance(waited, _Lock):
@@ -319,7 +322,7 @@ def _run_locked(
         refuse_if_traced()
         token_file = read_token(options.token_file)
     except (ConfigError, HardeningError) as exc:
-        return _give_up(options, str(exc), notify)
+        return _give_up(options, _reason(options, exc), notify)
     for warning in token_file.warnings:
         log.warning("%s", warning)
     if token_file.token is None:
@@ -352,7 +355,7 @@ def _run_locked(
     except _Failure as exc:
         return _give_up(options, exc.reason, notify)
     except UpstreamProxyError as exc:  # ConfigError and friends from any step
-        return _give_up(options, str(exc), notify)
+        return _give_up(options, _reason(options, exc), notify)
     except Exception as exc:  # a bug must not break the session either (fail-open)
         log.debug("unexpected error in start", exc_info=True)
         return _give_up(options, f"unexpected {type(exc).__name__}: {exc}", notify)
@@ -649,6 +652,11 @@ def _disabled(options: StartOptions, reason: str, notify: Notify | None) -> int:
     log.warning("%s", message)
     _announce(Readiness("disabled", 0, message), notify)
     return 0
+
+
+def _reason(options: StartOptions, exc: Exception) -> str:
+    """Why a step failed, a configuration error naming what the user set."""
+    return options.describe_error(exc) if isinstance(exc, ConfigError) else str(exc)
 
 
 def _give_up(options: StartOptions, reason: str, notify: Notify | None) -> int:

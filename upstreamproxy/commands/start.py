@@ -36,6 +36,7 @@ from typing import NoReturn
 
 from ..bootstrap.start import Readiness, StartOptions, run_session
 from ..bootstrap.state import default_state_dir, prepare_state_dir
+from ..cli import as_flag
 from ..errors import ConfigError
 from ..fdlimit import raise_nofile_limit
 from ..options import add_list_option, add_option, add_state_dir_option, env_flag, port
@@ -188,6 +189,7 @@ def options_from_args(args: argparse.Namespace) -> StartOptions:
         lock_allow_dns=args.lock_allow_dns,
         egress_proxy=args.egress_proxy,
         plain_http=args.plain_http,
+        describe_error=lambda exc: as_flag(exc, args),
     )
 
 
