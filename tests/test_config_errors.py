@@ -1,6 +1,6 @@
-"""A bad setting given to ``start`` is refused in one line naming what the user set: the
-flag (``--ca-url``), or the ``UPSTREAMPROXY_*`` variable where no flag sets it (``start``'s
-relay tuning), never the setting's name in the code.
+"""A bad setting given to ``relay`` or ``start`` is refused at start-up, in one line naming
+what the user set: the flag (``--egress-ca-file``), or the ``UPSTREAMPROXY_*`` variable where
+no flag sets it (``start``'s relay tuning), never the setting's name in the code.
 
 Every test runs the real CLI as a subprocess, with a clean environment.
 """
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testpki import make_ca
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -119,6 +120,106 @@ def start_args(folder: Path, *extra: str, egress_url: str | None = None) -> list
 
 def problem_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " WARNING " in line or " ERROR " in line]
+
+
+# -- --egress-ca-file --------------------------------------------------------------------------
+
+
+def bad_ca_file(kind: str, folder: Path) -> Path:
+    """A value of --egress-ca-file that no TLS context can load."""
+    if kind == "missing":
+        return folder / "no-such-ca.pem"  # a typo
+    if kind == "directory":
+        return folder
+    path = folder / "ca.pem"
+    if kind == "not-pem":
+        path.write_text("this is not a certificate\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads any file")
+        path.write_bytes(make_ca().cert_pem())
+        path.chmod(0)
+    return path
+
+
+BAD_CA_FILES = ["missing", "directory", "not-pem", "empty", "unreadable"]
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", BAD_CA_FILES)
+def test_relay_refuses_an_unusable_egress_ca_file(tmp_path: Path, kind: str, scheme: str) -> None:
+    """With ws:// the file was silently ignored (the relay served); with wss:// the relay
+    failed with a bare ``upstreamproxy: No such file or directory``, naming nothing."""
+    ca_file = bad_ca_file(kind, tmp_path)
+    egress = f"{scheme}://127.0.0.1:{closed_port()}/ws"
+    done = run_cli(
+        relay_args(tmp_path, egress, "--egress-ca-file", str(ca_file)), clean_env(tmp_path)
+    )
+    assert done.returncode == 2, done.stderr
+    assert "listening" not in done.stdout
+    said = f"upstreamproxy: invalid configuration: --egress-ca-file: {ca_file}"
+    assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+@pytest.mark.parametrize("kind", BAD_CA_FILES)
+def test_start_refuses_an_unusable_egress_ca_file(tmp_path: Path, kind: str, scheme: str) -> None:
+    """Before anything else can fail (the CA fetch, the relay), in the one failure line."""
+    ca_file = bad_ca_file(kind, tmp_path)
+    egress = f"{scheme}://127.0.0.1:{closed_port()}/v1/code/upstreamproxy/ws"
+    args = start_args(tmp_path, "--egress-ca-file", str(ca_file), egress_url=egress)
+    done = run_cli(args, clean_env(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    lines = problem_lines(done.stderr)
+    assert len(lines) == 1, done.stderr
+    assert f"start failed (--fail-closed): --egress-ca-file: {ca_file}" in lines[0]
+    assert "egress_ca_file" not in done.stderr
+    assert (tmp_path / "token").exists()  # kept for a retry
+
+
+def test_start_refuses_an_unusable_egress_ca_file_from_the_environment(tmp_path: Path) -> None:
+    """The same from UPSTREAMPROXY_EGRESS_CA_FILE, and under the default fail-open policy."""
+    missing = tmp_path / "missing.pem"
+    args = [a for a in start_args(tmp_path) if a != "--fail-closed"]
+    done = run_cli(args, clean_env(tmp_path, UPSTREAMPROXY_EGRESS_CA_FILE=str(missing)))
+    assert done.returncode == 0, done.stderr
+    lines = problem_lines(done.stderr)
+    assert len(lines) == 1, done.stderr
+    assert "proxy disabled, the session continues without it: --egress-ca-file:" in lines[0]
+    assert str(missing) in lines[0]
+
+
+def test_relay_warns_that_a_usable_egress_ca_file_is_unused_with_ws(tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(make_ca().cert_pem())
+    egress = f"ws://127.0.0.1:{closed_port()}/ws"
+    stdout, stderr = serve_then_stop(
+        relay_args(tmp_path, egress, "--egress-ca-file", str(ca_file)), clean_env(tmp_path)
+    )
+    assert stdout.startswith("relay listening on http://127.0.0.1:"), stderr
+    unused = [line for line in problem_lines(stderr) if "--egress-ca-file" in line]
+    assert len(unused) == 1, stderr
+    assert f"{ca_file} is not used" in unused[0] and "ws://" in unused[0]
+
+
+def test_start_warns_that_a_usable_egress_ca_file_is_unused_with_ws(tmp_path: Path) -> None:
+    """Neither the relay (ws://) nor the CA fetch (--ca-file, no https URL) would use it."""
+    ca_file = tmp_path / "egress-ca.pem"
+    ca_file.write_bytes(make_ca().cert_pem())
+    own_ca = tmp_path / "own-ca.pem"
+    own_ca.write_bytes(make_ca("egress CA").cert_pem())
+    # As root, the relay runs as its own user, who cannot read tmp_path: start does not
+    # hand it a file it would not use.
+    args = start_args(tmp_path, "--egress-ca-file", str(ca_file), "--ca-file", str(own_ca))
+    stdout, stderr = serve_then_stop(args, clean_env(tmp_path, UPSTREAMPROXY_POOL_SIZE="0"))
+    assert stdout.startswith("upstreamproxy ready: "), stderr
+    unused = [line for line in problem_lines(stderr) if "--egress-ca-file" in line]
+    assert len(unused) == 1, stderr
+    assert f"{ca_file} is not used" in unused[0] and "ws://" in unused[0]
 
 
 # -- start names the flag or variable ----------------------------------------------------------

@@ -18,8 +18,10 @@ import contextlib
 import ipaddress
 import logging
 import math
+import os
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,7 +71,8 @@ class RelayConfig:
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
     allow_non_loopback: bool = False
-    #: CA file to verify a ``wss://`` egress (None: system trust store).
+    #: CA file to verify a ``wss://`` egress (None: system trust store); it must load even
+    #: with ``ws://``, where it is unused (see :func:`egress_tls_context`).
     egress_ca_file: str | None = None
     #: Outbound proxy the relay itself uses to reach the egress (``http://`` or ``socks5://``).
     egress_proxy: str | None = None
@@ -96,6 +99,9 @@ class RelayConfig:
             raise ConfigError("session_id", "must not be empty")
         if not self.token:
             raise ConfigError("token", "must not be empty")
+        if self.egress_ca_file:
+            # With ws:// too: a typo must not pass unnoticed until the URL becomes wss://.
+            egress_tls_context(self.egress_ca_file)
         if not self.allow_non_loopback and not is_loopback_host(self.listen_host):
             raise ConfigError(
                 "listen_host",
@@ -163,6 +169,28 @@ def tuning_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return fields
 
 
+def egress_tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The TLS context that verifies the egress: ``ca_file`` alone when given (PEM), else the
+    system trust store.
+
+    A CA file that cannot be used (missing, not a regular file, unreadable, no PEM certificate
+    in it) is a ConfigError naming ``egress_ca_file``: at start-up, before anything listens,
+    rather than on every CONNECT.
+    """
+    if not ca_file:
+        return ssl.create_default_context()
+    try:
+        # Before opening it: a FIFO or a device would block, or stream, forever.
+        if not stat.S_ISREG(os.stat(ca_file).st_mode):
+            raise ConfigError("egress_ca_file", f"{ca_file}: not a regular file")
+        return ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError:  # (an OSError too: first)
+        raise ConfigError("egress_ca_file", f"{ca_file}: no PEM certificate in it") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError("egress_ca_file", f"{ca_file}: {reason}") from None
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -193,7 +221,7 @@ class Relay:
         self._plain = TaskSet()  # plain-HTTP requests handed off to the forwarder
         self._ssl: ssl.SSLContext | None = None
         if config.egress_url.startswith("wss://"):
-            self._ssl = ssl.create_default_context(cafile=config.egress_ca_file)
+            self._ssl = egress_tls_context(config.egress_ca_file)
         self._timeouts = config.timeouts()
         self._link = LinkConfig(
             config.egress_url,

@@ -50,17 +50,16 @@ import importlib.util
 import logging
 import os
 import signal
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final, Literal
 
 from ..cli import discard_stdout
 from ..errors import ConfigError, UpstreamProxyError
-from ..relay import Relay, RelayConfig, tuning_from_env
+from ..relay import Relay, RelayConfig, egress_tls_context, tuning_from_env
 from ..secret import Secret
 from .ca_bundle import prepare_ca_bundle, redact_url
 from .hardening import HardeningError, make_non_dumpable, ptrace_scope, refuse_if_traced
@@ -376,7 +375,16 @@ def _relay_config(options: StartOptions, token: Secret) -> RelayConfig:
         egress_proxy=_check_egress_proxy(options.egress_proxy),
         **tuning_from_env(os.environ),
     )
-    config.validate()
+    config.validate()  # a CA file that cannot be used is an error, used or not
+    if config.egress_ca_file and not config.egress_url.startswith("wss://"):
+        if not (options.ca_url or "").startswith("https://"):
+            log.warning(
+                "--egress-ca-file %s is not used: the egress URL is ws://, without TLS, and "
+                "the CA is not fetched over https://",
+                config.egress_ca_file,
+            )
+        # Nor by the relay, whose user (as root) may not even be able to read it.
+        config = replace(config, egress_ca_file=None)
     return config
 
 
@@ -459,12 +467,7 @@ def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tup
         ca_url = derive_ca_url(options.egress_url)
     context = None
     if ca_url is not None and ca_url.startswith("https://") and options.egress_ca_file:
-        try:
-            context = ssl.create_default_context(cafile=options.egress_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                "egress_ca_file", f"cannot load {options.egress_ca_file}: {exc}"
-            ) from None
+        context = egress_tls_context(options.egress_ca_file)  # ConfigError if unusable
     report = prepare_ca_bundle(
         paths.bundle,
         ca_url=ca_url,
@@ -503,13 +506,10 @@ async def _serve(
         loop.add_signal_handler(signum, _stop, signum)
 
     relay: Relay | SeparateRelay
-    try:
-        if user is None:
-            relay = Relay(config)
-        else:
-            relay = SeparateRelay(config, user, log_level=logging.getLogger().getEffectiveLevel())
-    except (OSError, ssl.SSLError) as exc:  # the wss context loads --egress-ca-file
-        raise _Failure(f"egress_ca_file: cannot load {config.egress_ca_file}: {exc}") from None
+    if user is None:
+        relay = Relay(config)  # (ConfigError if the CA file went since _relay_config)
+    else:
+        relay = SeparateRelay(config, user, log_level=logging.getLogger().getEffectiveLevel())
     try:
         await relay.start()
     except OSError as exc:

@@ -70,7 +70,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser,
         "--egress-ca-file",
         "EGRESS_CA_FILE",
-        "CA file to verify a wss:// egress (default: system trust store)",
+        "PEM CA file to verify a wss:// egress (default: system trust store); it must load "
+        "even with a ws:// egress, which does not use it",
     )
     add_option(
         parser,
@@ -201,7 +202,12 @@ def _delete(path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _harden(args.fail_closed)
-    relay = Relay(config_from_args(args, _read_token(args.token_file)))
+    relay = Relay(config_from_args(args, _read_token(args.token_file)))  # checks the CA file
+    if args.egress_ca_file and not args.egress_url.startswith("wss://"):
+        log.warning(
+            "--egress-ca-file %s is not used: the egress URL is ws://, without TLS",
+            args.egress_ca_file,
+        )
     raise_nofile_limit("relay")
     pipe.set_enabled(not args.no_splice)
 

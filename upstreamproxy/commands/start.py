@@ -104,7 +104,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser,
         "--egress-ca-file",
         "EGRESS_CA_FILE",
-        "CA file to verify a wss:// egress and its https CA URL (default: system trust store)",
+        "PEM CA file to verify a wss:// egress and its https CA URL (default: system trust "
+        "store); it must load even where neither uses it",
     )
     add_option(
         parser,
