@@ -222,6 +222,27 @@ def test_start_warns_that_a_usable_egress_ca_file_is_unused_with_ws(tmp_path: Pa
     assert f"{ca_file} is not used" in unused[0] and "ws://" in unused[0]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the relay gets its own user only as root")
+def test_start_names_a_ca_file_the_relay_user_cannot_read(tmp_path: Path) -> None:
+    """root reads it, so start accepts it; the relay, as its own user, could not: that was
+    ``the relay process failed: unexpected PermissionError: ...``, naming no setting."""
+    ca_file = tmp_path / "egress-ca.pem"
+    ca_file.write_bytes(make_ca().cert_pem())
+    ca_file.chmod(0o600)
+    own_ca = tmp_path / "own-ca.pem"
+    own_ca.write_bytes(make_ca("egress CA").cert_pem())
+    egress = f"wss://127.0.0.1:{closed_port()}/v1/code/upstreamproxy/ws"
+    args = start_args(
+        tmp_path, "--egress-ca-file", str(ca_file), "--ca-file", str(own_ca), egress_url=egress
+    )
+    done = run_cli(args, clean_env(tmp_path))
+    assert done.returncode == 1, done.stderr
+    lines = problem_lines(done.stderr)
+    assert len(lines) == 1, done.stderr
+    said = f"start failed (--fail-closed): --egress-ca-file: {ca_file}: Permission denied, for "
+    assert said + "the relay user " in lines[0], lines[0]
+
+
 # -- start names the flag or variable ----------------------------------------------------------
 
 

@@ -273,6 +273,11 @@ class SeparateRelay:
         answer = _parse_answer(line)
         if answer.get("status") != "ready" or not isinstance(answer.get("proxy_url"), str):
             await self._kill()
+            field, problem = answer.get("field"), answer.get("problem")
+            if isinstance(field, str) and isinstance(problem, str):
+                # A setting start accepted that the relay user cannot use (a CA file only
+                # root can read): a configuration error, named as the user set it.
+                raise ConfigError(field, f"{problem}, for the relay user {self._who()}")
             reason = answer.get("reason") or f"exit status {proc.returncode}"
             raise RelayChildFailed(f"the relay process failed: {reason}")
         self._proxy_url = answer["proxy_url"]
@@ -285,8 +290,11 @@ class SeparateRelay:
             proc.pid,
         )
 
+    def _who(self) -> str:
+        return f"{self.user.name} (uid {self.user.uid}, gid {self.user.gid})"
+
     def _spawn_failure(self, exc: OSError) -> str:
-        who = f"{self.user.name} (uid {self.user.uid}, gid {self.user.gid})"
+        who = self._who()
         if exc.filename == sys.executable and isinstance(exc, PermissionError):  # execve refused
             return (
                 f"the relay user {who} cannot run {sys.executable}: {exc.strerror}; install "

@@ -9,7 +9,9 @@ supervisor. In this order, before anything else that could fail or take time:
 2. refuse to go on if a tracer is attached (``TracerPid``) or the supervisor is gone;
 3. read one JSON line from stdin: the relay configuration, the token, the log level;
 4. start the relay and answer ``{"status": "ready", "proxy_url": ...}`` on stdout (or
-   ``{"status": "failed", "reason": ...}`` and exit 1); serve until SIGTERM/SIGINT.
+   ``{"status": "failed", "reason": ...}`` and exit 1, with the ``field`` and ``problem`` of a
+   setting the relay user cannot use, e.g. a CA file it cannot read); serve until
+   SIGTERM/SIGINT.
 
 Nothing here writes the token anywhere; it lives only in the Relay's :class:`Secret`.
 """
@@ -32,8 +34,8 @@ def _answer(document: dict[str, object]) -> None:
     os.write(1, json.dumps(document).encode() + b"\n")
 
 
-def _fail(reason: str) -> int:
-    _answer({"status": "failed", "reason": reason})
+def _fail(reason: str, **setting: str) -> int:
+    _answer({"status": "failed", "reason": reason, **setting})
     return 1
 
 
@@ -80,6 +82,7 @@ def main() -> int:
     import asyncio
     import logging
 
+    from ..errors import ConfigError
     from ..relay import Relay, RelayConfig
     from ..secret import Secret
 
@@ -93,6 +96,8 @@ def main() -> int:
     try:
         config = RelayConfig(token=Secret(token), **fields)
         config.validate()
+    except ConfigError as exc:  # valid to start (it checked), not to us: an unreadable file
+        return _fail(f"invalid relay configuration: {exc}", field=exc.field, problem=exc.problem)
     except Exception as exc:  # the supervisor gets the reason, never the token
         return _fail(f"invalid relay configuration: {type(exc).__name__}: {exc}")
     del token
