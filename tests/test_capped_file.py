@@ -1,0 +1,315 @@
+"""read_capped: regular files whole up to a cap; pipes and devices only when asked, bounded."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from upstreamproxy.capped_file import (
+    CappedRead,
+    NotRegularFile,
+    ReadError,
+    TimedOut,
+    TooLarge,
+    read_capped,
+)
+
+LIMIT = 1000
+T = TypeVar("T")
+
+
+def promptly(call: Callable[[], T], within: float = 10) -> T:
+    """``call()`` in a thread, failing the test (not hanging it) if it blocks."""
+    outcome: list[T | BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(within)
+    assert not worker.is_alive(), f"blocked for more than {within} s"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[Path, int]]:
+    """A pipe's read end as a path (what ``<(cmd)`` gives) and its write end."""
+    read_end, write_end = os.pipe()
+    try:
+        yield Path(f"/dev/fd/{read_end}"), write_end
+    finally:
+        os.close(read_end)
+        try:
+            os.close(write_end)
+        except OSError:
+            pass  # the test closed it
+
+
+# -- regular files -------------------------------------------------------------------------------
+
+
+def test_a_regular_file_is_read_whole_with_its_fstat(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"content\n")
+    path.chmod(0o640)
+    result = read_capped(path, LIMIT)
+    assert isinstance(result, CappedRead)
+    assert result.data == b"content\n"
+    assert stat.S_ISREG(result.info.st_mode) and stat.S_IMODE(result.info.st_mode) == 0o640
+    assert result.info.st_ino == path.stat().st_ino
+    path.write_bytes(b"")
+    assert read_capped(path, LIMIT).data == b""
+
+
+def test_exactly_at_the_cap_is_read_one_over_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"a" * LIMIT)
+    assert read_capped(path, LIMIT).data == b"a" * LIMIT
+    path.write_bytes(b"a" * (LIMIT + 1))
+    with pytest.raises(TooLarge, match=f"^larger than {LIMIT} bytes$") as info:
+        read_capped(path, LIMIT)
+    assert info.value.limit == LIMIT
+
+
+def test_a_file_that_reports_no_size_is_still_capped_while_read() -> None:
+    # /proc files are regular with st_size 0: only the read loop's cap stops them.
+    with pytest.raises(TooLarge):
+        read_capped("/proc/self/maps", 10)
+
+
+def test_a_missing_file_is_the_plain_oserror_of_open(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        read_capped(tmp_path / "absent", LIMIT)
+    assert not isinstance(info.value, ReadError)
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        read_capped(tmp_path / "file" / "below", LIMIT)
+
+
+def test_a_failing_read_is_a_read_error() -> None:
+    # /proc/self/mem opens, but reading at offset 0 (never mapped) fails with EIO.
+    with pytest.raises(ReadError) as info:
+        read_capped("/proc/self/mem", LIMIT)
+    assert info.value.errno == errno.EIO and info.value.strerror
+
+
+@pytest.mark.parametrize("streams", [False, True], ids=["regular", "streams"])
+def test_a_directory_is_refused(tmp_path: Path, streams: bool) -> None:
+    with pytest.raises(NotRegularFile, match="^not a regular file"):
+        read_capped(tmp_path, LIMIT, stream_timeout=1.0 if streams else None)
+
+
+# -- FIFOs and devices, refused by default --------------------------------------------------------
+
+
+def test_a_fifo_nobody_writes_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(NotRegularFile, match="^not a regular file$"):
+        promptly(lambda: read_capped(tmp_path / "fifo", LIMIT))
+
+
+def test_dev_zero_is_refused_without_being_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Opening a device can act (a tape rewinds, a watchdog arms): stat() refuses it first.
+    opened: list[object] = []
+    real_open = os.open
+
+    def spy(path: object, *args: int) -> int:
+        opened.append(path)
+        return real_open(path, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", spy)
+    with pytest.raises(NotRegularFile):
+        read_capped("/dev/zero", LIMIT)
+    assert opened == []
+
+
+def test_a_fifo_swapped_in_after_the_stat_is_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"x")
+    real_open = os.open
+
+    def swap_then_open(target: object, *args: int) -> int:
+        path.unlink()
+        os.mkfifo(path)
+        return real_open(target, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", swap_then_open)
+    with pytest.raises(NotRegularFile):
+        promptly(lambda: read_capped(path, LIMIT))
+
+
+# -- symbolic links ------------------------------------------------------------------------------
+
+
+def test_symlinks_are_followed_by_default(tmp_path: Path) -> None:
+    (tmp_path / "target").write_bytes(b"via link")
+    (tmp_path / "link").symlink_to("target")
+    assert read_capped(tmp_path / "link", LIMIT).data == b"via link"
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "fifo-link").symlink_to("fifo")
+    with pytest.raises(NotRegularFile):
+        promptly(lambda: read_capped(tmp_path / "fifo-link", LIMIT))
+
+
+def test_follow_symlinks_false_refuses_a_final_link_only(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "target").write_bytes(b"data")
+    (tmp_path / "link").symlink_to("real/target")
+    with pytest.raises(OSError) as info:
+        read_capped(tmp_path / "link", LIMIT, follow_symlinks=False)
+    assert info.value.errno == errno.ELOOP and not isinstance(info.value, ReadError)
+    # a link among the directories is fine
+    (tmp_path / "dir-link").symlink_to("real")
+    assert read_capped(tmp_path / "dir-link" / "target", LIMIT, follow_symlinks=False).data == (
+        b"data"
+    )
+    # a dangling final link is ELOOP too (O_NOFOLLOW), not "does not exist"
+    (tmp_path / "dangling").symlink_to("nothing")
+    with pytest.raises(OSError) as info:
+        read_capped(tmp_path / "dangling", LIMIT, follow_symlinks=False)
+    assert info.value.errno == errno.ELOOP
+
+
+# -- streams: pipes, FIFOs and character devices, with a deadline ---------------------------------
+
+
+def test_a_pipe_whose_writer_already_left_is_read(pipe: tuple[Path, int]) -> None:
+    path, write_end = pipe
+    os.write(write_end, b"-----BEGIN CERTIFICATE-----\n")
+    os.close(write_end)
+    assert promptly(lambda: read_capped(path, LIMIT, stream_timeout=5)).data == (
+        b"-----BEGIN CERTIFICATE-----\n"
+    )
+
+
+def test_a_pipe_written_in_pieces_is_read_to_its_end(pipe: tuple[Path, int]) -> None:
+    path, write_end = pipe
+    data = os.urandom(150 * 1024)  # more than a pipe buffer: the writer must wait for us
+
+    def write() -> None:
+        for start in range(0, len(data), 10_000):
+            os.write(write_end, data[start : start + 10_000])
+            time.sleep(0.001)
+        os.close(write_end)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert promptly(lambda: read_capped(path, len(data), stream_timeout=10)).data == data
+    writer.join(10)
+
+
+def test_a_pipe_over_the_cap_is_refused(pipe: tuple[Path, int]) -> None:
+    path, write_end = pipe
+    os.write(write_end, b"a" * (LIMIT + 1))
+    with pytest.raises(TooLarge):
+        promptly(lambda: read_capped(path, LIMIT, stream_timeout=5))
+
+
+def test_an_empty_pipe_whose_writer_left_is_empty(pipe: tuple[Path, int]) -> None:
+    path, write_end = pipe
+    os.close(write_end)
+    started = time.monotonic()
+    assert promptly(lambda: read_capped(path, LIMIT, stream_timeout=5)).data == b""
+    assert time.monotonic() - started < 2
+
+
+def test_a_pipe_that_never_finishes_times_out(pipe: tuple[Path, int]) -> None:
+    path, write_end = pipe
+    os.write(write_end, b"partial")  # then nothing, and the writer stays
+    started = time.monotonic()
+    with pytest.raises(TimedOut, match=r"^did not finish within 0\.3 s$") as info:
+        promptly(lambda: read_capped(path, LIMIT, stream_timeout=0.3))
+    assert 0.25 < time.monotonic() - started < 3
+    assert info.value.timeout == 0.3
+
+
+def test_a_fifo_nobody_writes_times_out(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    started = time.monotonic()
+    with pytest.raises(TimedOut):
+        promptly(lambda: read_capped(tmp_path / "fifo", LIMIT, stream_timeout=0.3))
+    assert time.monotonic() - started < 3
+
+
+def test_a_fifo_whose_writer_comes_late_is_read(tmp_path: Path) -> None:
+    # A reader that saw EOF before the writer opened would get nothing: poll() waits for it.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def write_later() -> None:
+        time.sleep(0.2)
+        with fifo.open("wb") as handle:
+            handle.write(b"late but whole")
+
+    writer = threading.Thread(target=write_later, daemon=True)
+    writer.start()
+    assert promptly(lambda: read_capped(fifo, LIMIT, stream_timeout=5)).data == b"late but whole"
+    writer.join(10)
+
+
+def test_dev_zero_as_a_stream_hits_the_cap_at_once() -> None:
+    started = time.monotonic()
+    with pytest.raises(TooLarge):
+        promptly(lambda: read_capped("/dev/zero", 1024 * 1024, stream_timeout=5))
+    assert time.monotonic() - started < 2
+
+
+def test_dev_null_as_a_stream_is_empty() -> None:
+    assert read_capped("/dev/null", LIMIT, stream_timeout=5).data == b""
+
+
+def test_a_regular_file_ignores_the_stream_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 10)
+    assert read_capped(path, LIMIT, stream_timeout=0.0).data == b"x" * 10
+
+
+# -- properties ----------------------------------------------------------------------------------
+
+
+@given(data=st.binary(max_size=300), limit=st.integers(min_value=0, max_value=200))
+def test_a_file_reads_whole_or_raises_too_large(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes, limit: int
+) -> None:
+    path = tmp_path_factory.mktemp("capped") / "file"
+    path.write_bytes(data)
+    try:
+        result = read_capped(path, limit)
+    except TooLarge:
+        assert len(data) > limit
+    else:
+        assert len(data) <= limit and result.data == data
+
+
+@given(data=st.binary(max_size=300), limit=st.integers(min_value=0, max_value=200))
+def test_a_pipe_reads_whole_or_raises_too_large(data: bytes, limit: int) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, data)  # well under a pipe buffer: no writer thread needed
+        os.close(write_end)
+        try:
+            result = read_capped(f"/dev/fd/{read_end}", limit, stream_timeout=5)
+        except TooLarge:
+            assert len(data) > limit
+        else:
+            assert len(data) <= limit and result.data == data
+    finally:
+        os.close(read_end)
