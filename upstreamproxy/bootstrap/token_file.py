@@ -42,6 +42,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..capped_file import CappedFileError, ReadError, read_capped
 from ..errors import ConfigError
 from ..secret import Secret
 
@@ -68,13 +69,13 @@ def read_token(path: str | os.PathLike[str]) -> TokenFile:
     """Read the session token from ``path``; see the module docstring for the outcomes."""
     name = _field(path)
     try:
-        # O_NONBLOCK so that opening a FIFO cannot hang start-up; it does not affect files.
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW
-        fd = os.open(path, flags)
+        data, info = read_capped(path, MAX_TOKEN_FILE_SIZE, follow_symlinks=False)
     except FileNotFoundError:
         return TokenFile(None, f"{name} does not exist")
     except NotADirectoryError:
         return TokenFile(None, f"{name} does not exist (a parent is not a directory)")
+    except ReadError as exc:
+        raise ConfigError(name, f"cannot read: {exc.strerror}") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP and os.path.islink(path):
             raise ConfigError(
@@ -84,19 +85,8 @@ def read_token(path: str | os.PathLike[str]) -> TokenFile:
                 "(for a Kubernetes secret volume: <mount>/..data/<key>)",
             ) from None
         raise ConfigError(name, f"cannot open: {exc.strerror}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(name, "not a regular file")
-        if info.st_size > MAX_TOKEN_FILE_SIZE:
-            raise ConfigError(name, f"larger than {MAX_TOKEN_FILE_SIZE} bytes")
-        data = _read_at_most(fd, MAX_TOKEN_FILE_SIZE + 1)
-    except OSError as exc:
-        raise ConfigError(name, f"cannot read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TOKEN_FILE_SIZE:  # the file grew after fstat
-        raise ConfigError(name, f"larger than {MAX_TOKEN_FILE_SIZE} bytes")
+    except CappedFileError as exc:  # not a regular file (a FIFO would block start-up), too large
+        raise ConfigError(name, str(exc)) from None
 
     warnings: list[str] = []
     if info.st_mode & (stat.S_IRGRP | stat.S_IROTH):
@@ -118,18 +108,6 @@ def read_token(path: str | os.PathLike[str]) -> TokenFile:
     if any(byte < 0x21 or byte > 0x7E for byte in token):
         raise ConfigError(name, "token contains whitespace, a control character or non-ASCII data")
     return TokenFile(Secret(token.decode("ascii")), None, tuple(warnings), info.st_uid)
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    remaining = limit
-    while remaining > 0:
-        chunk = os.read(fd, min(remaining, 16 * 1024))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
 
 
 def delete_token_file(path: str | os.PathLike[str]) -> bool:

@@ -28,8 +28,6 @@ with a warning (the other tools still work), never a start failure.
 from __future__ import annotations
 
 import logging
-import os
-import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,6 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
 
+from ..capped_file import CappedFileError, read_capped
 from ..certs import write_private_file
 from .ca_bundle import _certificate_ders
 from .proxy_env import APT_CONFIG, WGET2RC, WGETRC, ToolFiles
@@ -99,18 +98,8 @@ def _read_user_file(path: Path) -> str | None:
     # A regular file only, read no further than the cap: WGETRC=/dev/zero must not eat all
     # memory, nor a FIFO block start (after the relay listens, where SIGTERM cannot stop it).
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, MAX_USER_FILE + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_USER_FILE:
+        data = read_capped(path, MAX_USER_FILE).data
+    except (OSError, CappedFileError):
         return None
     return data.decode("utf-8", "replace")
 

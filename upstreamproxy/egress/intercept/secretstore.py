@@ -24,7 +24,6 @@ import asyncio
 import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
+from ...capped_file import CappedFileError, read_capped
 from ...errors import UpstreamProxyError
 from ...secret import Secret
 from .rules import is_secret_name
@@ -183,36 +183,21 @@ class SecretStore:
         if os.path.commonpath([root, real]) != root or real == root:
             return "symlink resolves outside the secrets directory"
         try:
-            # O_NONBLOCK: a FIFO planted in the directory must not hang the reload.
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+            # Regular files only, never past the cap: a FIFO planted in the directory must not
+            # hang the reload, nor /dev/zero fill memory.
+            data = read_capped(real, MAX_SECRET_BYTES, follow_symlinks=False).data
         except FileNotFoundError:
             if dangling_ok:
                 return "dangling symlink"
             raise _Vanished() from None
+        except CappedFileError as exc:  # not a regular file, larger than MAX_SECRET_BYTES
+            return str(exc)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return "symlink changed while being read"
             raise
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return "not a regular file"
-            if info.st_size > MAX_SECRET_BYTES:
-                return f"larger than {MAX_SECRET_BYTES} bytes"
-            chunks: list[bytes] = []
-            total = 0
-            while total <= MAX_SECRET_BYTES:
-                chunk = os.read(fd, MAX_SECRET_BYTES + 1 - total)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-        finally:
-            os.close(fd)
-        if total > MAX_SECRET_BYTES:
-            return f"larger than {MAX_SECRET_BYTES} bytes"
-        try:
-            text = b"".join(chunks).decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             return "not UTF-8 text"
         return Secret(text.rstrip("\r\n"))
