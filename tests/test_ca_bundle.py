@@ -548,6 +548,97 @@ def test_prepare_bad_ca_file(tmp_path: Path, system_file: Path) -> None:
     assert info.value.field == "ca_file"
 
 
+def prepare_within(seconds: float, **kwargs: object) -> ca_bundle.BundleReport | ConfigError:
+    """prepare_ca_bundle in a thread, the test's own wait bounded: its report or ConfigError."""
+    outcome: list[ca_bundle.BundleReport | ConfigError] = []
+
+    def run() -> None:
+        try:
+            outcome.append(prepare_ca_bundle(**kwargs))  # type: ignore[arg-type]
+        except ConfigError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"prepare_ca_bundle blocked for more than {seconds} s"
+    return outcome[0]
+
+
+def test_prepare_ca_file_from_a_pipe(tmp_path: Path, system_file: Path) -> None:
+    # --ca-file <(cat ca.pem): a pipe under /dev/fd, its writer still at work.
+    read_end, write_end = os.pipe()
+    pem = EGRESS.cert_pem()
+
+    def write() -> None:
+        with os.fdopen(write_end, "wb") as handle:
+            for start in range(0, len(pem), 100):
+                handle.write(pem[start : start + 100])
+                handle.flush()
+                time.sleep(0.005)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        report = prepare_within(
+            10,
+            out_path=tmp_path / "b.pem",
+            ca_file=Path(f"/dev/fd/{read_end}"),
+            system_bundle=system_file,
+            timeout=5,
+        )
+    finally:
+        writer.join(10)
+        os.close(read_end)
+    assert isinstance(report, ca_bundle.BundleReport), report
+    assert report.custom_certs == 1
+    assert der(EGRESS.cert_pem()) in ders((tmp_path / "b.pem").read_bytes())
+
+
+def test_prepare_ca_file_fifo_nobody_writes_fails_within_the_timeout(
+    tmp_path: Path, system_file: Path
+) -> None:
+    # It blocked for ever: the file was opened, blocking, for a writer that never came.
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    error = prepare_within(
+        10, out_path=tmp_path / "b.pem", ca_file=fifo, system_bundle=system_file, timeout=0.3
+    )
+    assert time.monotonic() - started < 5
+    assert isinstance(error, ConfigError) and error.field == "ca_file"
+    assert error.problem == f"{fifo} did not finish within 0.3 s"
+    assert not (tmp_path / "b.pem").exists()
+
+
+def test_prepare_ca_file_dev_zero_is_refused_by_the_cap(tmp_path: Path, system_file: Path) -> None:
+    started = time.monotonic()
+    error = prepare_within(
+        10,
+        out_path=tmp_path / "b.pem",
+        ca_file=Path("/dev/zero"),
+        system_bundle=system_file,
+        timeout=5,
+    )
+    assert time.monotonic() - started < 5
+    assert isinstance(error, ConfigError) and error.field == "ca_file"
+    assert error.problem == f"/dev/zero is larger than {MAX_CA_RESPONSE_SIZE} bytes"
+
+
+def test_prepare_ca_file_directory_is_refused(tmp_path: Path, system_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read .*: not a regular file") as info:
+        prepare_ca_bundle(tmp_path / "b.pem", ca_file=tmp_path, system_bundle=system_file)
+    assert info.value.field == "ca_file"
+
+
+def test_prepare_system_bundle_must_be_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "system.fifo"
+    os.mkfifo(fifo)
+    error = prepare_within(10, out_path=tmp_path / "b.pem", system_bundle=fifo)
+    assert isinstance(error, ConfigError) and error.field == "system_bundle"
+    assert error.problem == f"cannot read {fifo}: not a regular file"
+
+
 def test_prepare_empty_system_bundle_is_an_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty.crt"
     empty.write_bytes(b"# nothing\n")

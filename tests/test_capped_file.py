@@ -47,18 +47,33 @@ def promptly(call: Callable[[], T], within: float = 10) -> T:
     return outcome[0]
 
 
-@pytest.fixture
-def pipe() -> Iterator[tuple[Path, int]]:
+class Pipe:
     """A pipe's read end as a path (what ``<(cmd)`` gives) and its write end."""
-    read_end, write_end = os.pipe()
-    try:
-        yield Path(f"/dev/fd/{read_end}"), write_end
-    finally:
-        os.close(read_end)
-        try:
-            os.close(write_end)
-        except OSError:
-            pass  # the test closed it
+
+    def __init__(self) -> None:
+        self.read_end, self._write_end = os.pipe()
+        self.path = Path(f"/dev/fd/{self.read_end}")
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        os.write(self._write_end, data)
+
+    def close_writer(self) -> None:
+        with self._lock:  # closed once only: the number may be reused at once
+            if self._write_end >= 0:
+                os.close(self._write_end)
+                self._write_end = -1
+
+    def close(self) -> None:
+        self.close_writer()
+        os.close(self.read_end)
+
+
+@pytest.fixture
+def pipe() -> Iterator[Pipe]:
+    pipe = Pipe()
+    yield pipe
+    pipe.close()
 
 
 # -- regular files -------------------------------------------------------------------------------
@@ -82,7 +97,7 @@ def test_exactly_at_the_cap_is_read_one_over_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"a" * LIMIT)
     assert read_capped(path, LIMIT).data == b"a" * LIMIT
     path.write_bytes(b"a" * (LIMIT + 1))
-    with pytest.raises(TooLarge, match=f"^larger than {LIMIT} bytes$") as info:
+    with pytest.raises(TooLarge, match=rf"^larger than {LIMIT} bytes$") as info:
         read_capped(path, LIMIT)
     assert info.value.limit == LIMIT
 
@@ -111,7 +126,7 @@ def test_a_failing_read_is_a_read_error() -> None:
 
 @pytest.mark.parametrize("streams", [False, True], ids=["regular", "streams"])
 def test_a_directory_is_refused(tmp_path: Path, streams: bool) -> None:
-    with pytest.raises(NotRegularFile, match="^not a regular file"):
+    with pytest.raises(NotRegularFile, match=r"^not a regular file"):
         read_capped(tmp_path, LIMIT, stream_timeout=1.0 if streams else None)
 
 
@@ -120,7 +135,7 @@ def test_a_directory_is_refused(tmp_path: Path, streams: bool) -> None:
 
 def test_a_fifo_nobody_writes_is_refused_without_blocking(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(NotRegularFile, match="^not a regular file$"):
+    with pytest.raises(NotRegularFile, match=r"^not a regular file$"):
         promptly(lambda: read_capped(tmp_path / "fifo", LIMIT))
 
 
@@ -191,24 +206,24 @@ def test_follow_symlinks_false_refuses_a_final_link_only(tmp_path: Path) -> None
 # -- streams: pipes, FIFOs and character devices, with a deadline ---------------------------------
 
 
-def test_a_pipe_whose_writer_already_left_is_read(pipe: tuple[Path, int]) -> None:
-    path, write_end = pipe
-    os.write(write_end, b"-----BEGIN CERTIFICATE-----\n")
-    os.close(write_end)
+def test_a_pipe_whose_writer_already_left_is_read(pipe: Pipe) -> None:
+    path = pipe.path
+    pipe.write(b"-----BEGIN CERTIFICATE-----\n")
+    pipe.close_writer()
     assert promptly(lambda: read_capped(path, LIMIT, stream_timeout=5)).data == (
         b"-----BEGIN CERTIFICATE-----\n"
     )
 
 
-def test_a_pipe_written_in_pieces_is_read_to_its_end(pipe: tuple[Path, int]) -> None:
-    path, write_end = pipe
+def test_a_pipe_written_in_pieces_is_read_to_its_end(pipe: Pipe) -> None:
+    path = pipe.path
     data = os.urandom(150 * 1024)  # more than a pipe buffer: the writer must wait for us
 
     def write() -> None:
         for start in range(0, len(data), 10_000):
-            os.write(write_end, data[start : start + 10_000])
+            pipe.write(data[start : start + 10_000])
             time.sleep(0.001)
-        os.close(write_end)
+        pipe.close_writer()
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
@@ -216,24 +231,24 @@ def test_a_pipe_written_in_pieces_is_read_to_its_end(pipe: tuple[Path, int]) -> 
     writer.join(10)
 
 
-def test_a_pipe_over_the_cap_is_refused(pipe: tuple[Path, int]) -> None:
-    path, write_end = pipe
-    os.write(write_end, b"a" * (LIMIT + 1))
+def test_a_pipe_over_the_cap_is_refused(pipe: Pipe) -> None:
+    path = pipe.path
+    pipe.write(b"a" * (LIMIT + 1))
     with pytest.raises(TooLarge):
         promptly(lambda: read_capped(path, LIMIT, stream_timeout=5))
 
 
-def test_an_empty_pipe_whose_writer_left_is_empty(pipe: tuple[Path, int]) -> None:
-    path, write_end = pipe
-    os.close(write_end)
+def test_an_empty_pipe_whose_writer_left_is_empty(pipe: Pipe) -> None:
+    path = pipe.path
+    pipe.close_writer()
     started = time.monotonic()
     assert promptly(lambda: read_capped(path, LIMIT, stream_timeout=5)).data == b""
     assert time.monotonic() - started < 2
 
 
-def test_a_pipe_that_never_finishes_times_out(pipe: tuple[Path, int]) -> None:
-    path, write_end = pipe
-    os.write(write_end, b"partial")  # then nothing, and the writer stays
+def test_a_pipe_that_never_finishes_times_out(pipe: Pipe) -> None:
+    path = pipe.path
+    pipe.write(b"partial")  # then nothing, and the writer stays
     started = time.monotonic()
     with pytest.raises(TimedOut, match=r"^did not finish within 0\.3 s$") as info:
         promptly(lambda: read_capped(path, LIMIT, stream_timeout=0.3))
@@ -301,15 +316,15 @@ def test_a_file_reads_whole_or_raises_too_large(
 
 @given(data=st.binary(max_size=300), limit=st.integers(min_value=0, max_value=200))
 def test_a_pipe_reads_whole_or_raises_too_large(data: bytes, limit: int) -> None:
-    read_end, write_end = os.pipe()
+    pipe = Pipe()
     try:
-        os.write(write_end, data)  # well under a pipe buffer: no writer thread needed
-        os.close(write_end)
+        pipe.write(data)  # well under a pipe buffer: no writer thread needed
+        pipe.close_writer()
         try:
-            result = read_capped(f"/dev/fd/{read_end}", limit, stream_timeout=5)
+            result = read_capped(pipe.path, limit, stream_timeout=5)
         except TooLarge:
             assert len(data) > limit
         else:
             assert len(data) <= limit and result.data == data
     finally:
-        os.close(read_end)
+        pipe.close()

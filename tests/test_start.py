@@ -204,7 +204,9 @@ def test_a_closed_stdout_does_not_stop_the_session(world: World, tmp_path: Path)
 # -- failures: the token stays, fail-open vs fail-closed ---------------------------------------
 
 
-@pytest.mark.parametrize("failure", ["ca-url-unreachable", "port-in-use", "ca-file-not-a-ca"])
+@pytest.mark.parametrize(
+    "failure", ["ca-url-unreachable", "port-in-use", "ca-file-not-a-ca", "ca-file-fifo-unwritten"]
+)
 @pytest.mark.parametrize("fail_closed", [False, True], ids=["fail-open", "fail-closed"])
 def test_failed_start_keeps_the_token(
     world: World, tmp_path: Path, failure: str, fail_closed: bool
@@ -219,6 +221,9 @@ def test_failed_start_keeps_the_token(
             + b"-----END CERTIFICATE-----\n"
         )
         args += ["--ca-file", str(leaf)]
+    elif failure == "ca-file-fifo-unwritten":  # blocked start for ever
+        os.mkfifo(tmp_path / "ca.fifo")
+        args += ["--ca-file", str(tmp_path / "ca.fifo"), "--ca-timeout", "1"]
     busy = socket.create_server(("127.0.0.1", 0))
     try:
         if failure == "port-in-use":
@@ -241,6 +246,7 @@ def test_failed_start_keeps_the_token(
         "ca-url-unreachable": "--ca-url: ",  # the flag, not the setting (ca_url)
         "port-in-use": "cannot listen",
         "ca-file-not-a-ca": "--ca-file: ",
+        "ca-file-fifo-unwritten": f"--ca-file: {tmp_path / 'ca.fifo'} did not finish within 1 s",
     }[failure]
     assert expected in lines[0]
     for name in ENV_FILES:
@@ -408,6 +414,21 @@ def test_user_no_proxy_and_ca_file_are_merged(world: World, tmp_path: Path) -> N
         assert "127.0.0.1" in shown.stdout.split(",")
     finally:
         session.stop()
+
+
+def test_ca_file_from_process_substitution(world: World, tmp_path: Path) -> None:
+    # --ca-file <(cat ca.pem) names a pipe (/dev/fd/63): read without blocking, to its end.
+    ca = tmp_path / "egress-ca.pem"
+    ca.write_bytes(world.ca.cert_pem())
+    via = ["bash", "-c", 'exec "$@" --ca-file <(cat "$0")', str(ca)]
+    session = start_session(world, tmp_path / "s", via=via)
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+        bundle = (session.state_dir / "ca-bundle.pem").read_bytes()
+        assert world.ca.cert_pem() in bundle
+    finally:
+        log = session.stop()
+    assert "1 custom (/dev/fd/" in log, log
 
 
 # -- --background ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import sys
 import tarfile
 import threading
 import zipfile
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -433,8 +433,13 @@ def start_session(
     env: Mapping[str, str] | None = None,
     log_level: str = "INFO",
     token: str | None = TOKEN,
+    via: Sequence[str] = (),
 ) -> Started:
-    """Run ``upstreamproxy start`` in the foreground until its readiness line (or its exit)."""
+    """Run ``upstreamproxy start`` in the foreground until its readiness line (or its exit).
+
+    ``via`` runs it through another command, given the start command line as its last
+    arguments (``bash -c 'exec "$@" --ca-file <(...)' bash``).
+    """
     base.mkdir(parents=True, exist_ok=True)
     token_file = base / "token"
     if token is not None:
@@ -443,6 +448,7 @@ def start_session(
     log_file = base / "start.log"
     run_env = dict(env) if env is not None else clean_env(base)
     argv = [
+        *via,
         sys.executable,
         "-m",
         "upstreamproxy",

@@ -54,6 +54,7 @@ from typing import Final, cast
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from ..capped_file import CappedFileError, TimedOut, TooLarge, read_capped
 from ..certs import parse_ca_certificate, write_private_file
 from ..errors import ConfigError
 
@@ -195,15 +196,22 @@ def build_super_bundle(system_pem: bytes, custom_pems: list[bytes]) -> bytes:
 # Files
 
 
-def _read_capped(path: Path, limit: int, setting: str) -> bytes:
+def _read_capped(
+    path: Path, limit: int, setting: str, stream_timeout: float | None = None
+) -> bytes:
+    """``path`` whole, at most ``limit`` bytes. A regular file only, unless ``stream_timeout``
+    is given: then a pipe (``--ca-file <(cat ca.pem)``), FIFO or character device too, read
+    without blocking, finished within that many seconds."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
+        return read_capped(path, limit, stream_timeout=stream_timeout).data
     except OSError as exc:
         raise ConfigError(setting, f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise ConfigError(setting, f"{path} is larger than {limit} bytes")
-    return data
+    except TooLarge:
+        raise ConfigError(setting, f"{path} is larger than {limit} bytes") from None
+    except TimedOut as exc:
+        raise ConfigError(setting, f"{path} {exc}") from None  # did not finish within N s
+    except CappedFileError as exc:  # not a regular file (with streams: nor a pipe, ...)
+        raise ConfigError(setting, f"cannot read {path}: {exc}") from None
 
 
 def _looks_like_bundle(path: Path) -> bool:
@@ -445,7 +453,13 @@ def prepare_ca_bundle(
         )
     if ca_file is not None:
         custom.append(
-            ("ca_file", str(ca_file), _read_capped(Path(ca_file), MAX_CA_RESPONSE_SIZE, "ca_file"))
+            (
+                "ca_file",
+                str(ca_file),
+                # A pipe too, for --ca-file <(...), bounded like the fetch: it has a writer
+                # that may never finish (a FIFO nobody writes, /dev/zero).
+                _read_capped(Path(ca_file), MAX_CA_RESPONSE_SIZE, "ca_file", timeout),
+            )
         )
 
     assembler = _Assembler()

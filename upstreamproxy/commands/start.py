@@ -78,14 +78,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser,
         "--ca-file",
         "CA_FILE",
-        "egress CA certificate file, instead of fetching it",
+        "egress CA certificate file, or a pipe such as <(cat ca.pem), instead of fetching it",
         type=Path,
     )
     add_option(
         parser,
         "--ca-timeout",
         "CA_TIMEOUT",
-        "seconds allowed to fetch the CA",
+        "seconds allowed to fetch the CA, or to read --ca-file when it is a pipe",
         default=5.0,
         type=float,
     )
