@@ -470,6 +470,64 @@ def test_a_state_directory_another_user_controls_is_never_used_or_reported(
         session.stop()
 
 
+def test_env_exec_and_doctor_never_use_a_state_directory_another_user_controls(
+    world: World, sandbox_user: User, names: list[str], shared_base: Path
+) -> None:
+    """The readers apply `start`'s rule: a state directory another user owns (or anyone else
+    can write) names their proxy and CA, so `env`, `exec` and `doctor` treat it as no
+    session at all, for root and for every other user; root's own is everyone's."""
+    relay = relay_name()
+    names.append(relay)
+    victim = make_user(names, "upvic")
+    session = start_session(world, shared_base / "planted", "--relay-user", relay)
+    state = session.state_dir
+    home = shared_base / "victim-home"
+    home.mkdir(mode=0o755)
+    base = [sys.executable, "-m", "upstreamproxy"]
+    commands = {
+        "env": ["env", "--state-dir", str(state)],
+        "exec": ["exec", "--fail-closed", "--state-dir", str(state), "--", "env"],
+        "doctor": ["doctor", "--state-dir", str(state), "--url", world.url(), "--tools", "curl"],
+    }
+
+    def run_as(user: User | None, command: str) -> subprocess.CompletedProcess[str]:
+        argv = [*base, *commands[command]]
+        return subprocess.run(
+            as_user(user, *argv) if user is not None else argv,
+            env=clean_env(home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+        )
+
+    proxy = f"HTTPS_PROXY={session.exports()['HTTPS_PROXY']}"
+    try:
+        assert session.ready_line.startswith(READY_PREFIX), session.stop()
+        for user in (victim, None):  # control: root's own directory is everyone's session
+            assert run_as(user, "env").returncode == 0
+            used = run_as(user, "exec")
+            assert used.returncode == 0 and proxy in used.stdout.splitlines(), used
+            assert run_as(user, "doctor").returncode == 0
+        for owner, mode, why in (
+            (sandbox_user.uid, 0o755, f"belongs to uid {sandbox_user.uid}"),
+            (0, 0o775, "others can write to it"),
+        ):
+            os.chown(state, owner, owner and sandbox_user.gid)
+            state.chmod(mode)
+            for user in (victim, None):
+                for command, refused_with in (("env", 1), ("exec", 125), ("doctor", 2)):
+                    refused = run_as(user, command)
+                    assert refused.returncode == refused_with, (command, refused)
+                    assert why in refused.stderr, (command, refused)
+                    assert "HTTPS_PROXY" not in refused.stdout, (command, refused)
+    finally:
+        with contextlib.suppress(OSError):
+            os.chown(state, 0, 0)
+            state.chmod(0o755)
+        session.stop()
+
+
 def test_same_uid_start_refuses_the_token_to_an_attacker_that_wins_the_race(
     world: World, sandbox_user: User, shared_base: Path
 ) -> None:

@@ -167,6 +167,23 @@ def test_a_reused_pid_is_not_the_session(
             assert sourced(shell, state, before="set -eu")["HTTPS_PROXY"] == "unset", shell
 
 
+def test_a_state_directory_others_can_write_is_no_session(session: Started) -> None:
+    """Anyone who can write the directory can rewrite env.json (proxy, CA), so `env` and
+    `exec` use it no more than `start` would (the other-uid cases: test_privsep.py)."""
+    state = session.state_dir
+    env = clean_env(state)
+    assert cli("env", "--state-dir", str(state), env=env).returncode == 0  # control
+    state.chmod(0o777)
+    try:
+        done = cli("env", "--state-dir", str(state), env=env)
+        assert done.returncode == 1 and done.stdout == "", done
+        assert "others can write to it (mode 0777)" in done.stderr, done.stderr
+        done = cli("exec", "--fail-closed", "--state-dir", str(state), "--", "true", env=env)
+        assert done.returncode == 125 and "others can write to it" in done.stderr, done
+    finally:
+        state.chmod(0o755)
+
+
 def test_a_zombie_is_not_alive(tmp_path: Path) -> None:
     """A killed relay under a PID 1 that never reaps stays a zombie: /proc/PID still exists."""
     child = subprocess.Popen(["sleep", "300"])

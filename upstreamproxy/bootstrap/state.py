@@ -8,7 +8,8 @@ Public API::
     write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None
     class SessionInfo                # what env.json records about the session
     write_session(paths, info, plan) -> None         # env.sh, env.json, pid file
-    load_session(state_dir: Path) -> LoadedSession  # raises NoSession with a clear reason
+    load_session(state_dir: Path) -> LoadedSession  # raises NoSession with a clear reason;
+                                                    # only from a dir we or root control
     shared_session(state_dir: Path) -> LoadedSession | None  # root's live session, for others
     remove_session_files(paths, pid) -> None         # only if they still belong to ``pid``
     remove_stale_session(paths) -> str | None        # a dead session's files, at the next start
@@ -362,6 +363,9 @@ def load_session(
 ) -> LoadedSession:
     """The running session in ``state_dir``; NoSession (with the reason) if there is none.
 
+    Only a directory that we or root own and nobody else can write holds a session for us
+    (:func:`_open_trusted_dir`).
+
     ``check_alive``: the process recorded in env.json must still be running
     (:func:`session_alive`).
     ``check_relay``: the relay port must also accept a connection (the relay logs each such
@@ -386,16 +390,60 @@ def load_session(
     return LoadedSession(info, plan, paths)
 
 
+def _open_trusted_dir(directory: Path) -> int:
+    """An fd of ``directory`` if only we or root can change what is in it, else NoSession.
+
+    Its files are sourced by shells and name the proxy and CA every tool uses, so a
+    directory another user owns or can write (planted in /tmp, say) is nobody's session
+    for us, as it is for ``start``; root's (the Dev Container Feature's /run/upstreamproxy)
+    is everyone's. The files are then read through this fd, so a directory swapped in
+    after the check (by whoever can write its parent) is never read.
+    """
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid not in (os.geteuid(), 0):
+            raise NoSession(
+                f"not using the session files in {directory}: the directory belongs to uid "
+                f"{info.st_uid}, not to you or root, so they could point tools at any proxy "
+                "and CA"
+            )
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise NoSession(
+                f"not using the session files in {directory}: others can write to it (mode "
+                f"{stat.S_IMODE(info.st_mode):04o}), so they could point tools at any proxy "
+                "and CA"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_trusted(paths: StatePaths) -> str:
+    fd = _open_trusted_dir(paths.directory)
+    try:
+        file_fd = os.open(paths.env_json.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+    with open(file_fd, encoding="utf-8") as file:
+        return file.read()
+
+
 def _read_document(paths: StatePaths) -> dict[str, Any]:
     try:
-        raw = paths.env_json.read_text()
+        raw = _read_trusted(paths)
     except FileNotFoundError:
         raise NoSession(
             f"no session is running (no {paths.env_json}); start one with "
             "`upstreamproxy start`, or pass the --state-dir it used"
         ) from None
+    except NotADirectoryError:
+        raise NoSession(f"no session is running ({paths.directory} is not a directory)") from None
     except OSError as exc:
         raise NoSession(f"cannot read {paths.env_json}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
     try:
         document = json.loads(raw)
     except ValueError as exc:
