@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +488,65 @@ def test_a_probe_that_ends_as_its_timeout_fires_is_a_timeout_not_a_traceback(
 
     result = asyncio.run(go())  # raised ProcessLookupError
     assert result.tool == "python" and result.verdict is not Verdict.REACHED
+
+
+HANGING_TOOL = """#!/bin/sh
+# A tool whose --version never ends, and whose probe leaves a helper holding its stdout and
+# stderr (as git's git-remote-https does, waiting on a silent tunnel) before it hangs too.
+echo $$ >> "$HANG_PIDS"
+if [ "$1" = --version ]; then exec sleep 120; fi
+sleep 120 &
+echo $! >> "$HANG_PIDS"
+exec sleep 120
+"""
+
+
+def test_a_hanging_tool_and_its_helpers_end_at_the_timeout(
+    started: Started, world: World, tmp_path: Path
+) -> None:
+    """Doctor killed the tool alone at --timeout, then waited for its pipes to close: with a
+    helper holding them, it hung for as long as the helper lived (git through a silent
+    tunnel: for ever). A --version that hung was left running after doctor had returned."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "curl").write_text(HANGING_TOOL)
+    (bin_dir / "curl").chmod(0o755)
+    pids = tmp_path / "pids"
+    env = clean_env(tmp_path, UPSTREAMPROXY_STATE_DIR=str(started.state_dir))
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", HANG_PIDS=str(pids))
+    begun = time.monotonic()
+    try:
+        done = cli(
+            "doctor",
+            "--url",
+            world.url(),
+            "--tools",
+            "curl",
+            "--timeout",
+            "2",
+            "--json",
+            env=env,
+            timeout=60,
+        )
+        took = time.monotonic() - begun
+        assert done.returncode == 1, done
+        assert json.loads(done.stdout)["results"][0]["verdict"] != "reached"
+        assert took < 30, took  # --version's 10 s, then --timeout 2 and a short drain
+        time.sleep(0.5)
+        left = [pid for pid in map(int, pids.read_text().split()) if _alive(pid)]
+        assert left == [], "doctor left the tool's processes running"
+    finally:
+        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def test_a_connect_left_unanswered_says_so_and_points_at_the_egress() -> None:

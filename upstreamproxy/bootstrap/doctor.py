@@ -34,6 +34,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import tempfile
 import urllib.parse
 import urllib.request
@@ -496,9 +497,14 @@ async def _version(executable: str, env: Mapping[str, str]) -> str:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
         )
+    except OSError:
+        return ""
+    try:
         out, _ = await asyncio.wait_for(proc.communicate(), 10)
-    except (OSError, TimeoutError):
+    except TimeoutError:
+        await _end_group(proc)
         return ""
     # JVMs announce JAVA_TOOL_OPTIONS (which holds the relay's address) before the version.
     first = [
@@ -709,6 +715,30 @@ def _node_fix(version: str, env: Mapping[str, str]) -> str:
 
 # -- running ------------------------------------------------------------------------------------
 
+#: After a timeout: how long what the killed tool wrote may take to drain.
+DRAIN_AFTER_KILL: Final = 2.0
+
+
+async def _end_group(proc: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """Kill ``proc`` and its process group (it was started in a session of its own) and
+    collect what it wrote, within DRAIN_AFTER_KILL.
+
+    Killing the tool alone is not enough: its helpers (git's ``git-remote-https``, npm's
+    workers, apt's methods) inherit its stdout and stderr, and a helper waiting on a silent
+    tunnel kept them open, so ``communicate()`` waited with it, well past ``--timeout``.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()  # should the group be out of reach, the tool at least
+    try:
+        async with asyncio.timeout(DRAIN_AFTER_KILL):
+            out, err = await proc.communicate()
+    except TimeoutError:  # a helper that left the group holds the pipes: give up on them
+        await proc.wait()
+        return b"", b""
+    return out or b"", err or b""
+
 
 async def _run_probe(
     probe: Probe,
@@ -741,6 +771,7 @@ async def _run_probe(
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its helpers too are ended at the timeout
             )
         except OSError as exc:
             return ProbeResult(
@@ -755,9 +786,7 @@ async def _run_probe(
             rc = proc.returncode
         except TimeoutError:
             # The tool may end just as the timer fires (curl's own --max-time is the same).
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            out_b, err_b = await proc.communicate()
+            out_b, err_b = await _end_group(proc)
             rc = None
         tunnels = tuple(observer.tunnels)
     out, err = out_b.decode(errors="replace"), err_b.decode(errors="replace")
