@@ -322,6 +322,27 @@ def test_env_formats(started: Started, tmp_path: Path) -> None:
     assert json.loads(as_json.stdout) == started.document()
 
 
+def test_env_refuses_a_damaged_session_file_in_one_line(started: Started, tmp_path: Path) -> None:
+    """A value with a NUL (JSON can hold one, no environment can) or a name no shell takes:
+    `--format sh` ended in a traceback; it says what is wrong, as `--format dotenv` did."""
+    env = clean_env(tmp_path, UPSTREAMPROXY_STATE_DIR=str(started.state_dir))
+    path = started.state_dir / "env.json"
+    original = path.read_text()
+    for field, damage, problem in (
+        ("value", "http://127.0.0.1:1\x00x", "contains NUL"),
+        ("name", "HTTPS_PROXY;id", "not a valid environment variable name"),
+    ):
+        document = json.loads(original)
+        document["variables"][0][field] = damage
+        path.write_text(json.dumps(document))
+        for form in ("sh", "dotenv"):
+            done = cli("env", "--format", form, env=env)
+            assert done.returncode == 1 and done.stdout == "", (form, done)
+            assert "Traceback" not in done.stderr and problem in done.stderr, (form, done)
+            assert len(done.stderr.splitlines()) == 1, (form, done.stderr)
+    path.write_text(original)
+
+
 def test_env_without_a_session(tmp_path: Path, started: Started) -> None:
     env = clean_env(tmp_path)
     none = cli("env", "--state-dir", str(tmp_path / "nothing"), env=env)

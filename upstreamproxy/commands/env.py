@@ -33,12 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "json":
         document = json.loads(loaded.paths.env_json.read_text())
         print(json.dumps(document, indent=2))
-    elif args.format == "dotenv":
-        try:
-            print(render_dotenv(loaded.plan), end="")
-        except ValueError as exc:
-            print(f"upstreamproxy env: {exc}", file=sys.stderr)
-            return 1
-    else:
-        print(render_sh(loaded.plan), end="")  # (print: a closed stdout is no traceback)
+        return 0
+    try:  # a damaged env.json (a NUL in a value, a bad name) is refused in one line
+        text = render_dotenv(loaded.plan) if args.format == "dotenv" else render_sh(loaded.plan)
+    except ValueError as exc:
+        print(f"upstreamproxy env: {exc}", file=sys.stderr)
+        return 1
+    print(text, end="")  # (print: a closed stdout is no traceback)
     return 0
