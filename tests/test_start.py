@@ -343,6 +343,31 @@ def test_env_refuses_a_damaged_session_file_in_one_line(started: Started, tmp_pa
     path.write_text(original)
 
 
+def test_env_json_prints_the_session_file_it_checked(
+    started: Started, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--format json` read env.json a second time, by path, after the checks: a file
+    replaced meanwhile (by another start, or in a swapped directory) was printed unchecked."""
+    import argparse
+
+    from upstreamproxy.bootstrap import state
+    from upstreamproxy.commands import env as env_command
+
+    real_load = state.load_session
+    path = started.state_dir / "env.json"
+
+    def load_then_replace(directory: Path) -> state.LoadedSession:
+        loaded = real_load(directory)
+        path.write_text(json.dumps({"env": {"HTTPS_PROXY": "http://attacker:1"}}))
+        return loaded
+
+    monkeypatch.setattr(env_command, "load_session", load_then_replace)
+    checked = started.document()
+    args = argparse.Namespace(format="json", state_dir=started.state_dir)
+    assert env_command.run(args) == 0
+    assert json.loads(capsys.readouterr().out) == checked
+
+
 def test_env_without_a_session(tmp_path: Path, started: Started) -> None:
     env = clean_env(tmp_path)
     none = cli("env", "--state-dir", str(tmp_path / "nothing"), env=env)

@@ -268,6 +268,8 @@ class LoadedSession:
     info: SessionInfo
     plan: EnvPlan
     paths: StatePaths
+    #: env.json as read (once, from the checked directory): what ``env --format json`` prints.
+    document: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _plan_from_document(document: Mapping[str, Any]) -> EnvPlan:
@@ -387,7 +389,7 @@ def load_session(
         raise NoSession(
             f"the session's relay at {info.proxy_url} (pid {info.pid}) does not accept connections"
         )
-    return LoadedSession(info, plan, paths)
+    return LoadedSession(info, plan, paths, document)
 
 
 def _open_trusted_dir(directory: Path) -> int:

@@ -31,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"upstreamproxy env: {exc.reason}", file=sys.stderr)
         return 1
     if args.format == "json":
-        document = json.loads(loaded.paths.env_json.read_text())
-        print(json.dumps(document, indent=2))
+        # The document that was checked, not the file read again (by then another start's,
+        # or, in a directory whose parent others can write, anyone's).
+        print(json.dumps(loaded.document, indent=2))
         return 0
     try:  # a damaged env.json (a NUL in a value, a bad name) is refused in one line
         text = render_dotenv(loaded.plan) if args.format == "dotenv" else render_sh(loaded.plan)
