@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -182,6 +183,32 @@ def test_a_state_directory_others_can_write_is_no_session(session: Started) -> N
         assert done.returncode == 125 and "others can write to it" in done.stderr, done
     finally:
         state.chmod(0o755)
+
+
+def test_the_profile_snippet_trusts_only_a_directory_its_user_or_root_owns(
+    session: Started,
+) -> None:
+    """The snippet sourced env.sh from any directory with a live start.pid: whoever could
+    write the directory (another user's, or one others may write) chose what a login shell -
+    root's too - ran. Now it sources only what `env` would trust."""
+    state = session.state_dir
+    mode, owner = stat.S_IMODE(state.stat().st_mode), state.stat().st_uid
+    proxy = session.exports()["HTTPS_PROXY"]
+    assert all(sourced(shell, state)["HTTPS_PROXY"] == proxy for shell in SHELLS)  # control
+    try:
+        for writable in (0o777, 0o775, 0o757):  # others, the group, others without group
+            state.chmod(writable)
+            for shell in SHELLS:
+                assert sourced(shell, state)["HTTPS_PROXY"] == "unset", (shell, oct(writable))
+        state.chmod(mode)
+        if os.geteuid() == 0:
+            os.chown(state, 54321, -1)  # another user's directory, this one left as it was
+            for shell in SHELLS:
+                assert sourced(shell, state)["HTTPS_PROXY"] == "unset", shell
+    finally:
+        os.chown(state, owner, -1)
+        state.chmod(mode)
+    assert all(sourced(shell, state)["HTTPS_PROXY"] == proxy for shell in SHELLS)
 
 
 def test_a_zombie_is_not_alive(tmp_path: Path) -> None:

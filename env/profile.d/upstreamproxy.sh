@@ -11,6 +11,11 @@
 # may have its pid): start.pid holds "PID START_TICKS BOOT_ID", and the session counts only
 # while /proc/PID/stat shows that very start time (field 22) on this boot and the process is
 # not a zombie. Two reads of world-readable files, no subprocess. Safe under `set -eu`.
+#
+# And only a directory `upstreamproxy env` would trust: owned by the caller or root, with no
+# group or other write bit (and no ACL) - else whoever can write it chooses what this shell
+# runs (a symlink: its target). That takes one `ls -ldLn`: no POSIX shell has a builtin for a
+# file's mode or owner.
 
 _upstreamproxy_dir=${UPSTREAMPROXY_STATE_DIR:-}
 if [ -z "$_upstreamproxy_dir" ]; then
@@ -46,7 +51,22 @@ _upstreamproxy_alive() {
     [ "$1" = "$_upstreamproxy_want" ]
 }
 
-if [ -r "$_upstreamproxy_dir/env.sh" ] && [ -r "$_upstreamproxy_dir/start.pid" ]; then
+# $1 the state directory: a directory, ours or root's, that nobody else may write.
+_upstreamproxy_trusted() {
+    _upstreamproxy_ls=$(LC_ALL=C ls -ldLn -- "$1" 2>/dev/null) || return 1
+    _upstreamproxy_mode= _upstreamproxy_uid=
+    IFS=' ' read -r _upstreamproxy_mode _upstreamproxy_rest _upstreamproxy_uid \
+        _upstreamproxy_rest <<_upstreamproxy_EOF
+$_upstreamproxy_ls
+_upstreamproxy_EOF
+    # d, owner rwx, group r, *no group w*, group x, other r, *no other w*, other x; a
+    # trailing "+" (an ACL) may grant anyone write, a "." (an SELinux label) does not.
+    case $_upstreamproxy_mode in d????-??-? | d????-??-?.) ;; *) return 1 ;; esac
+    [ "$_upstreamproxy_uid" = 0 ] || [ -O "$1" ]
+}
+
+if [ -r "$_upstreamproxy_dir/env.sh" ] && [ -r "$_upstreamproxy_dir/start.pid" ] \
+    && _upstreamproxy_trusted "$_upstreamproxy_dir"; then
     _upstreamproxy_pid= _upstreamproxy_start= _upstreamproxy_bootid=
     IFS=' ' read -r _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
         _upstreamproxy_rest 2>/dev/null <"$_upstreamproxy_dir/start.pid" || :
@@ -62,6 +82,7 @@ if [ -r "$_upstreamproxy_dir/env.sh" ] && [ -r "$_upstreamproxy_dir/start.pid" ]
 fi
 unset _upstreamproxy_dir _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
     _upstreamproxy_rest _upstreamproxy_stat _upstreamproxy_boot _upstreamproxy_want \
-    _upstreamproxy_ifs _upstreamproxy_ifs_set
-unset -f _upstreamproxy_alive
+    _upstreamproxy_ifs _upstreamproxy_ifs_set _upstreamproxy_ls _upstreamproxy_mode \
+    _upstreamproxy_uid
+unset -f _upstreamproxy_alive _upstreamproxy_trusted
 true
