@@ -10,7 +10,7 @@
 # (a SIGKILLed session leaves its files behind, and after a container restart another process
 # may have its pid): start.pid holds "PID START_TICKS BOOT_ID", and the session counts only
 # while /proc/PID/stat shows that very start time (field 22) on this boot and the process is
-# not a zombie. Two reads of world-readable files, no subprocess. Safe under `set -eu`.
+# not a zombie: two reads of world-readable files. Safe under `set -eu`.
 #
 # And only a directory `upstreamproxy env` would trust: owned by the caller or root, with no
 # group or other write bit (and no ACL) - else whoever can write it chooses what this shell
