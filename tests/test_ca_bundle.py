@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from bounded import promptly
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -549,20 +550,11 @@ def test_prepare_bad_ca_file(tmp_path: Path, system_file: Path) -> None:
 
 
 def prepare_within(seconds: float, **kwargs: object) -> ca_bundle.BundleReport | ConfigError:
-    """prepare_ca_bundle in a thread, the test's own wait bounded: its report or ConfigError."""
-    outcome: list[ca_bundle.BundleReport | ConfigError] = []
-
-    def run() -> None:
-        try:
-            outcome.append(prepare_ca_bundle(**kwargs))  # type: ignore[arg-type]
-        except ConfigError as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), f"prepare_ca_bundle blocked for more than {seconds} s"
-    return outcome[0]
+    """prepare_ca_bundle, the test's own wait bounded: its report or ConfigError."""
+    try:
+        return promptly(lambda: prepare_ca_bundle(**kwargs), seconds)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        return exc
 
 
 def test_prepare_ca_file_from_a_pipe(tmp_path: Path, system_file: Path) -> None:

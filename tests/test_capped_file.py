@@ -7,11 +7,11 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from bounded import promptly
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,26 +25,6 @@ from upstreamproxy.capped_file import (
 )
 
 LIMIT = 1000
-T = TypeVar("T")
-
-
-def promptly(call: Callable[[], T], within: float = 10) -> T:
-    """``call()`` in a thread, failing the test (not hanging it) if it blocks."""
-    outcome: list[T | BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(within)
-    assert not worker.is_alive(), f"blocked for more than {within} s"
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
 
 
 class Pipe:

@@ -18,6 +18,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from tools_fixtures import (
     READY_PREFIX,
     SESSION_ID,
     TOKEN,
+    Started,
     World,
     clean_env,
     cli,
@@ -422,67 +425,80 @@ def test_a_token_file_a_sandbox_user_owns_is_flagged(
     assert f"belongs to uid {sandbox_user.uid}" in log and "make it root's" in log
 
 
-def test_a_state_directory_another_user_controls_is_never_used_or_reported(
-    world: World, sandbox_user: User, names: list[str], shared_base: Path
-) -> None:
-    """Another user plants a state directory (theirs, or one they can write) holding a live
-    session: a `start` refuses to run in it, and the only foreign session it reports (for the
-    hook to source) is one in a root-owned directory nobody else can write."""
+@dataclass(frozen=True)
+class Planted:
+    """A live session in a root-owned state directory, and a victim user with a home."""
+
+    session: Started
+    victim: User
+    home: Path
+
+    def run_as(self, user: User | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        """``argv`` as ``user`` (None: root), from the victim's clean environment."""
+        return subprocess.run(
+            as_user(user, *argv) if user is not None else argv,
+            env=clean_env(self.home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+        )
+
+
+@pytest.fixture
+def planted(world: World, names: list[str], shared_base: Path) -> Iterator[Planted]:
     relay = relay_name()
     names.append(relay)
     victim = make_user(names, "upvic")
     session = start_session(world, shared_base / "planted", "--relay-user", relay)
-    state = session.state_dir
     home = shared_base / "victim-home"
     home.mkdir(mode=0o755)
+    yield Planted(session, victim, home)
+    with contextlib.suppress(OSError):
+        os.chown(session.state_dir, 0, 0)
+        session.state_dir.chmod(0o755)
+    session.stop()
+
+
+def test_a_state_directory_another_user_controls_is_never_used_or_reported(
+    world: World, sandbox_user: User, planted: Planted
+) -> None:
+    """Another user plants a state directory (theirs, or one they can write) holding a live
+    session: a `start` refuses to run in it, and the only foreign session it reports (for the
+    hook to source) is one in a root-owned directory nobody else can write."""
+    session, victim, home = planted.session, planted.victim, planted.home
+    state = session.state_dir
     argv = [sys.executable, "-m", "upstreamproxy", "start", "--state-dir", str(state)]
     argv += ["--token-file", str(home / "no-token"), "--session-id", SESSION_ID]
     argv += ["--egress-url", world.egress_url]
 
     def start_as(user: User | None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            as_user(user, *argv) if user is not None else argv,
-            env=clean_env(home),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd="/",
-        )
+        return planted.run_as(user, argv)
 
-    try:
-        assert session.ready_line.startswith(READY_PREFIX), session.stop()
-        reported = start_as(victim)  # control: root's own directory is reported
-        assert reported.returncode == 0, reported
-        assert reported.stdout == f"{READY_PREFIX}{state / 'env.sh'}\n", reported
-        state.chmod(0o775)  # root's, but group-writable
-        refused = start_as(victim)
-        assert refused.stdout == "" and "already running" not in refused.stderr, refused
-        state.chmod(0o755)
-        os.chown(state, sandbox_user.uid, sandbox_user.gid)  # another user's
-        refused = start_as(victim)
-        assert refused.stdout == "" and "already running" not in refused.stderr, refused
-        assert f"belongs to uid {sandbox_user.uid}" in refused.stderr
-        refused = start_as(None)  # root does not use it either
-        assert refused.stdout == "" and f"belongs to uid {sandbox_user.uid}" in refused.stderr
-    finally:
-        with contextlib.suppress(OSError):
-            os.chown(state, 0, 0)
-        session.stop()
+    assert session.ready_line.startswith(READY_PREFIX), session.stop()
+    reported = start_as(victim)  # control: root's own directory is reported
+    assert reported.returncode == 0, reported
+    assert reported.stdout == f"{READY_PREFIX}{state / 'env.sh'}\n", reported
+    state.chmod(0o775)  # root's, but group-writable
+    refused = start_as(victim)
+    assert refused.stdout == "" and "already running" not in refused.stderr, refused
+    state.chmod(0o755)
+    os.chown(state, sandbox_user.uid, sandbox_user.gid)  # another user's
+    refused = start_as(victim)
+    assert refused.stdout == "" and "already running" not in refused.stderr, refused
+    assert f"belongs to uid {sandbox_user.uid}" in refused.stderr
+    refused = start_as(None)  # root does not use it either
+    assert refused.stdout == "" and f"belongs to uid {sandbox_user.uid}" in refused.stderr
 
 
 def test_env_exec_and_doctor_never_use_a_state_directory_another_user_controls(
-    world: World, sandbox_user: User, names: list[str], shared_base: Path
+    world: World, sandbox_user: User, planted: Planted
 ) -> None:
     """The readers apply `start`'s rule: a state directory another user owns (or anyone else
     can write) names their proxy and CA, so `env`, `exec` and `doctor` treat it as no
     session at all, for root and for every other user; root's own is everyone's."""
-    relay = relay_name()
-    names.append(relay)
-    victim = make_user(names, "upvic")
-    session = start_session(world, shared_base / "planted", "--relay-user", relay)
+    session, victim = planted.session, planted.victim
     state = session.state_dir
-    home = shared_base / "victim-home"
-    home.mkdir(mode=0o755)
     base = [sys.executable, "-m", "upstreamproxy"]
     commands = {
         "env": ["env", "--state-dir", str(state)],
@@ -491,41 +507,27 @@ def test_env_exec_and_doctor_never_use_a_state_directory_another_user_controls(
     }
 
     def run_as(user: User | None, command: str) -> subprocess.CompletedProcess[str]:
-        argv = [*base, *commands[command]]
-        return subprocess.run(
-            as_user(user, *argv) if user is not None else argv,
-            env=clean_env(home),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd="/",
-        )
+        return planted.run_as(user, [*base, *commands[command]])
 
     proxy = f"HTTPS_PROXY={session.exports()['HTTPS_PROXY']}"
-    try:
-        assert session.ready_line.startswith(READY_PREFIX), session.stop()
-        for user in (victim, None):  # control: root's own directory is everyone's session
-            assert run_as(user, "env").returncode == 0
-            used = run_as(user, "exec")
-            assert used.returncode == 0 and proxy in used.stdout.splitlines(), used
-            assert run_as(user, "doctor").returncode == 0
-        for owner, mode, why in (
-            (sandbox_user.uid, 0o755, f"belongs to uid {sandbox_user.uid}"),
-            (0, 0o775, "others can write to it"),
-        ):
-            os.chown(state, owner, owner and sandbox_user.gid)
-            state.chmod(mode)
-            for user in (victim, None):
-                for command, refused_with in (("env", 1), ("exec", 125), ("doctor", 2)):
-                    refused = run_as(user, command)
-                    assert refused.returncode == refused_with, (command, refused)
-                    assert why in refused.stderr, (command, refused)
-                    assert "HTTPS_PROXY" not in refused.stdout, (command, refused)
-    finally:
-        with contextlib.suppress(OSError):
-            os.chown(state, 0, 0)
-            state.chmod(0o755)
-        session.stop()
+    assert session.ready_line.startswith(READY_PREFIX), session.stop()
+    for user in (victim, None):  # control: root's own directory is everyone's session
+        assert run_as(user, "env").returncode == 0
+        used = run_as(user, "exec")
+        assert used.returncode == 0 and proxy in used.stdout.splitlines(), used
+        assert run_as(user, "doctor").returncode == 0
+    for owner, mode, why in (
+        (sandbox_user.uid, 0o755, f"belongs to uid {sandbox_user.uid}"),
+        (0, 0o775, "others can write to it"),
+    ):
+        os.chown(state, owner, owner and sandbox_user.gid)
+        state.chmod(mode)
+        for user in (victim, None):
+            for command, refused_with in (("env", 1), ("exec", 125), ("doctor", 2)):
+                refused = run_as(user, command)
+                assert refused.returncode == refused_with, (command, refused)
+                assert why in refused.stderr, (command, refused)
+                assert "HTTPS_PROXY" not in refused.stdout, (command, refused)
 
 
 def test_same_uid_start_refuses_the_token_to_an_attacker_that_wins_the_race(
