@@ -58,6 +58,10 @@ linux_root = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.geteuid() != 0,
     reason="network namespaces and nft need Linux and root",
 )
+needs_nft = pytest.mark.skipif(
+    shutil.which("nft") is None,
+    reason="nft not installed (Debian package nftables; .ci/run installs it)",
+)
 
 
 # -- the rules, without applying them -------------------------------------------------------------
@@ -266,6 +270,7 @@ def test_the_namespaces_really_connect_without_the_lock(net: Net, sandbox_user: 
 
 
 @linux_root
+@needs_nft
 def test_start_lock_only_the_relay_leaves(
     net: Net, sandbox_user: User, names: list[str], shared_base: Path
 ) -> None:
@@ -344,6 +349,7 @@ def test_start_lock_only_the_relay_leaves(
 
 
 @linux_root
+@needs_nft
 def test_lock_is_idempotent_removable_and_leaves_other_tables_alone(
     net: Net, sandbox_user: User, names: list[str]
 ) -> None:
@@ -470,6 +476,7 @@ def loopback_dns(net: Net) -> Iterator[None]:
 
 
 @linux_root
+@needs_nft
 def test_dns_through_a_loopback_resolver_is_refused_too(
     net: Net, loopback_dns: None, sandbox_user: User, names: list[str]
 ) -> None:
@@ -487,6 +494,7 @@ def test_dns_through_a_loopback_resolver_is_refused_too(
 
 
 @linux_root
+@needs_nft
 def test_allow_dns_opens_only_the_configured_resolvers(
     net: Net, loopback_dns: None, sandbox_user: User, names: list[str]
 ) -> None:
@@ -512,6 +520,7 @@ def test_allow_dns_opens_only_the_configured_resolvers(
 
 
 @linux_root
+@needs_nft
 def test_an_ipv6_egress_is_reachable_through_the_lock(
     net: Net, sandbox_user: User, names: list[str]
 ) -> None:
