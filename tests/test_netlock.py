@@ -418,6 +418,28 @@ def test_start_lock_without_root_fails_clearly(
     assert token.exists()
 
 
+@linux_root
+@pytest.mark.parametrize(
+    "where", [("--egress-url", "ws://127.0.0.1:99999/x"), ("--lock-allow-to", ":443")]
+)
+def test_lock_with_a_bad_destination_creates_no_relay_user(
+    where: tuple[str, str], names: list[str]
+) -> None:
+    relay = relay_name()
+    names.append(relay)
+    args = ["--egress-url", "ws://127.0.0.1:9000/x", *where, "--relay-user", relay]
+    done = subprocess.run(
+        [sys.executable, "-m", "upstreamproxy", "lock", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "upstreamproxy lock:" in done.stderr and ("port" in done.stderr or "host" in done.stderr)
+    missing = subprocess.run(["id", relay], capture_output=True, timeout=30)
+    assert missing.returncode != 0  # the user was never created
+
+
 @given(
     uid=st.integers(min_value=0, max_value=2**32 - 2),
     addresses=st.lists(

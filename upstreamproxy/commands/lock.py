@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -78,13 +79,15 @@ def run(args: argparse.Namespace) -> int:
         print("upstreamproxy lock: must run as root (an init step or start hook)", file=sys.stderr)
         return 1
     try:
+        # Destinations first: one that does not resolve must not leave a new system user behind.
         spec = spec_for(
-            relay_uid(args),
+            os.geteuid(),
             args.egress_url,
             args.egress_proxy,
             tuple(args.lock_allow_to or ()),
             args.lock_allow_dns,
         )
+        spec = dataclasses.replace(spec, relay_uid=relay_uid(args))
         if args.print:
             print(render_ruleset(spec), end="")
             return 0
