@@ -211,7 +211,7 @@ def test_no_session(tmp_path: Path) -> None:
     done = cli(
         "doctor", "--url", "https://x.test/", "--state-dir", str(tmp_path), env=clean_env(tmp_path)
     )
-    assert done.returncode == 2 and "no session is running" in done.stderr
+    assert done.returncode == 1 and "no session is running" in done.stderr
 
 
 # -- classification, case by case ---------------------------------------------------------------

@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"{flag} URL")
     try:
         loaded = load_session(args.state_dir or default_state_dir(), check_relay=True)
-    except NoSession as exc:
-        return _fail(exc.reason)
+    except NoSession as exc:  # not a usage error: env and exec say 1 too
+        return _fail(exc.reason, 1)
     _, env = session_env(loaded, os.environ)
     for url in urls:
         if no_proxy_match(url, env):
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                 "directly by design; probe a URL outside NO_PROXY"
             )
     if any(url.startswith("http:") for url in urls) and not loaded.info.plain_http:
-        return _fail("this session does not proxy plain HTTP (start --no-http-proxy)")
+        return _fail("this session does not proxy plain HTTP (start --no-http-proxy)", 1)
     runs = [
         (url, asyncio.run(diagnose(loaded, url, tools, os.environ, per_tool_timeout=args.timeout)))
         for url in urls
