@@ -439,6 +439,18 @@ def test_this_machine_has_a_system_bundle() -> None:
     assert ca_bundle._looks_like_bundle(found)
 
 
+def test_only_a_regular_pem_file_looks_like_a_bundle(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes it: a blocking open would hang the search for ever
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    pem = tmp_path / "roots.pem"
+    pem.write_bytes(system_pem())
+    for path in (fifo, empty, tmp_path, Path("/dev/zero"), tmp_path / "missing"):
+        assert promptly(lambda p=path: ca_bundle._looks_like_bundle(p), 5) is False, path
+    assert ca_bundle._looks_like_bundle(pem)
+
+
 # -- prepare_ca_bundle --------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from tools_fixtures import (
     write_token,
 )
 
+from upstreamproxy.bootstrap.ca_bundle import find_system_bundle
 from upstreamproxy.bootstrap.hardening import HardeningError, is_dumpable
 
 # Fixtures shared by the bootstrap tests (conftest.py belongs to the spine tests).
@@ -385,6 +386,24 @@ def test_exec_runs_the_command_with_the_environment(started: Started, tmp_path: 
     assert done.stdout == started.exports()["HTTPS_PROXY"]
     missing = cli("exec", "--", "no-such-command-xyz", env=env)
     assert missing.returncode == 127 and "command not found" in missing.stderr
+
+
+def test_exec_warns_only_when_the_callers_ca_file_is_really_lost(
+    started: Started, tmp_path: Path, world: World
+) -> None:
+    # The system bundle's roots are in the super bundle: naming it loses nothing.
+    system = find_system_bundle()
+    assert system is not None
+    show = ("exec", "--", "sh", "-c", 'printf %s "$SSL_CERT_FILE"')
+    base = {"UPSTREAMPROXY_STATE_DIR": str(started.state_dir)}
+    quiet = cli(*show, env=clean_env(tmp_path, **base, SSL_CERT_FILE=str(system)))
+    assert quiet.returncode == 0 and quiet.stdout == started.exports()["SSL_CERT_FILE"]
+    assert "no longer trusted" not in quiet.stderr, quiet.stderr
+    # A CA file start never saw is lost, and exec says so.
+    mine = tmp_path / "mine.pem"
+    mine.write_bytes(world.other_ca.cert_pem())
+    lost = cli(*show, env=clean_env(tmp_path, **base, SSL_CERT_FILE=str(mine)))
+    assert lost.returncode == 0 and "no longer trusted" in lost.stderr
 
 
 def test_exec_child_environment_has_no_token(started: Started, tmp_path: Path) -> None:

@@ -215,12 +215,11 @@ def _read_capped(
 
 
 def _looks_like_bundle(path: Path) -> bool:
+    # One capped, non-blocking read of a regular file: a FIFO or device swapped in after a
+    # check by path could block here or be opened for its side effects.
     try:
-        if not path.is_file() or path.stat().st_size == 0:
-            return False
-        with path.open("rb") as handle:
-            return _BEGIN_CERT in handle.read(MAX_BUNDLE_FILE_SIZE)
-    except OSError:
+        return _BEGIN_CERT in read_capped(path, MAX_BUNDLE_FILE_SIZE).data
+    except (OSError, CappedFileError):
         return False
 
 

@@ -313,8 +313,8 @@ def proxy_environment(
     """Compute the variables to export; see the module docstring for every decision.
 
     ``base_env`` is the environment the tools would otherwise see (usually ``os.environ``);
-    ``merged_ca_files`` the user CA files whose certificates the bundle already includes
-    (``BundleReport.extra_sources``). Raises ConfigError for a proxy URL that is not
+    ``merged_ca_files`` the CA files whose certificates the bundle already includes
+    (``BundleReport.extra_sources`` and ``system_source``). Raises ConfigError for a proxy URL that is not
     ``http://host:port``, a relative bundle path (tools would resolve it against their own
     working directory), a path with control characters, or a malformed extra NO_PROXY entry.
     """

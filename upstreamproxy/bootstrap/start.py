@@ -460,7 +460,8 @@ def _check_egress_proxy(url: str | None) -> str | None:
 
 
 def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tuple[str, ...]]:
-    """Build the super bundle; returns its path and the user CA files merged into it."""
+    """Build the super bundle; returns its path and the CA files whose certificates it holds
+    (the user's extra bundles, then the system bundle)."""
     assert options.egress_url is not None
     ca_url = options.ca_url
     if ca_url is None and options.ca_file is None:
@@ -481,7 +482,9 @@ def _prepare_bundle(options: StartOptions, paths: StatePaths) -> tuple[Path, tup
     for warning in report.warnings:
         log.warning("CA bundle: %s", warning)
     log.info("CA bundle: %s", report.describe())
-    return paths.bundle, report.extra_sources
+    # The system roots are in the bundle too: a caller of `exec` whose SSL_CERT_FILE names the
+    # system bundle loses nothing, so it is "merged", not "replaced" with a warning.
+    return paths.bundle, tuple(dict.fromkeys((*report.extra_sources, report.system_source)))
 
 
 async def _serve(
