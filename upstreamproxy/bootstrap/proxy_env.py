@@ -314,9 +314,10 @@ def proxy_environment(
 
     ``base_env`` is the environment the tools would otherwise see (usually ``os.environ``);
     ``merged_ca_files`` the CA files whose certificates the bundle already includes
-    (``BundleReport.extra_sources`` and ``system_source``). Raises ConfigError for a proxy URL that is not
-    ``http://host:port``, a relative bundle path (tools would resolve it against their own
-    working directory), a path with control characters, or a malformed extra NO_PROXY entry.
+    (``BundleReport.extra_sources`` and ``system_source``). Raises ConfigError for a proxy
+    URL that is not ``http://host:port``, a relative bundle path (tools would resolve it
+    against their own working directory), a path with control characters, or a malformed
+    extra NO_PROXY entry.
     """
     _check_proxy_url(proxy_url)
     bundle = str(ca_bundle)
