@@ -440,6 +440,35 @@ def test_lock_with_a_bad_destination_creates_no_relay_user(
     assert missing.returncode != 0  # the user was never created
 
 
+@linux_root
+def test_start_lock_with_a_bad_destination_creates_no_relay_user(
+    names: list[str], shared_base: Path
+) -> None:
+    relay = relay_name()
+    names.append(relay)
+    token = shared_base / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "upstreamproxy", "start", "--token-file", str(token),
+            # Outside a namespace: a loopback egress, so nothing leaves even if this regresses.
+            "--session-id", SESSION, "--egress-url", "ws://127.0.0.1:9/v1/code/upstreamproxy/ws",
+            "--state-dir", str(shared_base / "state"), "--relay-user", relay,
+            "--lock", "--lock-allow-to", ":443", "--fail-closed",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "LANG": "C.UTF-8"},
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "no host in ':443'" in done.stderr
+    assert token.exists()  # left for a retry
+    missing = subprocess.run(["id", relay], capture_output=True, timeout=30)
+    assert missing.returncode != 0  # the user was never created
+
+
 @given(
     uid=st.integers(min_value=0, max_value=2**32 - 2),
     addresses=st.lists(

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import importlib.util
 import logging
@@ -63,7 +64,7 @@ from ..relay import Relay, RelayConfig, egress_tls_context, tuning_from_env
 from ..secret import Secret
 from .ca_bundle import prepare_ca_bundle, redact_url
 from .hardening import HardeningError, make_non_dumpable, ptrace_scope, refuse_if_traced
-from .netlock import NetLockError, lock, spec_for, unlock
+from .netlock import LockSpec, NetLockError, lock, spec_for, unlock
 from .privsep import RelayChildFailed, RelayUser, SeparateRelay, resolve_relay_user
 from .proxy_env import proxy_environment, single_label_names, user_ca_files
 from .state import (
@@ -338,6 +339,9 @@ def _run_locked(
 
     try:
         config = _relay_config(options, token_file.token)
+        # The lock's destinations first: one that does not resolve must not leave a new
+        # system user behind.
+        lock_spec = _lock_spec(options)
         user = resolve_relay_user(options.relay_user, options.relay_uid)
         if user is None and os.geteuid() != 0:
             _warn_same_uid()
@@ -349,7 +353,7 @@ def _run_locked(
                 token_file.owner_uid,
             )
         bundle, merged = _prepare_bundle(options, paths)
-        with _network_lock(options, user):
+        with _network_lock(lock_spec, user):
             return asyncio.run(_serve(options, paths, config, user, bundle, merged, notify))
     except _Failure as exc:
         return _give_up(options, exc.reason, notify)
@@ -403,26 +407,36 @@ def _warn_same_uid() -> None:
     )
 
 
-@contextlib.contextmanager
-def _network_lock(options: StartOptions, user: RelayUser | None) -> Iterator[None]:
-    """With ``options.lock``: only the relay's uid may leave while ``start`` runs."""
+def _lock_spec(options: StartOptions) -> LockSpec | None:
+    """With ``options.lock``: the lock's destinations, resolved now (its uid is set later)."""
     if not options.lock:
-        yield
-        return
+        return None
     if os.geteuid() != 0:
         raise _Failure("--lock needs start to run as root")
     assert options.egress_url is not None
-    uid = user.uid if user is not None else os.geteuid()
-    if user is None:
-        log.warning("network lock: the relay runs as root, so every root process may leave")
     try:
-        spec = spec_for(
-            uid,
+        return spec_for(
+            os.geteuid(),
             options.egress_url,
             options.egress_proxy,
             options.lock_allow_to,
             options.lock_allow_dns,
         )
+    except NetLockError as exc:
+        raise _Failure(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _network_lock(destinations: LockSpec | None, user: RelayUser | None) -> Iterator[None]:
+    """With a lock spec: only the relay's uid may leave while ``start`` runs."""
+    if destinations is None:
+        yield
+        return
+    uid = user.uid if user is not None else os.geteuid()
+    if user is None:
+        log.warning("network lock: the relay runs as root, so every root process may leave")
+    spec = dataclasses.replace(destinations, relay_uid=uid)
+    try:
         lock(spec)
     except NetLockError as exc:
         raise _Failure(str(exc)) from None
