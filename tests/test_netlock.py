@@ -64,6 +64,24 @@ needs_nft = pytest.mark.skipif(
 )
 
 
+def new_relay(names: list[str]) -> str:
+    """A fresh relay user name, removed after the test if anything created it."""
+    relay = relay_name()
+    names.append(relay)
+    return relay
+
+
+def write_token(base: Path) -> Path:
+    token = base / "token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
+    return token
+
+
+def assert_no_user(name: str) -> None:
+    assert subprocess.run(["id", name], capture_output=True, timeout=30).returncode != 0
+
+
 # -- the rules, without applying them -------------------------------------------------------------
 
 
@@ -274,11 +292,8 @@ def test_the_namespaces_really_connect_without_the_lock(net: Net, sandbox_user: 
 def test_start_lock_only_the_relay_leaves(
     net: Net, sandbox_user: User, names: list[str], shared_base: Path
 ) -> None:
-    relay = relay_name()
-    names.append(relay)
-    token = shared_base / "token"
-    token.write_text(TOKEN + "\n")
-    token.chmod(0o600)
+    relay = new_relay(names)
+    token = write_token(shared_base)
     start = subprocess.Popen(
         [
             "ip",
@@ -353,8 +368,7 @@ def test_start_lock_only_the_relay_leaves(
 def test_lock_is_idempotent_removable_and_leaves_other_tables_alone(
     net: Net, sandbox_user: User, names: list[str]
 ) -> None:
-    relay = relay_name()
-    names.append(relay)
+    relay = new_relay(names)
     # The platform's own table, which the lock must never touch.
     net.nft("add", "table", "inet", "platform")
     chain = "{ type filter hook output priority 10; policy accept; }"
@@ -392,10 +406,8 @@ def test_lock_is_idempotent_removable_and_leaves_other_tables_alone(
 def test_start_lock_without_root_fails_clearly(
     net: Net, sandbox_user: User, shared_base: Path
 ) -> None:
-    token = shared_base / "token"
-    token.write_text(TOKEN + "\n")
+    token = write_token(shared_base)
     os.chown(token, sandbox_user.uid, sandbox_user.gid)
-    token.chmod(0o600)
     state = shared_base / "state"
     state.mkdir()
     os.chown(state, sandbox_user.uid, sandbox_user.gid)
@@ -425,8 +437,7 @@ def test_start_lock_without_root_fails_clearly(
 def test_lock_with_a_bad_destination_creates_no_relay_user(
     where: tuple[str, str], names: list[str]
 ) -> None:
-    relay = relay_name()
-    names.append(relay)
+    relay = new_relay(names)
     args = ["--egress-url", "ws://127.0.0.1:9000/x", *where, "--relay-user", relay]
     done = subprocess.run(
         [sys.executable, "-m", "upstreamproxy", "lock", *args],
@@ -436,19 +447,15 @@ def test_lock_with_a_bad_destination_creates_no_relay_user(
     )
     assert done.returncode == 1
     assert "upstreamproxy lock:" in done.stderr and ("port" in done.stderr or "host" in done.stderr)
-    missing = subprocess.run(["id", relay], capture_output=True, timeout=30)
-    assert missing.returncode != 0  # the user was never created
+    assert_no_user(relay)
 
 
 @linux_root
 def test_start_lock_with_a_bad_destination_creates_no_relay_user(
     names: list[str], shared_base: Path
 ) -> None:
-    relay = relay_name()
-    names.append(relay)
-    token = shared_base / "token"
-    token.write_text(TOKEN + "\n")
-    token.chmod(0o600)
+    relay = new_relay(names)
+    token = write_token(shared_base)
     done = subprocess.run(
         [
             sys.executable, "-m", "upstreamproxy", "start", "--token-file", str(token),
@@ -465,8 +472,7 @@ def test_start_lock_with_a_bad_destination_creates_no_relay_user(
     assert done.returncode == 1, done.stderr
     assert "no host in ':443'" in done.stderr
     assert token.exists()  # left for a retry
-    missing = subprocess.run(["id", relay], capture_output=True, timeout=30)
-    assert missing.returncode != 0  # the user was never created
+    assert_no_user(relay)
 
 
 @given(
@@ -531,8 +537,7 @@ def loopback_dns(net: Net) -> Iterator[None]:
 def test_dns_through_a_loopback_resolver_is_refused_too(
     net: Net, loopback_dns: None, sandbox_user: User, names: list[str]
 ) -> None:
-    relay = relay_name()
-    names.append(relay)
+    relay = new_relay(names)
     dns = ("udp:127.0.0.53:53", "udp:127.0.0.11:53")
     before = net.probe(*dns, "udp:127.0.0.11:5353", user=sandbox_user)
     assert all(r["ok"] for r in before), before  # the resolvers answer without the lock
@@ -549,8 +554,7 @@ def test_dns_through_a_loopback_resolver_is_refused_too(
 def test_allow_dns_opens_only_the_configured_resolvers(
     net: Net, loopback_dns: None, sandbox_user: User, names: list[str]
 ) -> None:
-    relay = relay_name()
-    names.append(relay)
+    relay = new_relay(names)
     # `ip netns exec` shows /etc/netns/NAME/resolv.conf as the namespace's /etc/resolv.conf.
     conf_dir = Path("/etc/netns") / net.inside
     conf_dir.mkdir(parents=True)
@@ -577,8 +581,7 @@ def test_an_ipv6_egress_is_reachable_through_the_lock(
 ) -> None:
     """IPv6 needs neighbour discovery, which the kernel sends without a socket (no uid): the
     lock must let it out, or a relay could never reach an IPv6 egress on its link."""
-    relay = relay_name()
-    names.append(relay)
+    relay = new_relay(names)
     locked = net.cli("lock", "--relay-user", relay, "--egress-url", f"ws://[{V6_OUT}]:9000/x")
     assert locked.returncode == 0, locked.stderr
     entry = subprocess.run(["id", relay], capture_output=True, text=True, check=True).stdout
