@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,6 +210,49 @@ def test_the_profile_snippet_trusts_only_a_directory_its_user_or_root_owns(
         os.chown(state, owner, -1)
         state.chmod(mode)
     assert all(sourced(shell, state)["HTTPS_PROXY"] == proxy for shell in SHELLS)
+
+
+def test_the_profile_snippet_cannot_be_raced_by_whoever_writes_the_parent(
+    tmp_path: Path,
+) -> None:
+    """Whoever can write the state directory's parent flips a symlink between a directory
+    everyone trusts (/, root's, mode 0755) and their own (a live start.pid, their env.sh).
+    A check by name followed by reads by name sourced their env.sh whenever the flips lined
+    up; the snippet now checks and reads one open directory."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    theirs.chmod(0o777)  # untrusted: others can write it
+    (theirs / "env.sh").write_text("export HTTPS_PROXY=http://attacker.invalid:1\n")
+    identity = process_identity(os.getpid())
+    assert identity is not None
+    (theirs / "start.pid").write_text(f"{os.getpid()} {identity.start_ticks} {identity.boot_id}\n")
+    link, spare = tmp_path / "state", tmp_path / "flip"
+    link.symlink_to(theirs)
+    stop = threading.Event()
+
+    def flip() -> None:
+        targets = ("/", str(theirs))
+        for flips in range(10**7):  # bounded; stopped long before
+            if stop.is_set():
+                return
+            with contextlib.suppress(FileNotFoundError):
+                spare.unlink()
+            spare.symlink_to(targets[flips % 2])
+            spare.rename(link)  # atomic: the name always exists
+
+    flipper = threading.Thread(target=flip, daemon=True)
+    flipper.start()
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + 60
+        for _ in range(60):
+            for shell in SHELLS:
+                seen.add(sourced(shell, link)["HTTPS_PROXY"])
+            assert time.monotonic() < deadline
+    finally:
+        stop.set()
+        flipper.join(10)
+    assert seen == {"unset"}, seen
 
 
 def test_a_zombie_is_not_alive(tmp_path: Path) -> None:
@@ -415,7 +459,8 @@ def test_a_start_waiting_on_one_that_fails_takes_over(world: World, tmp_path: Pa
     write_token(tmp_path / "token")
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
-    fd = os.open(state / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd: int | None = os.open(state / "start.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    assert fd is not None
     fcntl.flock(fd, fcntl.LOCK_EX)  # "another start", still starting
     try:
         argv = [sys.executable, "-m", "upstreamproxy", "start", "--background"]
@@ -428,12 +473,13 @@ def test_a_start_waiting_on_one_that_fails_takes_over(world: World, tmp_path: Pa
         assert waiting.poll() is None  # it waits for the other one
         started = time.monotonic()
         os.close(fd)  # the other start ends without a session
+        fd = None  # never closed twice: by then the number may be another thread's socket
         stdout, stderr = waiting.communicate(timeout=25)
         assert waiting.returncode == 0, stderr
         assert stdout == f"{state / 'env.sh'}\n".encode(), stderr
         assert time.monotonic() - started < 10
     finally:
-        with contextlib.suppress(OSError):
+        if fd is not None:
             os.close(fd)
         stop_daemon(state)
 

@@ -13,9 +13,12 @@
 # not a zombie: two reads of world-readable files. Safe under `set -eu`.
 #
 # And only a directory `upstreamproxy env` would trust: owned by the caller or root, with no
-# group or other write bit (and no ACL) - else whoever can write it chooses what this shell
-# runs (a symlink: its target). That takes one `ls -ldLn`: no POSIX shell has a builtin for a
-# file's mode or owner.
+# group or other write bit (and no ACL at all, stricter than `env`, which sees an ACL's mask
+# in the group bits) - else whoever can write it chooses what this shell runs. The directory
+# is opened once (fd 9, restored afterwards) and checked and read only through that
+# descriptor, /proc/self/fd/9: whoever can write its parent could otherwise swap the path (a
+# symlink flipped between their directory and a trusted one) between the check and the reads.
+# The check takes one `ls -ldLn`: no POSIX shell has a builtin for a file's mode or owner.
 
 _upstreamproxy_dir=${UPSTREAMPROXY_STATE_DIR:-}
 if [ -z "$_upstreamproxy_dir" ]; then
@@ -51,7 +54,8 @@ _upstreamproxy_alive() {
     [ "$1" = "$_upstreamproxy_want" ]
 }
 
-# $1 the state directory: a directory, ours or root's, that nobody else may write.
+# $1 the state directory (its descriptor's path): a directory, ours or root's, that nobody
+# else may write.
 _upstreamproxy_trusted() {
     _upstreamproxy_ls=$(LC_ALL=C ls -ldLn -- "$1" 2>/dev/null) || return 1
     _upstreamproxy_mode= _upstreamproxy_uid=
@@ -65,24 +69,31 @@ _upstreamproxy_EOF
     [ "$_upstreamproxy_uid" = 0 ] || [ -O "$1" ]
 }
 
-if [ -r "$_upstreamproxy_dir/env.sh" ] && [ -r "$_upstreamproxy_dir/start.pid" ] \
-    && _upstreamproxy_trusted "$_upstreamproxy_dir"; then
-    _upstreamproxy_pid= _upstreamproxy_start= _upstreamproxy_bootid=
-    IFS=' ' read -r _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
-        _upstreamproxy_rest 2>/dev/null <"$_upstreamproxy_dir/start.pid" || :
-    case $_upstreamproxy_pid:$_upstreamproxy_start in
-        *[!0-9:]* | :* | *:) ;; # not "PID START": an old or damaged file, trust nothing
-        *)
-            if _upstreamproxy_alive "$_upstreamproxy_pid" "$_upstreamproxy_start" \
-                "${_upstreamproxy_bootid:--}"; then
-                . "$_upstreamproxy_dir/env.sh"
-            fi
-            ;;
-    esac
+# "$dir/." opens only a directory (a FIFO swapped in cannot block the open); stderr is quiet
+# for the open and everything after it (the snippet never prints).
+if [ -d "$_upstreamproxy_dir" ]; then
+    {
+        _upstreamproxy_fd=/proc/self/fd/9
+        if [ -r "$_upstreamproxy_fd/env.sh" ] && [ -r "$_upstreamproxy_fd/start.pid" ] \
+            && _upstreamproxy_trusted "$_upstreamproxy_fd"; then
+            _upstreamproxy_pid= _upstreamproxy_start= _upstreamproxy_bootid=
+            IFS=' ' read -r _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
+                _upstreamproxy_rest <"$_upstreamproxy_fd/start.pid" || :
+            case $_upstreamproxy_pid:$_upstreamproxy_start in
+                *[!0-9:]* | :* | *:) ;; # not "PID START": an old or damaged file, trust nothing
+                *)
+                    if _upstreamproxy_alive "$_upstreamproxy_pid" "$_upstreamproxy_start" \
+                        "${_upstreamproxy_bootid:--}"; then
+                        . "$_upstreamproxy_fd/env.sh"
+                    fi
+                    ;;
+            esac
+        fi
+    } 2>/dev/null 9<"$_upstreamproxy_dir/." || :
 fi
 unset _upstreamproxy_dir _upstreamproxy_pid _upstreamproxy_start _upstreamproxy_bootid \
     _upstreamproxy_rest _upstreamproxy_stat _upstreamproxy_boot _upstreamproxy_want \
     _upstreamproxy_ifs _upstreamproxy_ifs_set _upstreamproxy_ls _upstreamproxy_mode \
-    _upstreamproxy_uid
+    _upstreamproxy_uid _upstreamproxy_fd
 unset -f _upstreamproxy_alive _upstreamproxy_trusted
 true
