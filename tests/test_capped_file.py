@@ -15,6 +15,7 @@ from bounded import promptly
 from hypothesis import given
 from hypothesis import strategies as st
 
+from upstreamproxy import capped_file
 from upstreamproxy.capped_file import (
     CappedRead,
     NotRegularFile,
@@ -119,19 +120,47 @@ def test_a_fifo_nobody_writes_is_refused_without_blocking(tmp_path: Path) -> Non
         promptly(lambda: read_capped(tmp_path / "fifo", LIMIT))
 
 
-def test_dev_zero_is_refused_without_being_opened(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Opening a device can act (a tape rewinds, a watchdog arms): stat() refuses it first.
-    opened: list[object] = []
+@pytest.mark.parametrize("o_path", [True, False], ids=["o-path", "stat-then-open"])
+def test_dev_zero_is_refused_without_being_opened(
+    monkeypatch: pytest.MonkeyPatch, o_path: bool
+) -> None:
+    # Opening a device can act (a tape rewinds, a watchdog arms): it is refused after an
+    # O_PATH lookup (which opens nothing) or, without O_PATH, after a stat().
+    if not o_path:
+        monkeypatch.setattr(capped_file, "_O_PATH", 0)
+    opened: list[int] = []
     real_open = os.open
 
-    def spy(path: object, *args: int) -> int:
-        opened.append(path)
-        return real_open(path, *args)  # type: ignore[arg-type]
+    def spy(path: object, flags: int, *args: int) -> int:
+        opened.append(flags)
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", spy)
     with pytest.raises(NotRegularFile):
         read_capped("/dev/zero", LIMIT)
-    assert opened == []
+    assert all(flags & os.O_PATH for flags in opened) and len(opened) == int(o_path)
+
+
+def test_a_device_swapped_in_after_the_check_is_never_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"checked")
+    real_open = os.open
+    opened: list[str] = []
+
+    def swap_after_the_lookup(target: object, flags: int, *args: int) -> int:
+        fd = real_open(target, flags, *args)  # type: ignore[arg-type]
+        opened.append(str(target))
+        if flags & os.O_PATH:  # the check is done: now the path names a device
+            path.unlink()
+            path.symlink_to("/dev/zero")
+        return fd
+
+    monkeypatch.setattr(os, "open", swap_after_the_lookup)
+    assert read_capped(path, LIMIT).data == b"checked"  # what was checked is what was read
+    assert opened[0] == str(path) and opened[1].startswith("/proc/self/fd/")
+    assert "/dev/zero" not in opened
 
 
 def test_a_fifo_swapped_in_after_the_stat_is_still_refused(

@@ -136,6 +136,8 @@ def bad_ca_file(kind: str, folder: Path) -> Path:
         path.write_text("this is not a certificate\n")
     elif kind == "empty":
         path.write_bytes(b"")
+    elif kind == "fifo":
+        os.mkfifo(path)  # nobody writes it: opening it to read would block for ever
     elif kind == "unreadable":
         path.write_bytes(make_ca().cert_pem())
         path.chmod(0)
@@ -144,7 +146,7 @@ def bad_ca_file(kind: str, folder: Path) -> Path:
 
 #: Root reads any file: as root, a file the relay's own user cannot read is the case
 #: (test_start_names_a_ca_file_the_relay_user_cannot_read below).
-BAD_CA_FILES = ["missing", "directory", "not-pem", "empty"] + (
+BAD_CA_FILES = ["missing", "directory", "not-pem", "empty", "fifo"] + (
     [] if os.geteuid() == 0 else ["unreadable"]
 )
 

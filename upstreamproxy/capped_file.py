@@ -13,13 +13,15 @@ Public API::
 A failure to open propagates as the plain :class:`OSError` of ``os.open`` (callers tell
 ``FileNotFoundError`` and ``ELOOP`` apart); :class:`ReadError` tells a file opened but not read.
 
-By default only a **regular file** is read. A path that ``stat`` shows is something else is
-refused *without opening it*: opening a device has effects of its own (a tape rewinds, a
-watchdog arms). Then it is opened with ``O_NONBLOCK`` (a FIFO swapped in after that ``stat``
-cannot block the open; it does nothing to a regular file) and ``O_NOCTTY``, and the ``fstat``
-of the descriptor decides: not a regular file, or a size over ``limit``, is refused before a
-byte is read. At most ``limit + 1`` bytes are read, so a file that grows after the ``fstat``
-costs no more than the cap either.
+By default only a **regular file** is read. Anything else is refused *without opening it*:
+opening a device has effects of its own (a tape rewinds, a watchdog arms). The path is looked
+up once, as an ``O_PATH`` descriptor (which opens nothing), checked with ``fstat``, and only
+then reopened for reading through ``/proc/self/fd``, so a path swapped after the check (a
+symbolic link to a device) changes nothing. (Without ``O_PATH`` or ``/proc``: ``stat`` by name,
+then open.) The open uses ``O_NONBLOCK`` (a FIFO cannot block it; it does nothing to a regular
+file) and ``O_NOCTTY``, and the ``fstat`` of the descriptor decides again: not a regular file,
+or a size over ``limit``, is refused before a byte is read. At most ``limit + 1`` bytes are
+read, so a file that grows after the ``fstat`` costs no more than the cap either.
 
 ``follow_symlinks=False`` adds ``O_NOFOLLOW``: a symbolic link as the last component fails
 with ``OSError(ELOOP)`` (links among the directories on the way are followed).
@@ -33,6 +35,7 @@ open: a FIFO nobody writes raises :class:`TimedOut`, an endless one (``/dev/zero
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import select
@@ -41,6 +44,8 @@ import time
 from typing import Final, NamedTuple
 
 _CHUNK: Final = 64 * 1024
+_O_PATH: Final = getattr(os, "O_PATH", 0)
+_PROC_FDS: Final = "/proc/self/fd"
 
 
 class CappedFileError(Exception):
@@ -85,17 +90,7 @@ def read_capped(
 ) -> CappedRead:
     """All of ``path``, at most ``limit`` bytes; see the module docstring for what is refused."""
     streams = stream_timeout is not None
-    try:
-        seen = os.stat(path, follow_symlinks=follow_symlinks)
-    except OSError:
-        pass  # os.open below raises it again, as the callers expect to see it
-    else:
-        if not stat.S_ISLNK(seen.st_mode) and not _accepted(seen.st_mode, streams):
-            raise NotRegularFile(streams)
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
-    fd = os.open(path, flags)
+    fd = _open_checked(path, follow_symlinks, streams)
     try:
         try:
             info = os.fstat(fd)
@@ -113,6 +108,36 @@ def read_capped(
     finally:
         os.close(fd)
     return CappedRead(data, info)
+
+
+def _open_checked(path: str | os.PathLike[str], follow_symlinks: bool, streams: bool) -> int:
+    """``path`` opened for reading, refused before the open if it is not a kind we read."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+    if _O_PATH and os.path.isdir(_PROC_FDS):
+        # The file is looked up once, as an O_PATH descriptor (which opens nothing: a device
+        # does not act), checked with fstat, and reopened through /proc: a swap of the path
+        # after the check (a symlink to a device) cannot change what is opened.
+        handle = os.open(path, _O_PATH | os.O_CLOEXEC | nofollow)
+        try:
+            seen = os.fstat(handle)
+            if stat.S_ISLNK(seen.st_mode):  # O_PATH|O_NOFOLLOW opens the link itself
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(path))
+            if not _accepted(seen.st_mode, streams):
+                raise NotRegularFile(streams)
+            return os.open(f"{_PROC_FDS}/{handle}", flags)
+        finally:
+            os.close(handle)
+    # No O_PATH or no /proc: check by name, then open (a swap in between is caught by the
+    # caller's fstat, after the open).
+    try:
+        seen = os.stat(path, follow_symlinks=follow_symlinks)
+    except OSError:
+        pass  # os.open below raises it again, as the callers expect to see it
+    else:
+        if not stat.S_ISLNK(seen.st_mode) and not _accepted(seen.st_mode, streams):
+            raise NotRegularFile(streams)
+    return os.open(path, flags | nofollow)
 
 
 def _accepted(mode: int, streams: bool) -> bool:

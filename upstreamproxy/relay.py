@@ -18,10 +18,8 @@ import contextlib
 import ipaddress
 import logging
 import math
-import os
 import socket
 import ssl
-import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from .acceptor import (
     socket_transport,
     supports_make_transport,
 )
+from .capped_file import CappedFileError, read_capped
 from .codec import encode_chunk
 from .connect_head import Target, build_tunnel_request, parse_status_head
 from .errors import ConfigError
@@ -61,6 +60,8 @@ EVICT_AFTER: Final = 2.0
 #: Pre-opened WebSockets at most (--pool-size): each counts against the session's tunnel limit
 #: at the egress (512 by default), and more than this would only hold it idle.
 MAX_POOL_SIZE: Final = 64
+#: The largest --egress-ca-file read (a whole system bundle is about 200 KiB).
+MAX_CA_FILE_SIZE: Final = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -180,12 +181,17 @@ def egress_tls_context(ca_file: str | None) -> ssl.SSLContext:
     if not ca_file:
         return ssl.create_default_context()
     try:
-        # Before opening it: a FIFO or a device would block, or stream, forever.
-        if not stat.S_ISREG(os.stat(ca_file).st_mode):
-            raise ConfigError("egress_ca_file", f"{ca_file}: not a regular file")
-        return ssl.create_default_context(cafile=ca_file)
+        # One capped read of a regular file (a FIFO or a device swapped in cannot block it or
+        # stream for ever), then the certificates from memory: nothing opens the path again.
+        pem = read_capped(ca_file, MAX_CA_FILE_SIZE).data
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise ConfigError("egress_ca_file", f"{ca_file}: no PEM certificate in it")
+        # Only ASCII is PEM; other bytes can only be in comments between the blocks.
+        return ssl.create_default_context(cadata=pem.decode("ascii", "ignore"))
     except ssl.SSLError:  # (an OSError too: first)
         raise ConfigError("egress_ca_file", f"{ca_file}: no PEM certificate in it") from None
+    except CappedFileError as exc:
+        raise ConfigError("egress_ca_file", f"{ca_file}: {exc}") from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError("egress_ca_file", f"{ca_file}: {reason}") from None
