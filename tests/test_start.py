@@ -344,6 +344,41 @@ def test_env_refuses_a_damaged_session_file_in_one_line(started: Started, tmp_pa
     path.write_text(original)
 
 
+@pytest.mark.parametrize(
+    ("field", "damage", "problem"),
+    [
+        ("pid", "abc", "pid is str"),
+        ("pid", True, "pid is bool"),
+        ("pid", -1, "pid -1"),
+        ("proxy_url", "http://127.0.0.1", "proxy URL without a port"),
+        ("proxy_url", 8080, "proxy_url is int"),
+        ("no_proxy_extra", "a,b", "no_proxy_extra is not a list of strings"),
+        ("merged_ca_files", [1], "merged_ca_files is not a list of strings"),
+        ("boot_id", {}, "boot_id is dict"),
+    ],
+)
+def test_a_session_record_of_the_wrong_types_is_no_session(
+    started: Started, tmp_path: Path, field: str, damage: object, problem: str
+) -> None:
+    """A pid of "abc" reached os.kill, a proxy URL without a port doctor's urlsplit: each
+    ended in a traceback. Each is now "not a session file", in one line, for every reader."""
+    env = clean_env(tmp_path, UPSTREAMPROXY_STATE_DIR=str(started.state_dir))
+    path = started.state_dir / "env.json"
+    original = path.read_text()
+    document = json.loads(original)
+    document["session"][field] = damage
+    document["session"].pop("pid_start", None)  # as in files from before it was recorded
+    path.write_text(json.dumps(document))
+    try:
+        for command in (("env",), ("exec", "--fail-closed", "--", "true")):
+            done = cli(*command, env=env)
+            assert done.returncode in (1, 125), (command, done)
+            assert "Traceback" not in done.stderr and problem in done.stderr, (command, done)
+            assert "is not a session file" in done.stderr, (command, done)
+    finally:
+        path.write_text(original)
+
+
 def test_env_json_prints_the_session_file_it_checked(
     started: Started, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

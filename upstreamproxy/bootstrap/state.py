@@ -459,12 +459,48 @@ def _read_info(paths: StatePaths) -> SessionInfo:
     return _parse_info(paths, _read_document(paths))
 
 
+#: The JSON type of each SessionInfo field (a damaged file fails here, in one line, not later
+#: in os.kill or urlsplit with a traceback); None where null is allowed.
+_FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
+    "pid": (int,),
+    "proxy_url": (str,),
+    "ca_bundle": (str,),
+    "state_dir": (str,),
+    "env_file": (str,),
+    "session_id": (str,),
+    "egress_url": (str,),
+    "started": (int, float),
+    "plain_http": (bool,),
+    "wgetrc": (str, type(None)),
+    "apt_config": (str, type(None)),
+    "java_truststore": (str, type(None)),
+    "wget2rc": (str, type(None)),
+    "pid_start": (int, type(None)),
+    "boot_id": (str, type(None)),
+}
+
+
 def _parse_info(paths: StatePaths, document: Mapping[str, Any]) -> SessionInfo:
     try:
         session = dict(document["session"])
-        session["no_proxy_extra"] = tuple(session.get("no_proxy_extra", ()))
-        session["merged_ca_files"] = tuple(session.get("merged_ca_files", ()))
-        return SessionInfo(**session)
+        for name in ("no_proxy_extra", "merged_ca_files"):
+            values = session.get(name, ())
+            if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+                raise TypeError(f"{name} is not a list of strings")
+            session[name] = tuple(values)
+        for name, value in session.items():
+            expected = _FIELD_TYPES.get(name)
+            # bool is an int: a pid of true is as damaged as one of "abc".
+            if expected and (
+                not isinstance(value, expected)
+                or (isinstance(value, bool) and bool not in expected)
+            ):
+                raise TypeError(f"{name} is {type(value).__name__}")
+        info = SessionInfo(**session)
+        if info.pid <= 0:
+            raise ValueError(f"pid {info.pid}")
+        info.proxy_port  # noqa: B018 - a proxy URL without a port fails here, not in doctor
+        return info
     except (ValueError, KeyError, TypeError) as exc:
         raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
 
