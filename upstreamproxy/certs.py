@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import os
+import secrets
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,56 +182,113 @@ def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+#: link(2) errors of a file system without hard links (vfat, exFAT, some FUSE and SMB mounts).
+_NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
+
+
 def write_new_files(files: Sequence[tuple[Path, bytes, int]], *, replace: bool = False) -> None:
     """Create every ``(path, data, mode)`` in ``files``, or none of them, never replacing anything.
 
-    With ``replace`` what is at the paths is replaced instead (renamed over, so no rollback):
-    still every file is written in full before the first is put in place, so a full disk or a
-    failed write changes nothing.
-
-    Each is written in full to a temporary file in its directory first; only then are they
-    linked into place, one by one, each link failing (``FileExistsError``) if anything is at its
-    path - a file, a directory, a dangling symlink, one made by a concurrent run. On any failure
-    or interruption the paths already linked are removed again (only while they are still the
+    Each is written in full to a temporary file in its directory first (so a full disk or a
+    failed write changes nothing); only then are they put in place, one by one: linked, each
+    link failing (``FileExistsError``) if anything is at its path - a file, a directory, a
+    dangling symlink, one made by a concurrent run. Where the file system has no hard links the
+    name is created exclusively (``O_EXCL``) and the data copied. On any failure or
+    interruption the paths already placed are removed again (only while they are still the
     files this call wrote) and the temporary files always are. An ``OSError`` names the path it
     was for (a failed ``write`` alone would name none).
+
+    With ``replace`` what is at the paths is replaced instead (renamed over), after a hard link
+    to each old file is kept aside: if a later rename fails (a directory at the path, a busy
+    bind mount) the old files are put back, so it is still all or nothing (without hard links,
+    the files renamed before the failure stay replaced).
     """
-    temps: list[tuple[Path, Path]] = []  # (path, its temporary file)
-    linked: list[tuple[Path, Path]] = []
+    temps: list[tuple[Path, Path, bytes, int]] = []  # (path, its temporary file, data, mode)
+    placed: list[tuple[Path, os.stat_result]] = []  # what this call put at each path
+    kept: list[tuple[Path, Path | None]] = []  # with replace: each path's old file, set aside
     try:
         for path, data, mode in files:
             path.parent.mkdir(parents=True, exist_ok=True)  # (its error names the directory)
             try:
                 fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-                temps.append((path, Path(name)))
+                temps.append((path, Path(name), data, mode))
                 try:
                     os.fchmod(fd, mode)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    os.fsync(fd)
+                    _write_all(fd, data)
                 finally:
                     os.close(fd)
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
-        for path, tmp in temps:
+        for path, tmp, data, mode in temps:
             try:
                 if replace:
+                    kept.append((path, _set_aside(path)))
                     os.replace(tmp, path)
+                    placed.append((path, path.lstat()))
                 else:
-                    os.link(tmp, path, follow_symlinks=False)
+                    placed.append((path, _place_new(tmp, path, data, mode)))
             except OSError as exc:
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
-            linked.append((path, tmp))
     except BaseException:
-        for path, tmp in linked:
+        for path, info in placed:
             with contextlib.suppress(OSError):
-                if os.path.samestat(path.lstat(), tmp.lstat()):
+                if os.path.samestat(path.lstat(), info):
                     path.unlink()
+        for path, old in kept:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.replace(old, path)  # what was there before, back in place
         raise
     finally:
-        for _, tmp in temps:
+        for _, tmp, _, _ in temps:
             tmp.unlink(missing_ok=True)
+        for _, old in kept:
+            if old is not None:
+                old.unlink(missing_ok=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
+
+
+def _place_new(tmp: Path, path: Path, data: bytes, mode: int) -> os.stat_result:
+    """``tmp`` at ``path``, which must not exist; what is there now (ours)."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+        return path.lstat()
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, mode)
+    try:
+        info = os.fstat(fd)
+        os.fchmod(fd, mode)  # the umask narrowed the open's
+        _write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)  # ours: O_EXCL made it
+        raise
+    os.close(fd)
+    return info
+
+
+def _set_aside(path: Path) -> Path | None:
+    """A hard link to the file at ``path`` under a temporary name, or None (nothing there, not
+    a file, or no hard links here)."""
+    for _ in range(8):
+        aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.old")
+        try:
+            os.link(path, aside, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None  # missing, a directory, or a file system without hard links
+        return aside
+    return None
 
 
 def write_ca(
