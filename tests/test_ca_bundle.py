@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bounded import promptly
@@ -509,11 +510,32 @@ def test_prepare_system_only(tmp_path: Path, system_file: Path) -> None:
 
 def test_prepare_falls_back_to_certifi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("certifi")
-    monkeypatch.setattr(ca_bundle, "find_system_bundle", lambda: None)
+    monkeypatch.setattr(ca_bundle, "_read_system_bundle", lambda candidates: None)
     report = prepare_ca_bundle(tmp_path / "b.pem")
     assert report.system_source_kind == "certifi"
     assert report.system_certs > 50
     assert any("certifi" in w for w in report.warnings)
+
+
+def test_the_system_bundle_is_read_once_when_it_is_chosen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was read to be chosen, then again by path: a file rewritten in between (a package
+    update) failed the start with "holds no certificates" instead of being used as read."""
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(system_pem())
+    monkeypatch.setattr(ca_bundle, "SYSTEM_BUNDLE_CANDIDATES", (str(roots),))
+    reads: list[str] = []
+    real = ca_bundle.read_capped
+
+    def counting(path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ca_bundle, "read_capped", counting)
+    report = prepare_ca_bundle(tmp_path / "b.pem")
+    assert report.system_source == str(roots) and report.system_certs == 2
+    assert reads.count(str(roots)) == 1
 
 
 def test_prepare_uses_the_real_system_store_by_default(tmp_path: Path) -> None:

@@ -214,13 +214,18 @@ def _read_capped(
         raise ConfigError(setting, f"cannot read {path}: {exc}") from None
 
 
-def _looks_like_bundle(path: Path) -> bool:
-    # One capped, non-blocking read of a regular file: a FIFO or device swapped in after a
-    # check by path could block here or be opened for its side effects.
+def _bundle_data(path: Path) -> bytes | None:
+    """``path``'s bytes if it is a regular file holding a PEM certificate, else None: one
+    capped, non-blocking read (a FIFO or device swapped in cannot block it or be opened)."""
     try:
-        return _BEGIN_CERT in read_capped(path, MAX_BUNDLE_FILE_SIZE).data
+        data = read_capped(path, MAX_BUNDLE_FILE_SIZE).data
     except (OSError, CappedFileError):
-        return False
+        return None
+    return data if _BEGIN_CERT in data else None
+
+
+def _looks_like_bundle(path: Path) -> bool:
+    return _bundle_data(path) is not None
 
 
 def find_system_bundle(candidates: Sequence[str] = SYSTEM_BUNDLE_CANDIDATES) -> Path | None:
@@ -230,10 +235,17 @@ def find_system_bundle(candidates: Sequence[str] = SYSTEM_BUNDLE_CANDIDATES) -> 
     at a bundle upstreamproxy wrote earlier. Pass the user's own CA files to
     :func:`prepare_ca_bundle` as ``extra_bundles`` instead.
     """
+    found = _read_system_bundle(candidates)
+    return None if found is None else found[0]
+
+
+def _read_system_bundle(candidates: Sequence[str]) -> tuple[Path, bytes] | None:
+    """The first usable candidate (see :func:`find_system_bundle`) and what it held when it
+    was chosen: read once, so a file changed after the choice cannot fail the start."""
     paths = ssl.get_default_verify_paths()
     for candidate in (*candidates, paths.cafile, paths.openssl_cafile):
-        if candidate and _looks_like_bundle(Path(candidate)):
-            return Path(candidate)
+        if candidate and (data := _bundle_data(Path(candidate))) is not None:
+            return Path(candidate), data
     return None
 
 
@@ -424,20 +436,23 @@ def prepare_ca_bundle(
     Raises ConfigError on any failure; ``out_path`` is then left untouched.
     """
     warnings: list[str] = []
+    system_data: bytes | None = None
     if system_bundle is not None:
         system_path: Path | None = system_bundle
         kind = "given"
     else:
-        system_path, kind = find_system_bundle(), "system"
+        found = _read_system_bundle(SYSTEM_BUNDLE_CANDIDATES)
+        system_path, kind = (found[0], "system") if found else (None, "system")
+        system_data = found[1] if found else None
         if system_path is None:
             system_path, kind = _certifi_bundle(), "certifi"
             if system_path is not None:
                 warnings.append("no system CA bundle found; using certifi's")
     if system_path is None:
         raise ConfigError("system_bundle", "no system CA bundle found and certifi unavailable")
-    system_ders, skipped = _certificate_ders(
-        _read_capped(system_path, MAX_BUNDLE_FILE_SIZE, "system_bundle")
-    )
+    if system_data is None:
+        system_data = _read_capped(system_path, MAX_BUNDLE_FILE_SIZE, "system_bundle")
+    system_ders, skipped = _certificate_ders(system_data)
     if not system_ders:
         raise ConfigError("system_bundle", f"{system_path} holds no certificates")
     if skipped:
