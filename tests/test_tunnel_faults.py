@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -316,6 +317,25 @@ async def test_egress_frozen_while_a_tunnel_ends(rig: Rig, echo_port: int) -> No
         await echo_works(rig, echo_port)
     await back_to(rig.relay, relay_fds)
     await back_to(rig.egress, egress_fds)
+    # The frozen tunnel's socket was lost as its tunnel ended (the end-of-tunnel message and
+    # the close in one read): its runner waited for ever on the next tunnel, counted active,
+    # and held the egress's shutdown for its whole drain grace. With the relay gone, none is.
+    await stop(rig.relay)
+    async with asyncio.timeout(10):
+        while await active_tunnels(rig):
+            await asyncio.sleep(0.1)
+
+
+async def active_tunnels(rig: Rig) -> int:
+    """The egress's count of running tunnel tasks (its /healthz)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.egress_port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: egress\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    count: int = json.loads(answer.split(b"\r\n\r\n", 1)[1])["active_tunnels"]
+    return count
 
 
 async def test_relay_frozen_while_the_egress_ends_a_tunnel(rig: Rig) -> None:

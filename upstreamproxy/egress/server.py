@@ -521,6 +521,10 @@ class EgressServer:
                 link.close(CLOSE_POLICY_VIOLATION)
                 return
             self.metrics.reused.inc()
+            if link.lost:
+                # Gone as the tunnel ended (its end-of-tunnel message and the close in one
+                # read): on_lost has run already, so nothing would ever settle a new future.
+                return
             freed = loop.create_future()
             preopened = reused = True
 
