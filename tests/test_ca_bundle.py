@@ -437,7 +437,7 @@ def test_this_machine_has_a_system_bundle() -> None:
     found = find_system_bundle()
     if found is None:
         pytest.skip("no system CA bundle on this machine")
-    assert ca_bundle._looks_like_bundle(found)
+    assert ca_bundle._bundle_data(found) is not None
 
 
 def test_only_a_regular_pem_file_looks_like_a_bundle(tmp_path: Path) -> None:
@@ -448,8 +448,8 @@ def test_only_a_regular_pem_file_looks_like_a_bundle(tmp_path: Path) -> None:
     pem = tmp_path / "roots.pem"
     pem.write_bytes(system_pem())
     for path in (fifo, empty, tmp_path, Path("/dev/zero"), tmp_path / "missing"):
-        assert promptly(lambda p=path: ca_bundle._looks_like_bundle(p), 5) is False, path
-    assert ca_bundle._looks_like_bundle(pem)
+        assert promptly(lambda p=path: ca_bundle._bundle_data(p), 5) is None, path
+    assert ca_bundle._bundle_data(pem) == pem.read_bytes()
 
 
 # -- prepare_ca_bundle --------------------------------------------------------------------------
@@ -517,13 +517,16 @@ def test_prepare_falls_back_to_certifi(tmp_path: Path, monkeypatch: pytest.Monke
     assert any("certifi" in w for w in report.warnings)
 
 
-def test_the_system_bundle_is_read_once_when_it_is_chosen(
+def test_each_bundle_is_read_once_when_it_is_chosen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """It was read to be chosen, then again by path: a file rewritten in between (a package
-    update) failed the start with "holds no certificates" instead of being used as read."""
+    """The system bundle and each extra one were read to be chosen, then again by path: a
+    file rewritten in between (a package update) failed the start with "holds no
+    certificates" instead of being used as read."""
     roots = tmp_path / "roots.pem"
     roots.write_bytes(system_pem())
+    extra = tmp_path / "mine.pem"
+    extra.write_bytes(make_ca("Mine").cert_pem())
     monkeypatch.setattr(ca_bundle, "SYSTEM_BUNDLE_CANDIDATES", (str(roots),))
     reads: list[str] = []
     real = ca_bundle.read_capped
@@ -533,9 +536,10 @@ def test_the_system_bundle_is_read_once_when_it_is_chosen(
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(ca_bundle, "read_capped", counting)
-    report = prepare_ca_bundle(tmp_path / "b.pem")
+    report = prepare_ca_bundle(tmp_path / "b.pem", extra_bundles=[extra])
     assert report.system_source == str(roots) and report.system_certs == 2
-    assert reads.count(str(roots)) == 1
+    assert report.extra_sources == (str(extra),) and report.extra_certs == 1
+    assert reads.count(str(roots)) == 1 and reads.count(str(extra)) == 1
 
 
 def test_prepare_uses_the_real_system_store_by_default(tmp_path: Path) -> None:

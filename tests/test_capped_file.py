@@ -7,8 +7,9 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bounded import promptly
@@ -120,6 +121,29 @@ def test_a_fifo_nobody_writes_is_refused_without_blocking(tmp_path: Path) -> Non
         promptly(lambda: read_capped(tmp_path / "fifo", LIMIT))
 
 
+def watch_opens(
+    monkeypatch: pytest.MonkeyPatch,
+    before: Callable[[int], None] | None = None,
+    after: Callable[[int], None] | None = None,
+) -> list[tuple[str, int]]:
+    """Every ``os.open`` from now on, as (path, flags); ``before``/``after`` run around each
+    real open with its flags (to swap the file under the reader)."""
+    opened: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def spy(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if before is not None:
+            before(flags)
+        fd = real_open(path, flags, *args, **kwargs)
+        opened.append((str(path), flags))
+        if after is not None:
+            after(flags)
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    return opened
+
+
 @pytest.mark.parametrize("o_path", [True, False], ids=["o-path", "stat-then-open"])
 def test_dev_zero_is_refused_without_being_opened(
     monkeypatch: pytest.MonkeyPatch, o_path: bool
@@ -128,17 +152,10 @@ def test_dev_zero_is_refused_without_being_opened(
     # O_PATH lookup (which opens nothing) or, without O_PATH, after a stat().
     if not o_path:
         monkeypatch.setattr(capped_file, "_O_PATH", 0)
-    opened: list[int] = []
-    real_open = os.open
-
-    def spy(path: object, flags: int, *args: int) -> int:
-        opened.append(flags)
-        return real_open(path, flags, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", spy)
+    opened = watch_opens(monkeypatch)
     with pytest.raises(NotRegularFile):
         read_capped("/dev/zero", LIMIT)
-    assert all(flags & os.O_PATH for flags in opened) and len(opened) == int(o_path)
+    assert all(flags & os.O_PATH for _, flags in opened) and len(opened) == int(o_path)
 
 
 def test_a_device_swapped_in_after_the_check_is_never_opened(
@@ -146,19 +163,15 @@ def test_a_device_swapped_in_after_the_check_is_never_opened(
 ) -> None:
     path = tmp_path / "file"
     path.write_bytes(b"checked")
-    real_open = os.open
-    opened: list[str] = []
 
-    def swap_after_the_lookup(target: object, flags: int, *args: int) -> int:
-        fd = real_open(target, flags, *args)  # type: ignore[arg-type]
-        opened.append(str(target))
+    def swap(flags: int) -> None:
         if flags & os.O_PATH:  # the check is done: now the path names a device
             path.unlink()
             path.symlink_to("/dev/zero")
-        return fd
 
-    monkeypatch.setattr(os, "open", swap_after_the_lookup)
+    opens = watch_opens(monkeypatch, after=swap)
     assert read_capped(path, LIMIT).data == b"checked"  # what was checked is what was read
+    opened = [name for name, _ in opens]
     assert opened[0] == str(path) and opened[1].startswith("/proc/self/fd/")
     assert "/dev/zero" not in opened
 
@@ -168,14 +181,12 @@ def test_a_fifo_swapped_in_after_the_stat_is_still_refused(
 ) -> None:
     path = tmp_path / "file"
     path.write_bytes(b"x")
-    real_open = os.open
 
-    def swap_then_open(target: object, *args: int) -> int:
+    def swap(flags: int) -> None:
         path.unlink()
         os.mkfifo(path)
-        return real_open(target, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "open", swap_then_open)
+    watch_opens(monkeypatch, before=swap)
     with pytest.raises(NotRegularFile):
         promptly(lambda: read_capped(path, LIMIT))
 

@@ -344,6 +344,23 @@ def test_env_refuses_a_damaged_session_file_in_one_line(started: Started, tmp_pa
     path.write_text(original)
 
 
+def test_a_session_file_that_is_a_fifo_is_no_session(started: Started, tmp_path: Path) -> None:
+    """env.json was read with a plain blocking open: a FIFO there hung `env`, `exec` and
+    `doctor` (and a login shell's `exec`) until someone wrote to it."""
+    env = clean_env(tmp_path, UPSTREAMPROXY_STATE_DIR=str(started.state_dir))
+    path = started.state_dir / "env.json"
+    original = path.read_text()
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        done = cli("env", env=env, timeout=10)
+        assert done.returncode == 1 and done.stdout == "", done
+        assert "is not a session file (not a regular file)" in done.stderr, done.stderr
+    finally:
+        path.unlink()
+        path.write_text(original)
+
+
 @pytest.mark.parametrize(
     ("field", "damage", "problem"),
     [

@@ -2,7 +2,8 @@
 
 Public API::
 
-    read_capped(path, limit, *, follow_symlinks=True, stream_timeout=None) -> CappedRead
+    read_capped(path, limit, *, follow_symlinks=True, stream_timeout=None, dir_fd=None)
+        -> CappedRead
     class CappedRead: data: bytes, info: os.stat_result     # info: fstat of what was read
     CappedFileError                the file was refused; str() says why
     ├── NotRegularFile             "not a regular file" (streams: "..., pipe or character device")
@@ -24,7 +25,8 @@ or a size over ``limit``, is refused before a byte is read. At most ``limit + 1`
 read, so a file that grows after the ``fstat`` costs no more than the cap either.
 
 ``follow_symlinks=False`` adds ``O_NOFOLLOW``: a symbolic link as the last component fails
-with ``OSError(ELOOP)`` (links among the directories on the way are followed).
+with ``OSError(ELOOP)`` (links among the directories on the way are followed). ``dir_fd``
+resolves a relative ``path`` in that open directory, as ``os.open`` does.
 
 ``stream_timeout`` (seconds) also accepts pipes, FIFOs and character devices, for a path such
 as ``<(cat ca.pem)`` (``/dev/fd/63``) or ``/dev/stdin``. They are read without blocking, each
@@ -87,10 +89,11 @@ def read_capped(
     *,
     follow_symlinks: bool = True,
     stream_timeout: float | None = None,
+    dir_fd: int | None = None,
 ) -> CappedRead:
     """All of ``path``, at most ``limit`` bytes; see the module docstring for what is refused."""
     streams = stream_timeout is not None
-    fd = _open_checked(path, follow_symlinks, streams)
+    fd = _open_checked(path, follow_symlinks, streams, dir_fd)
     try:
         try:
             info = os.fstat(fd)
@@ -110,7 +113,9 @@ def read_capped(
     return CappedRead(data, info)
 
 
-def _open_checked(path: str | os.PathLike[str], follow_symlinks: bool, streams: bool) -> int:
+def _open_checked(
+    path: str | os.PathLike[str], follow_symlinks: bool, streams: bool, dir_fd: int | None
+) -> int:
     """``path`` opened for reading, refused before the open if it is not a kind we read."""
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
@@ -118,7 +123,7 @@ def _open_checked(path: str | os.PathLike[str], follow_symlinks: bool, streams: 
         # The file is looked up once, as an O_PATH descriptor (which opens nothing: a device
         # does not act), checked with fstat, and reopened through /proc: a swap of the path
         # after the check (a symlink to a device) cannot change what is opened.
-        handle = os.open(path, _O_PATH | os.O_CLOEXEC | nofollow)
+        handle = os.open(path, _O_PATH | os.O_CLOEXEC | nofollow, dir_fd=dir_fd)
         try:
             seen = os.fstat(handle)
             if stat.S_ISLNK(seen.st_mode):  # O_PATH|O_NOFOLLOW opens the link itself
@@ -131,13 +136,13 @@ def _open_checked(path: str | os.PathLike[str], follow_symlinks: bool, streams: 
     # No O_PATH or no /proc: check by name, then open (a swap in between is caught by the
     # caller's fstat, after the open).
     try:
-        seen = os.stat(path, follow_symlinks=follow_symlinks)
+        seen = os.stat(path, follow_symlinks=follow_symlinks, dir_fd=dir_fd)
     except OSError:
         pass  # os.open below raises it again, as the callers expect to see it
     else:
         if not stat.S_ISLNK(seen.st_mode) and not _accepted(seen.st_mode, streams):
             raise NotRegularFile(streams)
-    return os.open(path, flags | nofollow)
+    return os.open(path, flags | nofollow, dir_fd=dir_fd)
 
 
 def _accepted(mode: int, streams: bool) -> bool:

@@ -205,7 +205,7 @@ def write_new_files(files: Sequence[tuple[Path, bytes, int]], *, replace: bool =
     """
     temps: list[tuple[Path, Path, bytes, int]] = []  # (path, its temporary file, data, mode)
     placed: list[tuple[Path, os.stat_result]] = []  # what this call put at each path
-    kept: list[tuple[Path, Path | None]] = []  # with replace: each path's old file, set aside
+    kept: list[tuple[Path, Path]] = []  # with replace: (path, its old file set aside)
     try:
         for path, data, mode in files:
             path.parent.mkdir(parents=True, exist_ok=True)  # (its error names the directory)
@@ -222,7 +222,8 @@ def write_new_files(files: Sequence[tuple[Path, bytes, int]], *, replace: bool =
         for path, tmp, data, mode in temps:
             try:
                 if replace:
-                    kept.append((path, _set_aside(path)))
+                    if (old := _set_aside(path)) is not None:
+                        kept.append((path, old))
                     os.replace(tmp, path)
                     placed.append((path, path.lstat()))
                 else:
@@ -235,16 +236,14 @@ def write_new_files(files: Sequence[tuple[Path, bytes, int]], *, replace: bool =
                 if os.path.samestat(path.lstat(), info):
                     path.unlink()
         for path, old in kept:
-            if old is not None:
-                with contextlib.suppress(OSError):
-                    os.replace(old, path)  # what was there before, back in place
+            with contextlib.suppress(OSError):
+                os.replace(old, path)  # what was there before, back in place
         raise
     finally:
         for _, tmp, _, _ in temps:
             tmp.unlink(missing_ok=True)
         for _, old in kept:
-            if old is not None:
-                old.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
 
 
 def _write_all(fd: int, data: bytes) -> None:

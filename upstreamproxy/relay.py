@@ -93,16 +93,17 @@ class RelayConfig:
     #: the pool instead of being closed, where the egress agrees.
     reuse: bool = True
 
-    def validate(self) -> None:
+    def validate(self) -> ssl.SSLContext | None:
+        """ConfigError for the first unusable setting; else the TLS context loaded from
+        ``egress_ca_file`` while checking it (None without one), for the caller to use."""
         if not self.egress_url.startswith(("ws://", "wss://")):
             raise ConfigError("egress_url", "must start with ws:// or wss://")
         if not self.session_id:
             raise ConfigError("session_id", "must not be empty")
         if not self.token:
             raise ConfigError("token", "must not be empty")
-        if self.egress_ca_file:
-            # With ws:// too: a typo must not pass unnoticed until the URL becomes wss://.
-            egress_tls_context(self.egress_ca_file)
+        # With ws:// too: a typo must not pass unnoticed until the URL becomes wss://.
+        context = egress_tls_context(self.egress_ca_file) if self.egress_ca_file else None
         if not self.allow_non_loopback and not is_loopback_host(self.listen_host):
             raise ConfigError(
                 "listen_host",
@@ -128,6 +129,7 @@ class RelayConfig:
             ("http://", "https://", "socks5://", "socks5h://", "socks4://", "socks4a://")
         ):
             raise ConfigError("egress_proxy", "must be an http://, https:// or socks5:// URL")
+        return context
 
     def timeouts(self) -> Timeouts:
         return Timeouts(
@@ -219,7 +221,7 @@ class Relay:
     """The CONNECT listener. ``start()`` binds, ``stop()`` closes the listener and every tunnel."""
 
     def __init__(self, config: RelayConfig) -> None:
-        config.validate()
+        loaded = config.validate()  # (--egress-ca-file read here, once)
         self.config = config
         self._server: Listener | None = None
         #: Every client connection from accept (or open_tunnel) to its log line.
@@ -227,7 +229,7 @@ class Relay:
         self._plain = TaskSet()  # plain-HTTP requests handed off to the forwarder
         self._ssl: ssl.SSLContext | None = None
         if config.egress_url.startswith("wss://"):
-            self._ssl = egress_tls_context(config.egress_ca_file)
+            self._ssl = loaded or ssl.create_default_context()
         self._timeouts = config.timeouts()
         self._link = LinkConfig(
             config.egress_url,

@@ -224,10 +224,6 @@ def _bundle_data(path: Path) -> bytes | None:
     return data if _BEGIN_CERT in data else None
 
 
-def _looks_like_bundle(path: Path) -> bool:
-    return _bundle_data(path) is not None
-
-
 def find_system_bundle(candidates: Sequence[str] = SYSTEM_BUNDLE_CANDIDATES) -> Path | None:
     """The first existing, non-empty PEM bundle among ``candidates`` and OpenSSL's defaults.
 
@@ -396,13 +392,14 @@ def _describe(reason: object) -> str:
 # The whole step
 
 
-def _certifi_bundle() -> Path | None:
+def _certifi_bundle() -> tuple[Path, bytes] | None:
     try:
         import certifi
     except ImportError:
         return None
     path = Path(certifi.where())
-    return path if _looks_like_bundle(path) else None
+    data = _bundle_data(path)
+    return None if data is None else (path, data)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -425,9 +422,9 @@ def prepare_ca_bundle(
 ) -> BundleReport:
     """Bootstrap step 3: build and atomically write the super bundle to ``out_path``.
 
-    System roots come from ``system_bundle`` if given, else :func:`find_system_bundle`, else
-    certifi. The custom CA comes from ``ca_url`` (fetched directly, see
-    :func:`fetch_ca_cert`) and/or ``ca_file``; each must be CA certificates only.
+    System roots come from ``system_bundle`` if given, else the first usable candidate (see
+    :func:`find_system_bundle`), else certifi. The custom CA comes from ``ca_url`` (fetched
+    directly, see :func:`fetch_ca_cert`) and/or ``ca_file``; each must be CA certificates only.
     ``extra_bundles`` are more trust files to fold in unvalidated, typically the user's own
     ``SSL_CERT_FILE``/``NODE_EXTRA_CA_CERTS`` (see ``proxy_env.user_ca_files``); missing or
     unreadable ones, and ``out_path`` itself (a bundle from an earlier run, which may hold a
@@ -436,22 +433,17 @@ def prepare_ca_bundle(
     Raises ConfigError on any failure; ``out_path`` is then left untouched.
     """
     warnings: list[str] = []
-    system_data: bytes | None = None
+    # Each source is read once: what decided it usable is what goes in.
     if system_bundle is not None:
-        system_path: Path | None = system_bundle
-        kind = "given"
+        system_path, kind = system_bundle, "given"
+        system_data = _read_capped(system_bundle, MAX_BUNDLE_FILE_SIZE, "system_bundle")
+    elif (found := _read_system_bundle(SYSTEM_BUNDLE_CANDIDATES)) is not None:
+        (system_path, system_data), kind = found, "system"
+    elif (found := _certifi_bundle()) is not None:
+        (system_path, system_data), kind = found, "certifi"
+        warnings.append("no system CA bundle found; using certifi's")
     else:
-        found = _read_system_bundle(SYSTEM_BUNDLE_CANDIDATES)
-        system_path, kind = (found[0], "system") if found else (None, "system")
-        system_data = found[1] if found else None
-        if system_path is None:
-            system_path, kind = _certifi_bundle(), "certifi"
-            if system_path is not None:
-                warnings.append("no system CA bundle found; using certifi's")
-    if system_path is None:
         raise ConfigError("system_bundle", "no system CA bundle found and certifi unavailable")
-    if system_data is None:
-        system_data = _read_capped(system_path, MAX_BUNDLE_FILE_SIZE, "system_bundle")
     system_ders, skipped = _certificate_ders(system_data)
     if not system_ders:
         raise ConfigError("system_bundle", f"{system_path} holds no certificates")
@@ -495,15 +487,11 @@ def prepare_ca_bundle(
         if _same_file(extra_path, out_path):
             warnings.append(f"extra bundle {extra_path} is the output bundle itself; skipped")
             continue
-        if not _looks_like_bundle(extra_path):
+        data = _bundle_data(extra_path)
+        if data is None:
             warnings.append(
                 f"extra bundle {extra_path} is missing or holds no PEM certificates; skipped"
             )
-            continue
-        try:
-            data = _read_capped(extra_path, MAX_BUNDLE_FILE_SIZE, "extra_bundles")
-        except ConfigError as exc:
-            warnings.append(f"extra bundle skipped: {exc.problem}")
             continue
         extra_count += assembler.add(_certificate_ders(data)[0])
         extra_sources.append(str(extra_path))

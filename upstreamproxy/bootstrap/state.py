@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ..capped_file import CappedFileError, read_capped
 from ..certs import write_private_file
 from ..errors import ConfigError, UpstreamProxyError
 from .proxy_env import (
@@ -75,6 +76,8 @@ from .proxy_env import (
 
 STATE_DIR_MODE: Final = 0o755
 FILE_MODE: Final = 0o644
+#: The largest env.json read: a session writes a few KiB (a hundred variables, some paths).
+MAX_ENV_JSON: Final = 1024 * 1024
 #: Variables that may carry the token or point at it; never passed to child processes.
 TOKEN_VARIABLES: Final = ("UPSTREAMPROXY_TOKEN", "UPSTREAMPROXY_TOKEN_FILE")
 
@@ -425,11 +428,10 @@ def _open_trusted_dir(directory: Path) -> int:
 def _read_trusted(paths: StatePaths) -> str:
     fd = _open_trusted_dir(paths.directory)
     try:
-        file_fd = os.open(paths.env_json.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=fd)
+        # A regular file, capped, through the checked directory's fd: never hangs on a FIFO.
+        return read_capped(paths.env_json.name, MAX_ENV_JSON, dir_fd=fd).data.decode("utf-8")
     finally:
         os.close(fd)
-    with open(file_fd, encoding="utf-8") as file:
-        return file.read()
 
 
 def _read_document(paths: StatePaths) -> dict[str, Any]:
@@ -445,6 +447,8 @@ def _read_document(paths: StatePaths) -> dict[str, Any]:
     except OSError as exc:
         raise NoSession(f"cannot read {paths.env_json}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
+        raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
+    except CappedFileError as exc:  # not a regular file, or larger than any session writes
         raise NoSession(f"{paths.env_json} is not a session file ({exc})") from None
     try:
         document = json.loads(raw)
